@@ -1,0 +1,99 @@
+#pragma once
+// A GPT decoder in LibTorch: pre-LayerNorm blocks, rotary position encoding (RoPE) on queries and
+// keys, GELU MLP, optional tied input/output embeddings. Supports a key/value cache for
+// incremental decoding (see generate.h).
+#include <optional>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "scaletrain/model/gpt_options.h"
+
+namespace scaletrain::model {
+
+// Keys and values of earlier positions, per layer, for incremental decoding. Preallocated to
+// (batch, heads, capacity, head_dim); `length` positions are filled.
+struct KVCache {
+  std::vector<at::Tensor> keys;
+  std::vector<at::Tensor> values;
+  int64_t length = 0;
+  int64_t capacity() const { return keys.empty() ? 0 : keys.front().size(2); }
+};
+
+// Extra inputs for a forward pass over padded or cached sequences.
+struct ForwardContext {
+  // (batch, seq) position of each token for RoPE; default 0..seq-1 (after the cache).
+  at::Tensor positions;
+  // Boolean (batch, 1, seq, cache_length + seq), true where attention is allowed; default causal.
+  at::Tensor mask;
+  // When set, keys and values are appended to the cache and attention covers it.
+  KVCache* cache = nullptr;
+};
+
+class CausalSelfAttentionImpl : public torch::nn::Module {
+ public:
+  explicit CausalSelfAttentionImpl(const GPTOptions& options);
+  // x: (batch, seq, n_embd); cos/sin: (batch or 1, 1, seq, head_dim / 2).
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const ForwardContext& context, int64_t layer);
+
+  torch::nn::Linear qkv{nullptr}, proj{nullptr};
+
+ private:
+  GPTOptions options_;
+};
+TORCH_MODULE(CausalSelfAttention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const GPTOptions& options);
+  at::Tensor forward(const at::Tensor& x);
+  torch::nn::Linear fc{nullptr}, proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  explicit BlockImpl(const GPTOptions& options);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const ForwardContext& context, int64_t layer);
+  torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  CausalSelfAttention attn{nullptr};
+  MLP mlp{nullptr};
+  torch::nn::Dropout residual_dropout{nullptr};
+};
+TORCH_MODULE(Block);
+
+class GPTImpl : public torch::nn::Module {
+ public:
+  explicit GPTImpl(GPTOptions options);
+
+  // tokens: (batch, seq) int64 -> logits (batch, seq, vocab_size).
+  at::Tensor forward(const at::Tensor& tokens, const ForwardContext& context = {});
+  // Mean cross-entropy over targets that are not `ignore_index`.
+  at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = -100);
+  // A cache for `batch` sequences of up to `capacity` tokens, on the model's device and dtype.
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+
+  const GPTOptions& options() const { return options_; }
+  int64_t num_parameters() const;
+
+  torch::nn::Embedding wte{nullptr};
+  torch::nn::Dropout embedding_dropout{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+  torch::nn::LayerNorm ln_f{nullptr};
+  torch::nn::Linear lm_head{nullptr};
+
+ private:
+  void init_weights();
+  GPTOptions options_;
+  at::Tensor rope_cos_, rope_sin_;  // (block_size, head_dim / 2)
+};
+TORCH_MODULE(GPT);
+
+}  // namespace scaletrain::model

@@ -1,0 +1,48 @@
+#pragma once
+// Options of the GPT model (YAML section `model`).
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#include <torch/arg.h>
+
+#include "scaletrain/core/config.h"
+
+namespace scaletrain::model {
+
+// Which attention implementation the model calls. `math` is the reference (explicit softmax in
+// fp32); `sdpa` is torch's scaled_dot_product_attention. Flash kernels join through this seam.
+enum class AttentionBackend { math, sdpa };
+
+struct GPTOptions {
+  // Vocabulary size: 258 for the byte tokenizer (256 bytes, end of sequence, padding).
+  TORCH_ARG(int64_t, vocab_size) = 258;
+  // Longest sequence the model accepts; rotary tables are precomputed for it.
+  TORCH_ARG(int64_t, block_size) = 256;
+  TORCH_ARG(int64_t, n_layer) = 4;
+  TORCH_ARG(int64_t, n_head) = 4;
+  TORCH_ARG(int64_t, n_embd) = 128;
+  TORCH_ARG(double, dropout) = 0.0;
+  // Biases in linear layers and LayerNorm.
+  TORCH_ARG(bool, bias) = true;
+  // Share the token embedding with the output projection.
+  TORCH_ARG(bool, tie_embeddings) = true;
+  TORCH_ARG(AttentionBackend, attention) = AttentionBackend::sdpa;
+  // Base of the rotary position encoding frequencies.
+  TORCH_ARG(double, rope_base) = 10000.0;
+
+ public:  // TORCH_ARG leaves the section private
+  int64_t head_dim() const { return n_embd_ / n_head_; }
+  void visit(core::FieldVisitor& v);
+  // Cross-field checks (n_embd divisible by n_head, even head size); throws ConfigError.
+  void validate() const;
+};
+
+}  // namespace scaletrain::model
+
+template <>
+struct scaletrain::core::EnumNames<scaletrain::model::AttentionBackend> {
+  static constexpr std::array<std::pair<scaletrain::model::AttentionBackend, const char*>, 2> values =
+      {{{scaletrain::model::AttentionBackend::math, "math"},
+        {scaletrain::model::AttentionBackend::sdpa, "sdpa"}}};
+};

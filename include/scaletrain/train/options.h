@@ -1,0 +1,79 @@
+#pragma once
+// Options of the optimizer and schedule (`optim`), the training loop (`train`) and evaluation
+// (`eval`).
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <torch/arg.h>
+
+#include "scaletrain/core/config.h"
+
+namespace scaletrain::train {
+
+enum class DeviceChoice { automatic, cpu, cuda };
+
+// AdamW with linear warmup and cosine decay to min_lr, and global gradient-norm clipping.
+struct OptimizerOptions {
+  TORCH_ARG(double, lr) = 3e-4;
+  TORCH_ARG(double, min_lr) = 3e-5;
+  TORCH_ARG(int64_t, warmup_steps) = 100;
+  // Decoupled weight decay on matrices and embeddings (not on biases and LayerNorm).
+  TORCH_ARG(double, weight_decay) = 0.1;
+  TORCH_ARG(double, beta1) = 0.9;
+  TORCH_ARG(double, beta2) = 0.95;
+  TORCH_ARG(double, eps) = 1e-8;
+  // Largest global L2 norm of the gradients; 0 turns clipping off.
+  TORCH_ARG(double, grad_clip) = 1.0;
+
+ public:  // TORCH_ARG leaves the section private
+  void visit(core::FieldVisitor& v);
+};
+
+struct TrainerOptions {
+  TORCH_ARG(int64_t, max_steps) = 1000;
+  // Sequences per optimizer step.
+  TORCH_ARG(int64_t, batch_size) = 32;
+  // Seeds weight initialisation and dropout.
+  TORCH_ARG(int64_t, seed) = 0;
+  TORCH_ARG(DeviceChoice, device) = DeviceChoice::automatic;
+  // CPU threads for torch; 0 keeps torch's default (one per core).
+  TORCH_ARG(int64_t, threads) = 0;
+  // Steps between metric lines.
+  TORCH_ARG(int64_t, log_every) = 50;
+  // Where config.yaml, metrics.jsonl, summary.json and model.pt go; "" writes nothing.
+  TORCH_ARG(std::string, out_dir) = "runs/default";
+  TORCH_ARG(bool, save_model) = true;
+
+ public:  // TORCH_ARG leaves the section private
+  void visit(core::FieldVisitor& v);
+};
+
+struct EvalOptions {
+  // Steps between validation-loss evaluations; 0: only at the end.
+  TORCH_ARG(int64_t, every) = 0;
+  // Validation batches for the loss.
+  TORCH_ARG(int64_t, loss_batches) = 8;
+  TORCH_ARG(int64_t, batch_size) = 64;
+  // Held-out prompts decoded greedily for exact match, BLEU-4 and ROUGE-L; 0 turns it off.
+  TORCH_ARG(int64_t, examples) = 200;
+  TORCH_ARG(int64_t, max_new_tokens) = 96;
+  // Also evaluate the untrained model, to show what training changed.
+  TORCH_ARG(bool, before_training) = true;
+  // Decoded examples printed in the summary.
+  TORCH_ARG(int64_t, show_samples) = 3;
+
+ public:  // TORCH_ARG leaves the section private
+  void visit(core::FieldVisitor& v);
+};
+
+}  // namespace scaletrain::train
+
+template <>
+struct scaletrain::core::EnumNames<scaletrain::train::DeviceChoice> {
+  static constexpr std::array<std::pair<scaletrain::train::DeviceChoice, const char*>, 3> values = {
+      {{scaletrain::train::DeviceChoice::automatic, "auto"},
+       {scaletrain::train::DeviceChoice::cpu, "cpu"},
+       {scaletrain::train::DeviceChoice::cuda, "cuda"}}};
+};

@@ -1,0 +1,72 @@
+#pragma once
+// The Trainer composes the areas for one run: dataset (data/), GPT (model/), AdamW with warmup +
+// cosine schedule and gradient clipping, periodic evaluation, metrics, and the files of a run
+// folder (config.yaml, metrics.jsonl, summary.json, model.pt). It holds no technique logic.
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <c10/core/Device.h>
+#include <torch/optim/adamw.h>
+
+#include "scaletrain/data/dataset.h"
+#include "scaletrain/model/gpt.h"
+#include "scaletrain/train/config.h"
+#include "scaletrain/train/eval.h"
+#include "scaletrain/train/progress.h"
+
+namespace scaletrain::train {
+
+struct TrainSummary {
+  int64_t steps = 0;
+  int64_t parameters = 0;
+  int64_t tokens = 0;  // non-padding input tokens processed
+  double seconds = 0;  // training loop only
+  double tokens_per_second = 0;
+  double final_loss = NAN;  // mean training loss of the last logging interval
+  std::string device;
+  std::optional<EvalResult> before;
+  EvalResult after;
+};
+
+// "cpu" or "cuda"; throws ConfigError (train.device) when CUDA is asked for but absent.
+c10::Device resolve_device(DeviceChoice choice);
+
+class Trainer {
+ public:
+  // Builds dataset and model (seeded by train.seed) on the chosen device. Throws ConfigError,
+  // DataError.
+  explicit Trainer(RunConfig config);
+  // Trains train.max_steps steps, evaluates, writes the run folder and returns the summary.
+  TrainSummary fit();
+  // Validation loss, plus generation metrics when `generate`.
+  EvalResult evaluate(bool generate);
+
+  model::GPT& model() { return model_; }
+  const data::Dataset& dataset() const { return *dataset_; }
+  const c10::Device& device() const { return device_; }
+  const RunConfig& config() const { return config_; }
+
+ private:
+  void report(const std::string& line);
+  RunConfig config_;
+  c10::Device device_;
+  std::unique_ptr<data::Dataset> dataset_;
+  model::GPT model_{nullptr};
+  ProgressBar* progress_ = nullptr;  // set while fit() runs
+};
+
+// Writes the model's parameters and buffers atomically; throws IOError.
+void save_model(model::GPT& model, const std::string& path);
+// Loads parameters saved by save_model into a model built with the same options; throws IOError
+// naming the file when it is missing, corrupt or of another shape.
+void load_model(model::GPT& model, const std::string& path);
+
+// The end-of-run table printed by the CLI.
+std::string format_summary(const TrainSummary& summary);
+// summary.json contents.
+std::string summary_json(const TrainSummary& summary);
+// One line per evaluation ("loss 0.1234 | exact match 61.5% | BLEU-4 ...").
+std::string format_eval(const EvalResult& result);
+
+}  // namespace scaletrain::train

@@ -1,0 +1,115 @@
+// `scaletrain`: train | eval | data | config | info. Bad input exits with code 2 and one line.
+#include <cstdio>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+#include <fmt/format.h>
+
+#include "cli/commands.h"
+#include "scaletrain/core/error.h"
+#include "scaletrain/core/log_sink.h"
+#include "scaletrain/core/version.h"
+
+namespace {
+
+using namespace scaletrain;
+
+void add_config_options(CLI::App* command, cli::ConfigArgs& args, bool required) {
+  auto* option = command->add_option("-c,--config", args.config, "YAML configuration file (see configs/)");
+  if (required) option->required();
+  command->add_option("--set", args.overrides, "override one key: --set train.max_steps=200 (repeatable)")
+      ->type_name("KEY=VALUE")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"scaletrain: fast, small LLM training on LibTorch", "scaletrain"};
+  app.set_version_flag("--version", std::string("scaletrain ") + SCALETRAIN_VERSION);
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")->capture_default_str();
+
+  cli::TrainArgs train;
+  auto* train_cmd = app.add_subcommand("train", "train a GPT from a YAML configuration");
+  add_config_options(train_cmd, train.config, true);
+  train_cmd->add_flag("--print-config", train.print_config, "print the resolved configuration and exit");
+  train_cmd->footer("Example: scaletrain train --config configs/tiny_cpu.yaml --set train.max_steps=100");
+
+  cli::EvalArgs eval;
+  auto* eval_cmd = app.add_subcommand("eval", "evaluate a trained model: loss, exact match, BLEU-4, ROUGE-L");
+  eval_cmd->add_option("--run", eval.run_dir, "run folder written by `scaletrain train` (config.yaml, model.pt)");
+  add_config_options(eval_cmd, eval.config, false);
+  eval_cmd->add_option("--model", eval.model, "model.pt to evaluate with --config");
+  eval_cmd->add_option("--examples", eval.examples, "held-out prompts to decode (default: eval.examples)")
+      ->check(CLI::NonNegativeNumber);
+  eval_cmd->add_option("--show", eval.show, "decoded samples to print (default: eval.show_samples)")
+      ->check(CLI::NonNegativeNumber);
+  eval_cmd->footer("Example: scaletrain eval --run runs/tiny_cpu --show 5");
+
+  cli::DataArgs data;
+  auto* data_cmd = app.add_subcommand("data", "print examples of the configured data (FLOWROLL/DIMMATCH by default)");
+  add_config_options(data_cmd, data.config, false);
+  data_cmd->add_option("--split", data.split, "train or val")->check(CLI::IsMember({"train", "val"}))->capture_default_str();
+  data_cmd->add_option("-n,--count", data.count, "examples to print")->check(CLI::NonNegativeNumber)->capture_default_str();
+  data_cmd->add_option("--format", data.format, "text, jsonl or tsv")
+      ->check(CLI::IsMember({"text", "jsonl", "tsv"}))
+      ->capture_default_str();
+  data_cmd->add_flag("--stats", data.stats, "print sizes and lengths instead of examples");
+  data_cmd->footer("Example: scaletrain data --split val -n 3 --format jsonl");
+
+  cli::ConfigCommandArgs config;
+  auto* config_cmd = app.add_subcommand("config", "validate a configuration and print it resolved, or the key reference");
+  add_config_options(config_cmd, config.config, false);
+  config_cmd->add_flag("--reference", config.reference, "print every key with type, default and meaning (Markdown)");
+
+  auto* info_cmd = app.add_subcommand("info", "print version, torch, CUDA build and devices");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::string where = "scaletrain";
+    for (const auto* sub : app.get_subcommands()) where += " " + sub->get_name();
+    throw core::UsageError(std::string(e.what()) + " (see `" + where + " --help`)");
+  }
+  core::set_log_level(core::parse_log_level(log_level));
+
+  if (train_cmd->parsed()) return cli::run_train(train);
+  if (eval_cmd->parsed()) {
+    if (eval.run_dir.empty() == eval.model.empty())
+      throw core::UsageError("scaletrain eval: expected either --run DIR or --config FILE --model FILE");
+    if (!eval.model.empty() && eval.config.config.empty())
+      throw core::UsageError("scaletrain eval: --model needs --config (the configuration it was trained with)");
+    return cli::run_eval(eval);
+  }
+  if (data_cmd->parsed()) return cli::run_data(data);
+  if (config_cmd->parsed()) return cli::run_config(config);
+  if (info_cmd->parsed()) return cli::run_info();
+  return 2;
+}
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const scaletrain::core::Error& e) {
+    fmt::print(stderr, "error: {}\n", first_line(e.what()));
+    return 2;
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "error: {}\n", first_line(e.what_without_backtrace()));
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "internal error: {}\n", first_line(e.what()));
+    return 1;
+  }
+}

@@ -1,0 +1,161 @@
+#include "scaletrain/model/gpt.h"
+
+#include <cmath>
+
+#include <torch/nn/functional/linear.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/init.h>
+
+#include "scaletrain/model/attention.h"
+
+namespace scaletrain::model {
+namespace F = torch::nn::functional;
+namespace {
+
+// Rotates pairs (x[i], x[i + half]) of each head by the position's angles (GPT-NeoX layout).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half);
+  auto x2 = x.narrow(-1, half, half);
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+}
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+}  // namespace
+
+CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GPTOptions& options) : options_(options) {
+  qkv = register_module("qkv", make_linear(options.n_embd(), 3 * options.n_embd(), options.bias()));
+  proj = register_module("proj", make_linear(options.n_embd(), options.n_embd(), options.bias()));
+}
+
+at::Tensor CausalSelfAttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos,
+                                            const at::Tensor& sin, const ForwardContext& context,
+                                            int64_t layer) {
+  const int64_t batch = x.size(0), seq = x.size(1), heads = options_.n_head();
+  auto qkv_heads = qkv(x).view({batch, seq, 3, heads, options_.head_dim()}).permute({2, 0, 3, 1, 4});
+  auto q = apply_rope(qkv_heads[0], cos, sin);
+  auto k = apply_rope(qkv_heads[1], cos, sin);
+  auto v = qkv_heads[2];
+  if (context.cache != nullptr) {
+    KVCache& cache = *context.cache;
+    cache.keys[layer].narrow(2, cache.length, seq).copy_(k);
+    cache.values[layer].narrow(2, cache.length, seq).copy_(v);
+    k = cache.keys[layer].narrow(2, 0, cache.length + seq);
+    v = cache.values[layer].narrow(2, 0, cache.length + seq);
+  }
+  auto y = attention(q, k, v, options_.attention(), /*causal=*/true, context.mask,
+                     is_training() ? options_.dropout() : 0.0);
+  return proj(y.transpose(1, 2).reshape({batch, seq, options_.n_embd()}));
+}
+
+MLPImpl::MLPImpl(const GPTOptions& options) {
+  fc = register_module("fc", make_linear(options.n_embd(), 4 * options.n_embd(), options.bias()));
+  proj = register_module("proj", make_linear(4 * options.n_embd(), options.n_embd(), options.bias()));
+}
+
+at::Tensor MLPImpl::forward(const at::Tensor& x) { return proj(at::gelu(fc(x), "tanh")); }
+
+BlockImpl::BlockImpl(const GPTOptions& options) {
+  auto norm = torch::nn::LayerNormOptions({options.n_embd()}).elementwise_affine(true);
+  ln1 = register_module("ln1", torch::nn::LayerNorm(norm));
+  attn = register_module("attn", CausalSelfAttention(options));
+  ln2 = register_module("ln2", torch::nn::LayerNorm(norm));
+  mlp = register_module("mlp", MLP(options));
+  residual_dropout = register_module("residual_dropout", torch::nn::Dropout(options.dropout()));
+}
+
+at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                              const ForwardContext& context, int64_t layer) {
+  auto h = x + residual_dropout(attn(ln1(x), cos, sin, context, layer));
+  return h + residual_dropout(mlp(ln2(h)));
+}
+
+GPTImpl::GPTImpl(GPTOptions options) : options_(std::move(options)) {
+  options_.validate();
+  wte = register_module("wte", torch::nn::Embedding(options_.vocab_size(), options_.n_embd()));
+  embedding_dropout = register_module("embedding_dropout", torch::nn::Dropout(options_.dropout()));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options_.n_layer(); ++i) blocks->push_back(Block(options_));
+  ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options_.n_embd()})));
+  if (!options_.tie_embeddings())
+    lm_head = register_module("lm_head", make_linear(options_.n_embd(), options_.vocab_size(), false));
+
+  // Rotary tables: angle(pos, i) = pos * base^(-2i / head_dim), i < head_dim / 2.
+  const int64_t half = options_.head_dim() / 2;
+  auto inv_freq = at::pow(options_.rope_base(), -at::arange(0, half, at::kDouble) * 2.0 / options_.head_dim());
+  auto angles = at::outer(at::arange(options_.block_size(), at::kDouble), inv_freq);
+  rope_cos_ = register_buffer("rope_cos", angles.cos().to(at::kFloat));
+  rope_sin_ = register_buffer("rope_sin", angles.sin().to(at::kFloat));
+  init_weights();
+}
+
+void GPTImpl::init_weights() {
+  torch::NoGradGuard no_grad;
+  // GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer).
+  const double residual_std = 0.02 / std::sqrt(2.0 * static_cast<double>(options_.n_layer()));
+  for (auto& item : named_modules("", /*include_self=*/false)) {
+    if (auto* linear = item.value()->as<torch::nn::Linear>()) {
+      bool residual = item.key().size() >= 5 && item.key().compare(item.key().size() - 5, 5, ".proj") == 0;
+      torch::nn::init::normal_(linear->weight, 0.0, residual ? residual_std : 0.02);
+      if (linear->bias.defined()) torch::nn::init::zeros_(linear->bias);
+    } else if (auto* embedding = item.value()->as<torch::nn::Embedding>()) {
+      torch::nn::init::normal_(embedding->weight, 0.0, 0.02);
+    }
+  }
+}
+
+at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& context) {
+  TORCH_CHECK(tokens.dim() == 2, "GPT: tokens must be (batch, seq), got ", tokens.sizes());
+  const int64_t batch = tokens.size(0), seq = tokens.size(1);
+  const int64_t offset = context.cache ? context.cache->length : 0;
+  TORCH_CHECK(offset + seq <= options_.block_size(), "GPT: ", offset + seq,
+              " tokens exceed model.block_size = ", options_.block_size());
+  if (context.cache) {
+    TORCH_CHECK(offset + seq <= context.cache->capacity(), "GPT: cache holds ",
+                context.cache->capacity(), " positions, needs ", offset + seq);
+  }
+  const int64_t half = options_.head_dim() / 2;
+  at::Tensor cos, sin;
+  if (context.positions.defined()) {
+    auto flat = context.positions.reshape({-1});
+    cos = rope_cos_.index_select(0, flat).view({batch, 1, seq, half});
+    sin = rope_sin_.index_select(0, flat).view({batch, 1, seq, half});
+  } else {
+    cos = rope_cos_.narrow(0, offset, seq).view({1, 1, seq, half});
+    sin = rope_sin_.narrow(0, offset, seq).view({1, 1, seq, half});
+  }
+  auto x = embedding_dropout(wte(tokens));
+  cos = cos.to(x.scalar_type());
+  sin = sin.to(x.scalar_type());
+  for (size_t i = 0; i < blocks->size(); ++i)
+    x = blocks->at<BlockImpl>(i).forward(x, cos, sin, context, static_cast<int64_t>(i));
+  if (context.cache) context.cache->length += seq;
+  x = ln_f(x);
+  return options_.tie_embeddings() ? F::linear(x, wte->weight) : lm_head(x);
+}
+
+at::Tensor GPTImpl::loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  return F::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}),
+                          F::CrossEntropyFuncOptions().ignore_index(ignore_index));
+}
+
+KVCache GPTImpl::make_cache(int64_t batch, int64_t capacity) const {
+  KVCache cache;
+  auto options = wte->weight.options();
+  for (int64_t i = 0; i < options_.n_layer(); ++i) {
+    cache.keys.push_back(at::zeros({batch, options_.n_head(), capacity, options_.head_dim()}, options));
+    cache.values.push_back(at::zeros({batch, options_.n_head(), capacity, options_.head_dim()}, options));
+  }
+  return cache;
+}
+
+int64_t GPTImpl::num_parameters() const {
+  int64_t total = 0;
+  for (const auto& p : parameters()) total += p.numel();
+  return total;
+}
+
+}  // namespace scaletrain::model

@@ -1,0 +1,34 @@
+#include "scaletrain/model/gpt_options.h"
+
+#include <string>
+
+namespace scaletrain::model {
+
+void GPTOptions::visit(core::FieldVisitor& v) {
+  v.field("vocab_size", vocab_size(), "vocabulary size (258 for the byte tokenizer)", core::at_least(2));
+  v.field("block_size", block_size(), "longest sequence in tokens", core::between(2, 1 << 20));
+  v.field("n_layer", n_layer(), "number of transformer blocks", core::between(1, 1024));
+  v.field("n_head", n_head(), "attention heads per block", core::between(1, 1024));
+  v.field("n_embd", n_embd(), "width of the residual stream", core::between(2, 1 << 16));
+  v.field("dropout", dropout(), "dropout probability (embeddings, attention, residual)",
+          core::half_open(0, 1));
+  v.field("bias", bias(), "biases in linear layers and LayerNorm");
+  v.field("tie_embeddings", tie_embeddings(), "share the token embedding with the output layer");
+  v.choice("attention", attention(), "attention implementation");
+  v.field("rope_base", rope_base(), "base of the rotary position encoding", core::greater_than(1));
+}
+
+void GPTOptions::validate() const {
+  if (n_embd() % n_head() != 0) {
+    throw core::ConfigError("model.n_head", "model.n_head: got " + std::to_string(n_head()) +
+                                                ", expected a divisor of model.n_embd (" +
+                                                std::to_string(n_embd()) + ")");
+  }
+  if (head_dim() % 2 != 0) {
+    throw core::ConfigError("model.n_head", "model.n_head: n_embd / n_head = " +
+                                                std::to_string(head_dim()) +
+                                                ", expected an even head size for rotary encoding");
+  }
+}
+
+}  // namespace scaletrain::model

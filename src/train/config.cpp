@@ -1,0 +1,74 @@
+#include "scaletrain/train/config.h"
+
+#include "scaletrain/data/tokenizer.h"
+
+namespace scaletrain::train {
+
+void OptimizerOptions::visit(core::FieldVisitor& v) {
+  v.field("lr", lr(), "peak learning rate", core::greater_than(0));
+  v.field("min_lr", min_lr(), "learning rate at the end of the cosine decay", core::at_least(0));
+  v.field("warmup_steps", warmup_steps(), "steps of linear warmup", core::at_least(0));
+  v.field("weight_decay", weight_decay(), "AdamW decoupled weight decay", core::at_least(0));
+  v.field("beta1", beta1(), "AdamW first-moment decay", core::half_open(0, 1));
+  v.field("beta2", beta2(), "AdamW second-moment decay", core::half_open(0, 1));
+  v.field("eps", eps(), "AdamW denominator epsilon", core::greater_than(0));
+  v.field("grad_clip", grad_clip(), "largest global gradient norm (0: no clipping)", core::at_least(0));
+}
+
+void TrainerOptions::visit(core::FieldVisitor& v) {
+  v.field("max_steps", max_steps(), "optimizer steps", core::at_least(1));
+  v.field("batch_size", batch_size(), "sequences per step", core::between(1, 1 << 20));
+  v.field("seed", seed(), "seed of initialisation and dropout", core::at_least(0));
+  v.choice("device", device(), "auto (CUDA when available), cpu or cuda");
+  v.field("threads", threads(), "CPU threads for torch (0: one per core)", core::between(0, 4096));
+  v.field("log_every", log_every(), "steps between metric lines", core::at_least(1));
+  v.field("out_dir", out_dir(), "folder for config, metrics, summary and model (\"\": none)");
+  v.field("save_model", save_model(), "write out_dir/model.pt at the end");
+}
+
+void EvalOptions::visit(core::FieldVisitor& v) {
+  v.field("every", every(), "steps between validation-loss evaluations (0: only at the end)", core::at_least(0));
+  v.field("loss_batches", loss_batches(), "validation batches for the loss", core::at_least(1));
+  v.field("batch_size", batch_size(), "sequences per evaluation batch", core::at_least(1));
+  v.field("examples", examples(), "held-out prompts decoded for exact match, BLEU-4, ROUGE-L (0: off)",
+          core::at_least(0));
+  v.field("max_new_tokens", max_new_tokens(), "longest generated answer", core::at_least(1));
+  v.field("before_training", before_training(), "also evaluate the untrained model");
+  v.field("show_samples", show_samples(), "decoded examples shown in the summary", core::at_least(0));
+}
+
+void RunConfig::visit(core::FieldVisitor& v) {
+  v.section("model", model, "the GPT model");
+  v.section("data", data, "training and validation data");
+  v.section("optim", optim, "optimizer and learning-rate schedule");
+  v.section("train", train, "the training loop");
+  v.section("eval", eval, "evaluation");
+}
+
+void RunConfig::validate() const {
+  model.validate();
+  data.validate();
+  if (optim.min_lr() > optim.lr()) {
+    throw core::ConfigError("optim.min_lr", "optim.min_lr: got " + core::format_number(optim.min_lr()) +
+                                                ", expected at most optim.lr (" + core::format_number(optim.lr()) + ")");
+  }
+  if (data.source() != data::DataSource::bin && model.vocab_size() < data::ByteTokenizer::kVocabSize) {
+    throw core::ConfigError("model.vocab_size",
+                            "model.vocab_size: got " + std::to_string(model.vocab_size()) + ", expected at least " +
+                                std::to_string(data::ByteTokenizer::kVocabSize) +
+                                " for the byte tokenizer (data.source is " + core::enum_name(data.source()) + ")");
+  }
+}
+
+std::string RunConfig::to_yaml() { return core::to_yaml(core::root_of(*this)); }
+
+RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
+  RunConfig config;
+  auto root = core::root_of(config);
+  if (!path.empty()) core::apply_yaml_file(root, path);
+  for (const auto& assignment : overrides) core::apply_override(root, assignment);
+  config.validate();
+  return config;
+}
+
+}  // namespace scaletrain::train

@@ -1,0 +1,287 @@
+#include "scaletrain/train/trainer.h"
+
+#include <chrono>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+#include <torch/cuda.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/serialize.h>
+#include <torch/utils.h>
+
+#include "scaletrain/core/fs.h"
+#include "scaletrain/core/logging.h"
+#include "scaletrain/data/dsl.h"
+#include "scaletrain/train/lr_schedule.h"
+#include "scaletrain/train/metrics.h"
+
+namespace scaletrain::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// GPT-2 practice: decay matrices and embeddings, not biases and LayerNorm parameters.
+std::vector<torch::optim::OptimizerParamGroup> parameter_groups(model::GPT& model, double weight_decay) {
+  std::vector<at::Tensor> decay, no_decay;
+  for (const auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  auto with_decay = std::make_unique<torch::optim::AdamWOptions>();
+  with_decay->weight_decay(weight_decay);
+  auto without_decay = std::make_unique<torch::optim::AdamWOptions>();
+  without_decay->weight_decay(0.0);
+  groups.emplace_back(decay, std::move(with_decay));
+  groups.emplace_back(no_decay, std::move(without_decay));
+  return groups;
+}
+
+MetricsRecord eval_record(int64_t step, const EvalResult& r) {
+  MetricsRecord record{{"kind", std::string("eval")}, {"step", step}, {"val_loss", r.loss}};
+  if (r.examples > 0) {
+    record.insert(record.end(), {{"examples", r.examples},
+                                 {"exact_match", r.exact_match},
+                                 {"bleu4", r.bleu4},
+                                 {"rouge_l", r.rouge_l},
+                                 {"valid_programs", r.valid_programs}});
+  }
+  record.emplace_back("seconds", r.seconds);
+  return record;
+}
+
+std::string percent(double fraction) { return std::isnan(fraction) ? "n/a" : fmt::format("{:.1f}%", 100 * fraction); }
+
+nlohmann::ordered_json eval_json(const EvalResult& r) {
+  auto number = [](double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); };
+  nlohmann::ordered_json j{{"val_loss", number(r.loss)},         {"examples", r.examples},
+                           {"exact_match", number(r.exact_match)}, {"bleu4", number(r.bleu4)},
+                           {"rouge_l", number(r.rouge_l)},       {"valid_programs", number(r.valid_programs)},
+                           {"seconds", r.seconds}};
+  j["samples"] = nlohmann::ordered_json::array();
+  for (const auto& s : r.samples)
+    j["samples"].push_back({{"request", s.request}, {"reference", s.reference}, {"output", s.output}});
+  return j;
+}
+
+}  // namespace
+
+c10::Device resolve_device(DeviceChoice choice) {
+  const bool cuda = torch::cuda::is_available();
+  if (choice == DeviceChoice::cuda && !cuda)
+    throw core::ConfigError("train.device", "train.device: got 'cuda', but torch sees no CUDA device "
+                                            "(expected auto or cpu on this machine)");
+  if (choice == DeviceChoice::cpu || !cuda) return c10::Device(c10::kCPU);
+  return c10::Device(c10::kCUDA, 0);
+}
+
+Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve_device(config_.train.device())) {
+  config_.validate();
+  if (config_.train.threads() > 0) at::set_num_threads(static_cast<int>(config_.train.threads()));
+  dataset_ = data::load_dataset(config_.data, config_.model.block_size(), config_.model.vocab_size());
+  if (dataset_->vocab_size() > config_.model.vocab_size()) {
+    throw core::ConfigError("model.vocab_size", fmt::format("model.vocab_size: got {}, expected at least {} for this data",
+                                                            config_.model.vocab_size(), dataset_->vocab_size()));
+  }
+  torch::manual_seed(static_cast<uint64_t>(config_.train.seed()));
+  model_ = model::GPT(config_.model);
+  model_->to(device_);
+}
+
+void Trainer::report(const std::string& line) {
+  if (progress_ && progress_->interactive()) progress_->print_line(line);
+  else core::log_info("{}", line);
+}
+
+EvalResult Trainer::evaluate(bool generate) {
+  data::DataSource source = config_.data.source();
+  OutputChecker checker;
+  if (source == data::DataSource::dsl) checker = [](const std::string& p) { return data::check_program(p); };
+  return train::evaluate(model_, *dataset_, config_.eval, device_, generate, checker);
+}
+
+TrainSummary Trainer::fit() {
+  const auto& options = config_.train;
+  const auto& optim = config_.optim;
+  TrainSummary summary;
+  summary.parameters = model_->num_parameters();
+  summary.device = device_.str();
+
+  const std::string out_dir = options.out_dir();
+  MetricsLog metrics;
+  if (!out_dir.empty()) {
+    core::create_directories(out_dir);
+    core::write_file_atomic(out_dir + "/config.yaml", config_.to_yaml());
+    metrics = MetricsLog(out_dir + "/metrics.jsonl");
+  }
+  report(fmt::format("model: GPT {} layers, {} heads, width {}, {:.2f}M parameters, attention {}, device {}",
+                     config_.model.n_layer(), config_.model.n_head(), config_.model.n_embd(),
+                     static_cast<double>(summary.parameters) / 1e6, core::enum_name(config_.model.attention()),
+                     summary.device));
+  report("data: " + dataset_->describe());
+
+  const bool generate = config_.eval.examples() > 0;
+  if (config_.eval.before_training()) {
+    summary.before = evaluate(generate);
+    report("before training: " + format_eval(*summary.before));
+    metrics.write(eval_record(0, *summary.before));
+  }
+
+  torch::optim::AdamW optimizer(parameter_groups(model_, optim.weight_decay()),
+                                torch::optim::AdamWOptions(optim.lr()).betas({optim.beta1(), optim.beta2()}).eps(optim.eps()));
+  WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
+  ProgressBar progress(options.max_steps(), ProgressBar::stderr_is_terminal());
+  progress_ = &progress;
+  model_->train();
+
+  const auto start = Clock::now();
+  auto interval_start = start;
+  at::Tensor interval_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  int64_t interval_steps = 0, interval_tokens = 0;
+  double last_loss = NAN, last_rate = 0, grad_norm = NAN;
+  for (int64_t step = 0; step < options.max_steps(); ++step) {
+    const double lr = schedule.apply(optimizer, step);
+    data::Batch batch = dataset_->train_batch(step, options.batch_size());
+    auto inputs = batch.inputs.to(device_, /*non_blocking=*/true);
+    auto targets = batch.targets.to(device_, /*non_blocking=*/true);
+    optimizer.zero_grad();
+    auto loss = model_->loss(model_->forward(inputs), targets);
+    loss.backward();
+    if (optim.grad_clip() > 0) grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), optim.grad_clip());
+    optimizer.step();
+
+    interval_loss += loss.detach().to(at::kDouble);
+    ++interval_steps;
+    interval_tokens += batch.tokens;
+    summary.tokens += batch.tokens;
+    const bool last = step + 1 == options.max_steps();
+    if ((step + 1) % options.log_every() == 0 || last) {
+      last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
+      last_rate = static_cast<double>(interval_tokens) / std::max(1e-9, seconds_since(interval_start));
+      metrics.write({{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
+                     {"grad_norm", grad_norm}, {"tokens_per_second", last_rate}, {"elapsed_s", seconds_since(start)}});
+      report(fmt::format("step {}/{} loss {:.4f} lr {:.2e} {} tok/s", step + 1, options.max_steps(), last_loss, lr,
+                         ProgressBar::format_rate(last_rate)));
+      interval_loss.zero_();
+      interval_steps = 0, interval_tokens = 0;
+      interval_start = Clock::now();
+    }
+    progress.update(step + 1, last_loss, lr, last_rate);
+    if (config_.eval.every() > 0 && (step + 1) % config_.eval.every() == 0 && !last) {
+      EvalResult periodic = evaluate(false);
+      report(fmt::format("step {} validation loss {:.4f}", step + 1, periodic.loss));
+      metrics.write(eval_record(step + 1, periodic));
+    }
+  }
+  summary.seconds = seconds_since(start);
+  progress.finish();
+  progress_ = nullptr;
+  summary.steps = options.max_steps();
+  summary.final_loss = last_loss;
+  summary.tokens_per_second = static_cast<double>(summary.tokens) / std::max(1e-9, summary.seconds);
+
+  summary.after = evaluate(generate);
+  report("after training: " + format_eval(summary.after));
+  metrics.write(eval_record(summary.steps, summary.after));
+  if (!out_dir.empty()) {
+    if (options.save_model()) save_model(model_, out_dir + "/model.pt");
+    core::write_file_atomic(out_dir + "/summary.json", summary_json(summary));
+  }
+  return summary;
+}
+
+void save_model(model::GPT& model, const std::string& path) {
+  // One flat archive: "blocks.0.attn.qkv.weight" -> tensor, parameters then buffers.
+  torch::serialize::OutputArchive archive;
+  for (const auto& item : model->named_parameters()) archive.write(item.key(), item.value().detach().cpu());
+  for (const auto& item : model->named_buffers()) archive.write(item.key(), item.value().cpu(), /*is_buffer=*/true);
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  core::write_file_atomic(path, bytes.str());
+}
+
+void load_model(model::GPT& model, const std::string& path) {
+  const std::string bytes = core::read_file(path);
+  torch::serialize::InputArchive archive;
+  try {
+    std::istringstream stream(bytes);
+    archive.load_from(stream, model->wte->weight.device());
+  } catch (const c10::Error& e) {
+    throw core::IOError("'" + path + "': not a saved model (" + first_line(e.what_without_backtrace()) + ")");
+  }
+  // Read every tensor into a scratch tensor and check it before copying: torch's own
+  // Module::load would silently resize parameters to whatever the file holds.
+  torch::NoGradGuard no_grad;
+  auto restore = [&](const std::string& name, at::Tensor& target, bool is_buffer) {
+    at::Tensor saved;
+    try {
+      archive.read(name, saved, is_buffer);
+    } catch (const c10::Error&) {
+      throw core::IOError("'" + path + "': no tensor '" + name + "' (saved from another model?)");
+    }
+    if (saved.sizes() != target.sizes() || saved.scalar_type() != target.scalar_type()) {
+      throw core::IOError(fmt::format("'{}': '{}' is {} {}, the model expects {} {} (trained with other model options?)",
+                                      path, name, fmt::join(saved.sizes(), "x"), c10::toString(saved.scalar_type()),
+                                      fmt::join(target.sizes(), "x"), c10::toString(target.scalar_type())));
+    }
+    target.copy_(saved);
+  };
+  for (auto& item : model->named_parameters()) restore(item.key(), item.value(), false);
+  for (auto& item : model->named_buffers()) restore(item.key(), item.value(), true);
+}
+
+std::string format_eval(const EvalResult& r) {
+  std::string line = fmt::format("val loss {:.4f}", r.loss);
+  if (r.examples > 0) {
+    line += fmt::format(" | exact match {} of {} ({}) | BLEU-4 {:.3f} | ROUGE-L {:.3f}",
+                        static_cast<int64_t>(std::llround(r.exact_match * static_cast<double>(r.examples))),
+                        r.examples, percent(r.exact_match), r.bleu4, r.rouge_l);
+    if (!std::isnan(r.valid_programs)) line += " | valid programs " + percent(r.valid_programs);
+  }
+  return line;
+}
+
+std::string format_summary(const TrainSummary& s) {
+  std::ostringstream out;
+  out << fmt::format("\n== summary: {} steps on {} in {}, {} tok/s, final train loss {:.4f}\n", s.steps, s.device,
+                     ProgressBar::format_duration(s.seconds), ProgressBar::format_rate(s.tokens_per_second), s.final_loss);
+  out << fmt::format("{:<16}{:>10}{:>14}{:>10}{:>10}{:>16}\n", "", "val loss", "exact match", "BLEU-4", "ROUGE-L",
+                     "valid programs");
+  auto row = [&](const char* name, const EvalResult& r) {
+    out << fmt::format("{:<16}{:>10.4f}{:>14}{:>10.3f}{:>10.3f}{:>16}\n", name, r.loss, percent(r.exact_match),
+                       r.bleu4, r.rouge_l, percent(r.valid_programs));
+  };
+  if (s.before) row("before training", *s.before);
+  row("after training", s.after);
+  if (!s.after.samples.empty()) {
+    out << "\nsamples (held-out requests, greedy decoding):\n";
+    for (const auto& sample : s.after.samples) {
+      out << "  request:  " << sample.request << "\n  expected: " << sample.reference << "\n  model:    " << sample.output
+          << (sample.output == sample.reference ? "   [exact]" : "   [differs]") << "\n";
+    }
+  }
+  return out.str();
+}
+
+std::string summary_json(const TrainSummary& s) {
+  nlohmann::ordered_json j{{"steps", s.steps},
+                           {"parameters", s.parameters},
+                           {"device", s.device},
+                           {"tokens", s.tokens},
+                           {"seconds", s.seconds},
+                           {"tokens_per_second", s.tokens_per_second},
+                           {"final_train_loss", std::isfinite(s.final_loss) ? nlohmann::ordered_json(s.final_loss)
+                                                                            : nlohmann::ordered_json(nullptr)}};
+  if (s.before) j["before"] = eval_json(*s.before);
+  j["after"] = eval_json(s.after);
+  return j.dump(2) + "\n";
+}
+
+}  // namespace scaletrain::train
