@@ -1,0 +1,126 @@
+"""The `scaletrain` executable: bad input exits with code 2 and one clear line; the commands a
+user runs work end to end. References: the files the tests write and the documented messages."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, cuda_available
+
+TINY = [
+    "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",
+    "--set", "data.train_examples=256", "--set", "data.val_examples=8",
+    "--set", "train.max_steps=6", "--set", "train.batch_size=4", "--set", "train.log_every=3",
+    "--set", "eval.examples=4", "--set", "eval.max_new_tokens=16", "--set", "train.device=cpu",
+]
+
+
+def one_error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def configs(tmp_path):
+    files = {
+        "malformed.yaml": "model:\n  n_layer: [1, 2\n",
+        "unknown.yaml": "train:\n  batchsize: 8\n",
+        "negative.yaml": "train:\n  batch_size: -4\n",
+        "missing_data.yaml": f"data:\n  source: text\n  path: {tmp_path}/no_such_corpus.txt\n",
+        "folder_data.yaml": f"data:\n  source: bin\n  path: {tmp_path}\n",
+        "ok.yaml": "train:\n  max_steps: 5\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+BAD_INPUTS = [
+    (["train", "--config", "{d}/nope.yaml"], "config file '{d}/nope.yaml': cannot open (No such file or directory)"),
+    (["train", "--config", "{d}/malformed.yaml"], "{d}/malformed.yaml:3:1: malformed YAML"),
+    (["train", "--config", "{d}/unknown.yaml"], "train.batchsize: unknown key (did you mean 'train.batch_size'?)"),
+    (["train", "--config", "{d}/negative.yaml"], "train.batch_size: got '-4', expected an integer in [1, 1048576]"),
+    (["train", "--config", "{d}/missing_data.yaml"], "data.path '{d}/no_such_corpus.txt': cannot open"),
+    (["train", "--config", "{d}/folder_data.yaml"], "data.path '{d}': not a regular file"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "train.max_steps"], "--set 'train.max_steps': expected KEY=VALUE"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "optim.lr=fast"], "optim.lr: got 'fast', expected a finite number > 0.0"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "model.n_embd=100", "--set", "model.n_head=3"],
+     "model.n_head: got 3, expected a divisor of model.n_embd (100)"),
+    (["train"], "--config is required"),
+    (["train", "--config"], "--config"),
+    (["fly"], "fly"),
+    (["train", "--config", "{d}/ok.yaml", "--bogus"], "--bogus"),
+    (["--log-level", "loud", "info"], "--log-level: got 'loud', expected one of trace, debug, info, warn, error, off"),
+    (["data", "--count", "-1"], "--count"),
+    (["data", "--split", "test"], "--split"),
+    (["eval"], "expected either --run DIR or --config FILE --model FILE"),
+    (["eval", "--run", "{d}/no_run"], "config file '{d}/no_run/config.yaml': cannot open"),
+    (["eval", "--config", "{d}/ok.yaml", "--model", "{d}/ok.yaml"], "'{d}/ok.yaml': not a saved model"),
+    ([], "A subcommand is required"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) or "(none)" for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(cli, configs, args, message):
+    line = one_error_line(cli(*[a.format(d=configs) for a in args]))
+    assert message.format(d=configs) in line
+
+
+@pytest.mark.skipif(cuda_available(), reason="a CUDA device is present")
+def test_cuda_without_gpu_is_a_clean_error(cli, configs):
+    line = one_error_line(cli("train", "--config", configs / "ok.yaml", "--set", "train.device=cuda"))
+    assert "train.device: got 'cuda', but torch sees no CUDA device" in line
+
+
+def test_help_and_version(cli):
+    result = cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+    assert "--set KEY=VALUE" in cli("train", "--help").stdout
+    assert cli("--version").stdout.startswith("scaletrain ")
+
+
+def test_data_prints_samples(cli):
+    result = cli("data", "--split", "val", "-n", "3", "--format", "jsonl")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 3 and all(r["split"] == "val" and r["program"] for r in rows)
+    text = cli("data", "-n", "2").stdout
+    assert text.count("=> ") == 2
+    assert "train  " in cli("data", "--stats").stdout
+
+
+def test_config_resolves_and_documents(cli, configs):
+    resolved = cli("config", "--config", configs / "ok.yaml", "--set", "train.batch_size=3").stdout
+    assert "  max_steps: 5\n" in resolved and "  batch_size: 3\n" in resolved
+    assert "| `train.batch_size` |" in cli("config", "--reference").stdout
+
+
+def test_train_then_eval_a_run(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", "--config", "configs/tiny_cpu.yaml", *TINY, "--set", f"train.out_dir={out}",
+                 cwd=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    assert "== summary: 6 steps on cpu" in result.stdout
+    assert "before training" in result.stdout and "after training" in result.stdout
+    for name in ["config.yaml", "metrics.jsonl", "summary.json", "model.pt"]:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["after"]["examples"] == 4
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [3, 6]
+    evaluated = cli("eval", "--run", out, "--show", "1")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{out}/model.pt: val loss {summary['after']['val_loss']:.4f}" in evaluated.stdout
+    assert evaluated.stdout.count("request:") == 1
+
+
+@pytest.mark.gpu
+def test_info_and_training_on_gpu(cli, tmp_path):
+    info = cli("info").stdout
+    assert "CUDA devices: " in info and "kernel image sm_" in info and "runs" in info
+    result = cli("train", "--config", "configs/tiny_cpu.yaml", *TINY, "--set", "train.device=cuda",
+                 "--set", f"train.out_dir={tmp_path}/gpu", cwd=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    assert "steps on cuda:0" in result.stdout
