@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
+#include "scaletrain/core/config.h"
 #include "scaletrain/core/error.h"
 #include "scaletrain/core/log_sink.h"
 #include "scaletrain/core/version.h"
@@ -75,6 +76,22 @@ int run(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    // An unknown command word reads better than CLI11's "A subcommand is required".
+    if (app.get_subcommands().empty()) {
+      std::vector<std::string> commands;
+      for (const auto* sub : app.get_subcommands({})) commands.push_back(sub->get_name());
+      for (int i = 1; i < argc; ++i) {
+        std::string word = argv[i];
+        if (word == "--log-level") {
+          ++i;
+          continue;
+        }
+        if (word.empty() || word[0] == '-') continue;
+        std::string near = core::closest_match(word, commands);
+        throw core::UsageError("unknown command '" + word + "' (expected train, eval, data, config or info" +
+                               (near.empty() ? "" : "; did you mean '" + near + "'?") + ")");
+      }
+    }
     std::string where = "scaletrain";
     for (const auto* sub : app.get_subcommands()) where += " " + sub->get_name();
     throw core::UsageError(std::string(e.what()) + " (see `" + where + " --help`)");

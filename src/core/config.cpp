@@ -573,7 +573,8 @@ void apply_override(const VisitRoot& root, const std::string& assignment) {
   }
   std::string value_text = assignment.substr(eq + 1);
   std::string origin = "--set " + assignment;
-  YAML::Node value = value_text.empty() ? YAML::Node(YAML::NodeType::Null) : parse_yaml(value_text, origin);
+  // "key=" sets an empty string (e.g. train.out_dir= to write no run folder).
+  YAML::Node value = value_text.empty() ? YAML::Node(std::string()) : parse_yaml(value_text, origin);
   // Build {a: {b: {c: value}}} and read it like a file.
   std::vector<std::string> parts;
   std::stringstream split(key);

@@ -125,7 +125,10 @@ TEST(Config, OverridesApplyInOrderAndReportTheirOrigin) {
   core::apply_override(root, "train.batch_size=16");
   core::apply_override(root, "data.tasks=[flowroll]");
   core::apply_override(root, "train.batch_size=4");
+  core::apply_override(root, "train.out_dir=");
   EXPECT_EQ(config.train.batch_size(), 4);
+  EXPECT_EQ(config.train.out_dir(), "");
+  EXPECT_THROW(core::apply_override(root, "train.max_steps="), core::ConfigError);
   EXPECT_EQ(config.data.tasks(), std::vector<std::string>{"flowroll"});
   try {
     core::apply_override(root, "train.batch_sise=4");

@@ -8,6 +8,10 @@
 #include "test_util.h"
 
 namespace scaletrain::model {
+
+// Readable parameter names in test listings.
+void PrintTo(AttentionBackend backend, std::ostream* os) { *os << core::enum_name(backend); }
+
 namespace {
 
 // softmax(q k^T / sqrt(d) with -inf where not allowed) v, in double, element by element.
