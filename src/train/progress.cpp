@@ -27,8 +27,8 @@ std::string ProgressBar::format_rate(double per_second) {
   return fmt::format("{:.0f}", per_second);
 }
 
-void ProgressBar::update(int64_t done, double loss, double lr, double tokens_per_second) {
-  done_ = done, loss_ = loss, lr_ = lr, rate_ = tokens_per_second;
+void ProgressBar::update(int64_t done, double loss, double lr, int64_t tokens) {
+  done_ = done, loss_ = loss, lr_ = lr, tokens_ = tokens;
   if (!interactive_) return;
   auto now = std::chrono::steady_clock::now();
   if (done_ < total_ && drawn_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
@@ -44,8 +44,10 @@ void ProgressBar::draw() {
   const double eta = done_ > 0 ? elapsed / static_cast<double>(done_) * static_cast<double>(total_ - done_) : NAN;
   std::string bar(static_cast<size_t>(filled), '#');
   bar.append(static_cast<size_t>(kWidth - filled), '.');
-  fmt::print(out_, "\r\033[Kstep {}/{} [{}] {:3.0f}% loss {:.4f} lr {:.2e} {} tok/s ETA {}", done_, total_, bar,
-             100 * fraction, loss_, lr_, format_rate(rate_), format_duration(eta));
+  const std::string loss = std::isnan(loss_) ? "-" : fmt::format("{:.4f}", loss_);
+  const double rate = elapsed > 0 ? static_cast<double>(tokens_) / elapsed : 0.0;
+  fmt::print(out_, "\r\033[Kstep {}/{} [{}] {:3.0f}% loss {} lr {:.2e} {} tok/s ETA {}", done_, total_, bar,
+             100 * fraction, loss, lr_, format_rate(rate), format_duration(eta));
   std::fflush(out_);
   drawn_ = true;
 }

@@ -145,7 +145,7 @@ TrainSummary Trainer::fit() {
   auto interval_start = start;
   at::Tensor interval_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
   int64_t interval_steps = 0, interval_tokens = 0;
-  double last_loss = NAN, last_rate = 0, grad_norm = NAN;
+  double last_loss = NAN, grad_norm = NAN;
   for (int64_t step = 0; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
     data::Batch batch = dataset_->train_batch(step, options.batch_size());
@@ -164,16 +164,16 @@ TrainSummary Trainer::fit() {
     const bool last = step + 1 == options.max_steps();
     if ((step + 1) % options.log_every() == 0 || last) {
       last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
-      last_rate = static_cast<double>(interval_tokens) / std::max(1e-9, seconds_since(interval_start));
+      const double rate = static_cast<double>(interval_tokens) / std::max(1e-9, seconds_since(interval_start));
       metrics.write({{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
-                     {"grad_norm", grad_norm}, {"tokens_per_second", last_rate}, {"elapsed_s", seconds_since(start)}});
+                     {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}});
       report(fmt::format("step {}/{} loss {:.4f} lr {:.2e} {} tok/s", step + 1, options.max_steps(), last_loss, lr,
-                         ProgressBar::format_rate(last_rate)));
+                         ProgressBar::format_rate(rate)));
       interval_loss.zero_();
       interval_steps = 0, interval_tokens = 0;
       interval_start = Clock::now();
     }
-    progress.update(step + 1, last_loss, lr, last_rate);
+    progress.update(step + 1, last_loss, lr, summary.tokens);
     if (config_.eval.every() > 0 && (step + 1) % config_.eval.every() == 0 && !last) {
       EvalResult periodic = evaluate(false);
       report(fmt::format("step {} validation loss {:.4f}", step + 1, periodic.loss));

@@ -11,8 +11,9 @@ namespace scaletrain::train {
 class ProgressBar {
  public:
   ProgressBar(int64_t total_steps, bool interactive, std::FILE* out = stderr);
-  // `done` steps finished; redraws at most ten times a second (always at the last step).
-  void update(int64_t done, double loss, double lr, double tokens_per_second);
+  // `done` steps finished, `tokens` processed since the bar started; `loss` may be NaN while
+  // unknown. Redraws at most ten times a second (always at the last step).
+  void update(int64_t done, double loss, double lr, int64_t tokens);
   // Prints a line above the bar (or just the line when not interactive).
   void print_line(const std::string& line);
   // Ends the bar's line.
@@ -28,7 +29,8 @@ class ProgressBar {
  private:
   void draw();
   int64_t total_, done_ = 0;
-  double loss_ = 0, lr_ = 0, rate_ = 0;
+  double loss_ = 0, lr_ = 0;
+  int64_t tokens_ = 0;
   bool interactive_, drawn_ = false;
   std::FILE* out_;
   std::chrono::steady_clock::time_point start_, last_draw_;
