@@ -42,7 +42,7 @@ test-cpp:
 	cd $(BUILD) && ctest -j $(JOBS) --output-on-failure
 
 test-python:
-	cd $(ROOT) && SCALETRAIN_BUILD=$(BUILD) $(PYTHON) -m pytest -q
+	cd $(ROOT) && SCALETRAIN_BUILD=$(BUILD) $(PYTHON) -m pytest -q -rs
 
 bench: build
 	$(BUILD)/benchmarks/cpp/scaletrain_bench
