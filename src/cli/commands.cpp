@@ -43,12 +43,12 @@ void print_dsl_stats(const data::DslSplit& split) {
       ++per_task[core::enum_name(e.task)];
       request_total += e.request.size();
       program_total += e.program.size();
-      longest = std::max(longest, e.request.size() + e.program.size() + 2);
+      longest = std::max(longest, e.request.size() + e.program.size() + 1);  // + newline; the end token is a target only
     }
     const double n = std::max<double>(1, static_cast<double>(examples->size()));
     fmt::print("{:<6} {:>7} examples", name, examples->size());
     for (const auto& [task, count] : per_task) fmt::print("  {} {}", task, count);
-    fmt::print("  | mean request {:.1f} bytes, mean program {:.1f} bytes, longest sequence {} tokens\n",
+    fmt::print("  | mean request {:.1f} bytes, mean program {:.1f} bytes, longest input {} tokens\n",
                static_cast<double>(request_total) / n, static_cast<double>(program_total) / n, longest);
   }
 }
@@ -99,8 +99,9 @@ int run_data(const DataArgs& args) {
     for (size_t i = 0; i < examples.size() && static_cast<int64_t>(i) < args.count; ++i) {
       const auto& e = examples[i];
       if (args.format == "jsonl") {
-        fmt::print("{}\n", nlohmann::json{{"split", args.split}, {"task", core::enum_name(e.task)},
-                                          {"request", e.request}, {"program", e.program}}.dump());
+        fmt::print("{}\n", nlohmann::ordered_json{{"split", args.split}, {"task", core::enum_name(e.task)},
+                                                  {"request", e.request}, {"program", e.program}}
+                               .dump());
       } else if (args.format == "tsv") {
         fmt::print("{}\t{}\n", e.request, e.program);
       } else {

@@ -29,6 +29,7 @@ int run(int argc, char** argv) {
   CLI::App app{"scaletrain: fast, small LLM training on LibTorch", "scaletrain"};
   app.set_version_flag("--version", std::string("scaletrain ") + SCALETRAIN_VERSION);
   app.require_subcommand(1);
+  app.fallthrough();  // --log-level may also follow the command
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")->capture_default_str();
 

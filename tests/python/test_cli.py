@@ -76,6 +76,11 @@ def test_cuda_without_gpu_is_a_clean_error(cli, configs):
     assert "train.device: got 'cuda', but torch sees no CUDA device" in line
 
 
+def test_log_level_before_or_after_the_command(cli):
+    assert cli("--log-level", "warn", "data", "-n", "1").returncode == 0
+    assert cli("data", "-n", "1", "--log-level", "error").returncode == 0
+
+
 def test_help_and_version(cli):
     result = cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
