@@ -114,9 +114,14 @@ int run_data(const DataArgs& args) {
   fmt::print("{}\n", dataset->describe());
   if (args.stats) return 0;
   data::ByteTokenizer tokenizer;
-  for (int64_t i = 0; i < args.count; ++i) {
-    auto batch = args.split == "train" ? dataset->train_batch(i, 1) : dataset->validation_batches(1, i + 1).back();
-    auto tokens = batch.inputs[0];
+  std::vector<data::Batch> windows;
+  if (args.split == "val") {
+    windows = dataset->validation_batches(1, args.count);
+  } else {
+    for (int64_t i = 0; i < args.count; ++i) windows.push_back(dataset->train_batch(i, 1));
+  }
+  for (size_t i = 0; i < windows.size(); ++i) {
+    auto tokens = windows[i].inputs[0].contiguous();
     std::vector<int64_t> ids(tokens.data_ptr<int64_t>(), tokens.data_ptr<int64_t>() + tokens.numel());
     if (options.source() == data::DataSource::text) {
       fmt::print("--- window {} ---\n{}\n", i, printable(tokenizer.decode(ids)));

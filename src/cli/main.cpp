@@ -101,7 +101,7 @@ int run(int argc, char** argv) {
 
   if (train_cmd->parsed()) return cli::run_train(train);
   if (eval_cmd->parsed()) {
-    if (eval.run_dir.empty() == eval.model.empty())
+    if (eval.run_dir.empty() == eval.model.empty() || (!eval.run_dir.empty() && !eval.config.config.empty()))
       throw core::UsageError("scaletrain eval: expected either --run DIR or --config FILE --model FILE");
     if (!eval.model.empty() && eval.config.config.empty())
       throw core::UsageError("scaletrain eval: --model needs --config (the configuration it was trained with)");

@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -29,34 +30,39 @@ std::string join(const std::vector<std::string>& items, const char* separator = 
   return out;
 }
 
+// True when `s` can be written without quotes and reads back as the same string: letters,
+// digits and "_./+-" only, not starting with '-', and not a YAML number, boolean or null.
 bool looks_like_plain_yaml_scalar(const std::string& s) {
-  if (s.empty()) return false;
-  static const std::string reserved = "#:{}[],&*!|>'\"%@`?-";
-  if (reserved.find(s.front()) != std::string::npos) return false;
-  if (s.front() == ' ' || s.back() == ' ') return false;
-  if (s.find(": ") != std::string::npos || s.find(" #") != std::string::npos) return false;
-  if (s.find('\n') != std::string::npos || s.find('\t') != std::string::npos) return false;
+  if (s.empty() || s.front() == '-') return false;
+  for (unsigned char c : s)
+    if (!std::isalnum(c) && c != '_' && c != '.' && c != '/' && c != '+' && c != '-') return false;
   std::string lower = s;
-  std::transform(lower.begin(), lower.end(), lower.begin(), ::tolower);
-  static const std::set<std::string> special = {"true", "false", "yes", "no", "on", "off",
-                                                "null", "~", ".inf", ".nan", "y", "n"};
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  static const std::set<std::string> special = {"true", "false", "yes", "no", "on", "off", "null",
+                                                ".inf", "+.inf", ".nan", "y", "n"};
   if (special.count(lower)) return false;
-  // Anything that reads as a number must be quoted to stay a string.
-  char* end = nullptr;
-  std::strtod(s.c_str(), &end);
-  return end != s.c_str() + s.size();
+  // Anything that starts like a number must be quoted to stay a string.
+  return !(std::isdigit(static_cast<unsigned char>(s.front())) || s.front() == '+' || s.front() == '.');
 }
 
 std::string yaml_string(const std::string& s) {
   if (looks_like_plain_yaml_scalar(s)) return s;
   std::string out = "\"";
-  for (char c : s) {
+  for (unsigned char c : s) {
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
       case '\n': out += "\\n"; break;
       case '\t': out += "\\t"; break;
-      default: out += c;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          char escaped[8];
+          std::snprintf(escaped, sizeof(escaped), "\\x%02x", c);
+          out += escaped;
+        } else {
+          out += static_cast<char>(c);
+        }
     }
   }
   return out + "\"";
@@ -94,7 +100,7 @@ bool parse_int64(const std::string& text, int64_t& out) {
   const char* begin = text.data();
   const char* end = text.data() + text.size();
   if (begin != end && *begin == '+') ++begin;
-  if (begin == end) return false;
+  if (begin == end || (*begin == '-' && begin != text.data())) return false;  // "+-5"
   auto [ptr, ec] = std::from_chars(begin, end, out);
   return ec == std::errc() && ptr == end;
 }
@@ -205,7 +211,7 @@ class YamlReader final : public FieldVisitor {
     auto node = lookup(name);
     if (!node) return;
     std::string text = is_plain_scalar(*node) ? node->Scalar() : "";
-    std::transform(text.begin(), text.end(), text.begin(), ::tolower);
+    std::transform(text.begin(), text.end(), text.begin(), [](unsigned char c) { return std::tolower(c); });
     if (text != "true" && text != "false")
       fail(*node, path(name), describe_node(*node), "true or false");
     value = text == "true";

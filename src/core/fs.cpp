@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -37,7 +38,9 @@ void fsync_directory(const std::string& dir) {
 }  // namespace
 
 void write_file_atomic(const std::string& path, std::string_view contents) {
-  const std::string temporary = path + ".tmp." + std::to_string(::getpid());
+  // Unique per process and call, so concurrent writers of one path never share a temporary.
+  static std::atomic<uint64_t> counter{0};
+  const std::string temporary = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
   int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail(path, "cannot create " + temporary);
   const char* data = contents.data();
@@ -45,6 +48,7 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
   while (left > 0) {
     ssize_t written = ::write(fd, data, left);
     if (written < 0 && errno == EINTR) continue;
+    if (written == 0) errno = EIO;
     if (written <= 0) abandon(fd, temporary, path, "write failed");
     data += written;
     left -= static_cast<size_t>(written);

@@ -320,6 +320,7 @@ void write_bin_tokens(const std::string& path, const std::vector<uint16_t>& toke
   std::ofstream file(path, std::ios::binary | std::ios::trunc);
   file.write(reinterpret_cast<const char*>(tokens.data()),
              static_cast<std::streamsize>(tokens.size() * sizeof(uint16_t)));
+  file.close();
   if (!file) throw core::IOError("'" + path + "': write failed");
 }
 

@@ -28,7 +28,7 @@ bool is_identifier(const std::string& s) {
 
 // Decimal without sign or leading zeros, at least `min`.
 bool is_count(const std::string& s, int64_t min = 0) {
-  if (s.empty() || s.size() > 9 || !std::all_of(s.begin(), s.end(), ::isdigit)) return false;
+  if (s.empty() || s.size() > 9 || !std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c) != 0; })) return false;
   if (s.size() > 1 && s[0] == '0') return false;
   return std::stoll(s) >= min;
 }

@@ -12,21 +12,24 @@ std::vector<std::vector<int64_t>> greedy_generate(GPT& model, const std::vector<
   std::vector<std::vector<int64_t>> outputs(prompts.size());
   if (prompts.empty()) return outputs;
   const int64_t batch = static_cast<int64_t>(prompts.size());
-  size_t longest = 0;
-  for (const auto& p : prompts) {
-    TORCH_CHECK(!p.empty(), "greedy_generate: empty prompt");
-    longest = std::max(longest, p.size());
-  }
-  const int64_t prompt_len = static_cast<int64_t>(longest);
   const int64_t block = model->options().block_size();
-  TORCH_CHECK(prompt_len < block, "greedy_generate: prompt of ", prompt_len,
-              " tokens leaves no room in model.block_size = ", block);
-  const int64_t steps = std::min(options.max_new_tokens, block - prompt_len);
+  // Each sequence may grow until its last position reaches block_size - 1, as it would alone.
+  std::vector<int64_t> budget(prompts.size());
+  int64_t prompt_len = 0, steps = 0;
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    const int64_t length = static_cast<int64_t>(prompts[b].size());
+    TORCH_CHECK(length > 0, "greedy_generate: empty prompt");
+    TORCH_CHECK(length < block, "greedy_generate: prompt of ", length, " tokens leaves no room in model.block_size = ",
+                block);
+    budget[b] = std::min(options.max_new_tokens, block - length);
+    prompt_len = std::max(prompt_len, length);
+    steps = std::max(steps, budget[b]);
+  }
+  if (steps <= 0) return outputs;
   const at::Device device = model->wte->weight.device();
 
   torch::NoGradGuard no_grad;
-  const bool was_training = model->is_training();
-  model->eval();
+  EvalModeGuard eval_mode(*model);
 
   // Left-pad; remember where each prompt starts.
   auto tokens = at::full({batch, prompt_len}, options.pad_id, at::kLong);
@@ -66,19 +69,21 @@ std::vector<std::vector<int64_t>> greedy_generate(GPT& model, const std::vector<
       if (done[b]) continue;
       if (view[b] == options.eos_id) {
         done[b] = true;
-        ++finished;
       } else {
         outputs[b].push_back(view[b]);
+        done[b] = static_cast<int64_t>(outputs[b].size()) == budget[b];
       }
+      finished += done[b];
     }
-    if (finished == prompts.size() || step + 1 == steps) break;
+    if (finished == prompts.size()) break;
     const int64_t length = cache.length + 1;
     auto step_mask = valid.narrow(1, 0, length).view({batch, 1, 1, length});
-    auto step_positions = (cache.length - pad).view({batch, 1});
+    // Finished sequences keep running with their outputs ignored; their position is clamped so
+    // it stays inside the rotary table.
+    auto step_positions = (cache.length - pad).clamp_max(block - 1).view({batch, 1});
     logits = model->forward(next.view({batch, 1}), ForwardContext{step_positions, step_mask, &cache});
     next = logits.select(1, 0).argmax(-1);
   }
-  model->train(was_training);
   return outputs;
 }
 

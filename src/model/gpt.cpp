@@ -26,6 +26,13 @@ torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
 
 }  // namespace
 
+LayerNormImpl::LayerNormImpl(int64_t size, bool bias) : size_(size) {
+  weight = register_parameter("weight", at::ones({size}));
+  if (bias) this->bias = register_parameter("bias", at::zeros({size}));
+}
+
+at::Tensor LayerNormImpl::forward(const at::Tensor& x) { return at::layer_norm(x, {size_}, weight, bias, 1e-5); }
+
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GPTOptions& options) : options_(options) {
   qkv = register_module("qkv", make_linear(options.n_embd(), 3 * options.n_embd(), options.bias()));
   proj = register_module("proj", make_linear(options.n_embd(), options.n_embd(), options.bias()));
@@ -59,10 +66,9 @@ MLPImpl::MLPImpl(const GPTOptions& options) {
 at::Tensor MLPImpl::forward(const at::Tensor& x) { return proj(at::gelu(fc(x), "tanh")); }
 
 BlockImpl::BlockImpl(const GPTOptions& options) {
-  auto norm = torch::nn::LayerNormOptions({options.n_embd()}).elementwise_affine(true);
-  ln1 = register_module("ln1", torch::nn::LayerNorm(norm));
+  ln1 = register_module("ln1", LayerNorm(options.n_embd(), options.bias()));
   attn = register_module("attn", CausalSelfAttention(options));
-  ln2 = register_module("ln2", torch::nn::LayerNorm(norm));
+  ln2 = register_module("ln2", LayerNorm(options.n_embd(), options.bias()));
   mlp = register_module("mlp", MLP(options));
   residual_dropout = register_module("residual_dropout", torch::nn::Dropout(options.dropout()));
 }
@@ -79,7 +85,7 @@ GPTImpl::GPTImpl(GPTOptions options) : options_(std::move(options)) {
   embedding_dropout = register_module("embedding_dropout", torch::nn::Dropout(options_.dropout()));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < options_.n_layer(); ++i) blocks->push_back(Block(options_));
-  ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options_.n_embd()})));
+  ln_f = register_module("ln_f", LayerNorm(options_.n_embd(), options_.bias()));
   if (!options_.tie_embeddings())
     lm_head = register_module("lm_head", make_linear(options_.n_embd(), options_.vocab_size(), false));
 
@@ -111,7 +117,9 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
   TORCH_CHECK(tokens.dim() == 2, "GPT: tokens must be (batch, seq), got ", tokens.sizes());
   const int64_t batch = tokens.size(0), seq = tokens.size(1);
   const int64_t offset = context.cache ? context.cache->length : 0;
-  TORCH_CHECK(offset + seq <= options_.block_size(), "GPT: ", offset + seq,
+  // Without explicit positions, positions are offset..offset+seq-1 and must fit the rotary table;
+  // with them (left-padded batches), the caller keeps each position below block_size.
+  TORCH_CHECK(context.positions.defined() || offset + seq <= options_.block_size(), "GPT: ", offset + seq,
               " tokens exceed model.block_size = ", options_.block_size());
   if (context.cache) {
     TORCH_CHECK(offset + seq <= context.cache->capacity(), "GPT: cache holds ",
@@ -120,6 +128,8 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
   const int64_t half = options_.head_dim() / 2;
   at::Tensor cos, sin;
   if (context.positions.defined()) {
+    TORCH_CHECK(context.positions.sizes() == tokens.sizes(), "GPT: positions ", context.positions.sizes(),
+                " do not match tokens ", tokens.sizes());
     auto flat = context.positions.reshape({-1});
     cos = rope_cos_.index_select(0, flat).view({batch, 1, seq, half});
     sin = rope_sin_.index_select(0, flat).view({batch, 1, seq, half});

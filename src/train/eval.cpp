@@ -15,8 +15,7 @@ namespace scaletrain::train {
 double validation_loss(model::GPT& model, const data::Dataset& dataset, const EvalOptions& options,
                        const c10::Device& device, int64_t* tokens) {
   torch::NoGradGuard no_grad;
-  const bool was_training = model->is_training();
-  model->eval();
+  model::EvalModeGuard eval_mode(*model);
   double total = 0;
   int64_t counted = 0;
   for (const auto& batch : dataset.validation_batches(options.batch_size(), options.loss_batches())) {
@@ -27,7 +26,6 @@ double validation_loss(model::GPT& model, const data::Dataset& dataset, const Ev
     total += summed.item<double>();
     counted += batch.target_tokens;
   }
-  model->train(was_training);
   if (tokens) *tokens = counted;
   return counted > 0 ? total / static_cast<double>(counted) : NAN;
 }

@@ -139,6 +139,10 @@ TrainSummary Trainer::fit() {
   WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
   ProgressBar progress(options.max_steps(), ProgressBar::stderr_is_terminal());
   progress_ = &progress;
+  struct ResetProgress {
+    ProgressBar*& target;
+    ~ResetProgress() { target = nullptr; }
+  } reset_progress{progress_};
   model_->train();
 
   const auto start = Clock::now();
@@ -146,6 +150,8 @@ TrainSummary Trainer::fit() {
   at::Tensor interval_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
   int64_t interval_steps = 0, interval_tokens = 0;
   double last_loss = NAN, grad_norm = NAN;
+  // Periodic evaluations are left out of the training time and of tokens/s.
+  double eval_seconds = 0, interval_eval_seconds = 0;
   for (int64_t step = 0; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
     data::Batch batch = dataset_->train_batch(step, options.batch_size());
@@ -164,25 +170,30 @@ TrainSummary Trainer::fit() {
     const bool last = step + 1 == options.max_steps();
     if ((step + 1) % options.log_every() == 0 || last) {
       last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
-      const double rate = static_cast<double>(interval_tokens) / std::max(1e-9, seconds_since(interval_start));
+      const double rate = static_cast<double>(interval_tokens) /
+                          std::max(1e-9, seconds_since(interval_start) - interval_eval_seconds);
       metrics.write({{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
                      {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}});
       report(fmt::format("step {}/{} loss {:.4f} lr {:.2e} {} tok/s", step + 1, options.max_steps(), last_loss, lr,
                          ProgressBar::format_rate(rate)));
       interval_loss.zero_();
       interval_steps = 0, interval_tokens = 0;
+      interval_eval_seconds = 0;
       interval_start = Clock::now();
     }
     progress.update(step + 1, last_loss, lr, summary.tokens);
     if (config_.eval.every() > 0 && (step + 1) % config_.eval.every() == 0 && !last) {
+      const auto eval_start = Clock::now();
       EvalResult periodic = evaluate(false);
       report(fmt::format("step {} validation loss {:.4f}", step + 1, periodic.loss));
       metrics.write(eval_record(step + 1, periodic));
+      const double spent = seconds_since(eval_start);
+      eval_seconds += spent;
+      interval_eval_seconds += spent;
     }
   }
-  summary.seconds = seconds_since(start);
+  summary.seconds = seconds_since(start) - eval_seconds;
   progress.finish();
-  progress_ = nullptr;
   summary.steps = options.max_steps();
   summary.final_loss = last_loss;
   summary.tokens_per_second = static_cast<double>(summary.tokens) / std::max(1e-9, summary.seconds);

@@ -59,6 +59,7 @@ BAD_INPUTS = [
     (["data", "--split", "test"], "--split"),
     (["eval"], "expected either --run DIR or --config FILE --model FILE"),
     (["eval", "--run", "{d}/no_run"], "config file '{d}/no_run/config.yaml': cannot open"),
+    (["eval", "--run", "{d}", "--config", "{d}/ok.yaml"], "expected either --run DIR or --config FILE --model FILE"),
     (["eval", "--config", "{d}/ok.yaml", "--model", "{d}/ok.yaml"], "'{d}/ok.yaml': not a saved model"),
     ([], "A subcommand is required"),
 ]
@@ -95,6 +96,17 @@ def test_data_prints_samples(cli):
     text = cli("data", "-n", "2").stdout
     assert text.count("=> ") == 2
     assert "train  " in cli("data", "--stats").stdout
+
+
+def test_data_shows_text_windows(cli, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(300)))
+    args = ["data", "--set", "data.source=text", "--set", f"data.path={corpus}", "--set", "model.block_size=32"]
+    val = cli(*args, "--split", "val", "-n", "50").stdout
+    windows = val.split("--- window ")[1:]
+    assert 0 < len(windows) < 50  # only as many as the validation split holds
+    assert len(set(w.split("\n", 1)[1] for w in windows)) == len(windows)  # no repeats
+    assert "train tokens" in cli(*args, "--stats").stdout
 
 
 def test_config_resolves_and_documents(cli, configs):

@@ -10,7 +10,6 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
 
 #include "scaletrain/model/gpt_options.h"
 
@@ -34,6 +33,34 @@ struct ForwardContext {
   // When set, keys and values are appended to the cache and attention covers it.
   KVCache* cache = nullptr;
 };
+
+// Puts a module in eval mode for a scope and restores its mode on exit, exceptions included.
+class EvalModeGuard {
+ public:
+  explicit EvalModeGuard(torch::nn::Module& module) : module_(module), was_training_(module.is_training()) {
+    module_.eval();
+  }
+  ~EvalModeGuard() { module_.train(was_training_); }
+  EvalModeGuard(const EvalModeGuard&) = delete;
+  EvalModeGuard& operator=(const EvalModeGuard&) = delete;
+
+ private:
+  torch::nn::Module& module_;
+  bool was_training_;
+};
+
+// LayerNorm over the last dimension with a learned scale and an optional bias (LibTorch's
+// LayerNorm cannot drop the bias; `model.bias: false` drops it here too).
+class LayerNormImpl : public torch::nn::Module {
+ public:
+  LayerNormImpl(int64_t size, bool bias);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight, bias;  // bias undefined when disabled
+
+ private:
+  int64_t size_;
+};
+TORCH_MODULE(LayerNorm);
 
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
@@ -62,7 +89,7 @@ class BlockImpl : public torch::nn::Module {
   explicit BlockImpl(const GPTOptions& options);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const ForwardContext& context, int64_t layer);
-  torch::nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  LayerNorm ln1{nullptr}, ln2{nullptr};
   CausalSelfAttention attn{nullptr};
   MLP mlp{nullptr};
   torch::nn::Dropout residual_dropout{nullptr};
@@ -86,7 +113,7 @@ class GPTImpl : public torch::nn::Module {
   torch::nn::Embedding wte{nullptr};
   torch::nn::Dropout embedding_dropout{nullptr};
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm ln_f{nullptr};
+  LayerNorm ln_f{nullptr};
   torch::nn::Linear lm_head{nullptr};
 
  private:

@@ -154,6 +154,18 @@ TEST(Config, YamlRoundTripPreservesEveryValue) {
   EXPECT_DOUBLE_EQ(again.model.rope_base(), 500000);
 }
 
+TEST(Config, AnyStringSurvivesTheRoundTrip) {
+  for (const std::string tricky : {"runs/a:", "a: b", "#x", "x #y", "[", "{", "- x", "-", "yes", "No", "1e3", "+1",
+                                   ".inf", "~", "", " spaced ", "tab\there", "quote\"s", "back\\slash", "line\nbreak",
+                                   "\x01ctl", "caf\xc3\xa9", "null", "plain_name-1.2/x"}) {
+    RunConfig config;
+    config.train.out_dir(tricky);
+    auto again = from_yaml(config.to_yaml());
+    EXPECT_EQ(again.train.out_dir(), tricky) << config.to_yaml();
+  }
+  EXPECT_NE(error_of("train:\n  max_steps: +-5\n"), "no error");
+}
+
 TEST(Config, ReferenceListsEveryKey) {
   RunConfig config;
   auto root = core::root_of(config);

@@ -33,6 +33,10 @@ TEST(GPT, ShapesAndParameterCount) {
   EXPECT_EQ(m->num_parameters(), 258 * 32 + 2 * block + 64);  // tied output layer adds nothing
   GPT untied(small().tie_embeddings(false));
   EXPECT_EQ(untied->num_parameters(), m->num_parameters() + 258 * 32);
+  // Without biases: no linear biases (96 + 32 + 128 + 32 per block) and no LayerNorm biases (3 x 32).
+  GPT no_bias(small().bias(false));
+  EXPECT_EQ(no_bias->num_parameters(), m->num_parameters() - 2 * (96 + 32 + 128 + 32) - 5 * 32);
+  for (const auto& item : no_bias->named_parameters()) EXPECT_EQ(item.key().find("bias"), std::string::npos) << item.key();
 }
 
 TEST(GPT, FutureTokensDoNotChangeEarlierLogits) {
@@ -91,6 +95,19 @@ TEST(GPT, BatchedGenerationEqualsEachPromptAlone) {
     EXPECT_EQ(together[i].size(), 12u);
   }
   EXPECT_TRUE(m->is_training());  // mode restored
+}
+
+TEST(GPT, ShortPromptBesideALongOneGetsItsFullBudget) {
+  GPT m(small());  // block_size 64
+  std::vector<int64_t> long_prompt(50, 5), short_prompt = {1, 2, 3};
+  GenerateOptions options;
+  options.max_new_tokens = 40;
+  options.eos_id = 1000;
+  auto together = greedy_generate(m, {long_prompt, short_prompt}, options);
+  EXPECT_EQ(together[0].size(), 14u);  // 64 - 50
+  EXPECT_EQ(together[1].size(), 40u);
+  EXPECT_EQ(together[1], greedy_generate(m, {short_prompt}, options)[0]);
+  EXPECT_EQ(together[0], greedy_generate(m, {long_prompt}, options)[0]);
 }
 
 TEST(GPT, GenerationStopsAtEndToken) {
