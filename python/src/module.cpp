@@ -127,11 +127,7 @@ PYBIND11_MODULE(_C, m) {
       "dsl_split",
       [](uint64_t seed, const std::vector<std::string>& tasks, int64_t train_size, int64_t val_size) {
         std::vector<data::DslTask> parsed;
-        for (const auto& name : tasks) {
-          if (name == "flowroll") parsed.push_back(data::DslTask::flowroll);
-          else if (name == "dimmatch") parsed.push_back(data::DslTask::dimmatch);
-          else throw core::ConfigError("tasks", "tasks: got '" + name + "', expected flowroll or dimmatch");
-        }
+        for (const auto& name : tasks) parsed.push_back(data::parse_dsl_task(name, "tasks"));
         auto split = data::make_dsl_split(seed, parsed, train_size, val_size);
         auto pairs = [](const std::vector<data::DslExample>& examples) {
           std::vector<std::pair<std::string, std::string>> out;

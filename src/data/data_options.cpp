@@ -23,9 +23,7 @@ void DataOptions::validate() const {
 
 std::vector<DslTask> DataOptions::dsl_tasks() const {
   std::vector<DslTask> out;
-  for (const auto& name : tasks())
-    for (const auto& [task, task_name] : core::EnumNames<DslTask>::values)
-      if (name == task_name) out.push_back(task);
+  for (const auto& name : tasks()) out.push_back(parse_dsl_task(name));
   return out;
 }
 

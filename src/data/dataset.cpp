@@ -29,7 +29,7 @@ uint64_t step_seed(uint64_t seed, int64_t step) {
 }
 
 // A shuffle of n items for one epoch.
-std::vector<size_t> epoch_order(uint64_t seed, int64_t epoch, size_t n) {
+std::vector<size_t> shuffled_epoch(uint64_t seed, int64_t epoch, size_t n) {
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   Rng rng(step_seed(seed, -2 - epoch));
@@ -86,6 +86,16 @@ Batch PairDataset::make_batch(const std::vector<const DslExample*>& examples) co
   return Batch{inputs, targets, counted, real};
 }
 
+std::vector<size_t> PairDataset::epoch_slice(int64_t epoch, size_t begin, size_t end) const {
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  if (epoch != cached_epoch_) {
+    cached_order_ = shuffled_epoch(seed_, epoch, train_.size());
+    cached_epoch_ = epoch;
+  }
+  return std::vector<size_t>(cached_order_.begin() + static_cast<std::ptrdiff_t>(begin),
+                             cached_order_.begin() + static_cast<std::ptrdiff_t>(end));
+}
+
 Batch PairDataset::train_batch(int64_t step, int64_t batch_size) const {
   // Each epoch is a fresh shuffle cut into windows of kGroup batches; inside a window examples
   // are sorted by length before being cut into batches, so a batch pads little, and the batches
@@ -100,9 +110,8 @@ Batch PairDataset::train_batch(int64_t step, int64_t batch_size) const {
   const int64_t epoch = step / per_epoch, index = step % per_epoch;
   const int64_t window = index / kGroup;
   const int64_t window_batches = std::min(kGroup, per_epoch - window * kGroup);
-  auto order = epoch_order(seed_, epoch, static_cast<size_t>(n));
-  auto first = order.begin() + window * kGroup * batch_size;
-  std::vector<size_t> members(first, first + window_batches * batch_size);
+  const auto first = static_cast<size_t>(window * kGroup * batch_size);
+  std::vector<size_t> members = epoch_slice(epoch, first, first + static_cast<size_t>(window_batches * batch_size));
   std::stable_sort(members.begin(), members.end(), [&](size_t a, size_t b) {
     return train_[a].request.size() + train_[a].program.size() < train_[b].request.size() + train_[b].program.size();
   });

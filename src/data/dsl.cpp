@@ -78,6 +78,12 @@ std::string other_field(Rng& rng, const std::string& field) {
 
 }  // namespace
 
+DslTask parse_dsl_task(std::string_view name, const std::string& key) {
+  for (const auto& [task, task_name] : core::EnumNames<DslTask>::values)
+    if (name == task_name) return task;
+  throw core::ConfigError(key, key + ": got '" + std::string(name) + "', expected flowroll or dimmatch");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Generator
 

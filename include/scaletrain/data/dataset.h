@@ -4,6 +4,7 @@
 // a resumed run sees exactly the batches it would have seen.
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -63,8 +64,14 @@ class PairDataset : public Dataset {
 
  private:
   Batch make_batch(const std::vector<const DslExample*>& examples) const;
+  // Indices [begin, end) of the shuffled order of `epoch`.
+  std::vector<size_t> epoch_slice(int64_t epoch, size_t begin, size_t end) const;
   std::vector<DslExample> train_, validation_;
   uint64_t seed_;
+  // The shuffle of the current epoch, computed once per epoch rather than once per batch.
+  mutable std::mutex cache_mutex_;
+  mutable int64_t cached_epoch_ = -1;
+  mutable std::vector<size_t> cached_order_;
 };
 
 // Read-only token ids, owned by a vector or a memory-mapped file.

@@ -18,6 +18,9 @@ namespace scaletrain::data {
 
 enum class DslTask { flowroll, dimmatch };
 
+// "flowroll" / "dimmatch" -> the task; anything else is a ConfigError naming `key`.
+DslTask parse_dsl_task(std::string_view name, const std::string& key = "data.tasks");
+
 struct DslExample {
   DslTask task;
   std::string request;
