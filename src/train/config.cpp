@@ -17,7 +17,8 @@ void OptimizerOptions::visit(core::FieldVisitor& v) {
 
 void TrainerOptions::visit(core::FieldVisitor& v) {
   v.field("max_steps", max_steps(), "optimizer steps", core::at_least(1));
-  v.field("batch_size", batch_size(), "sequences per step", core::between(1, 1 << 20));
+  v.field("batch_size", batch_size(), "sequences per micro-batch", core::between(1, 1 << 20));
+  v.field("grad_accum_steps", grad_accum_steps(), "micro-batches accumulated per optimizer step", core::between(1, 4096));
   v.field("seed", seed(), "seed of initialisation and dropout", core::at_least(0));
   v.choice("device", device(), "auto (CUDA when available), cpu or cuda");
   v.field("threads", threads(), "CPU threads for torch (0: one per core)", core::between(0, 4096));

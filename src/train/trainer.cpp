@@ -13,6 +13,7 @@
 #include <torch/serialize.h>
 #include <torch/utils.h>
 
+#include "scaletrain/accum/gradient_accumulation.h"
 #include "scaletrain/core/fs.h"
 #include "scaletrain/core/logging.h"
 #include "scaletrain/data/dsl.h"
@@ -107,6 +108,34 @@ EvalResult Trainer::evaluate(bool generate) {
   return train::evaluate(model_, *dataset_, config_.eval, device_, generate, checker);
 }
 
+at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens) {
+  // Micro-batch i of step s is batch s * k + i of the dataset: a pure function of the step, and
+  // with k = 1 the same batches as without accumulation.
+  const int64_t k = accumulator.micro_steps();
+  std::vector<data::Batch> micro;
+  std::vector<int64_t> target_tokens;
+  for (int64_t i = 0; i < k; ++i) {
+    micro.push_back(dataset_->train_batch(step * k + i, config_.train.batch_size()));
+    target_tokens.push_back(micro.back().target_tokens);
+    tokens += micro.back().tokens;
+  }
+  if (k == 1) {  // the mean loss directly: bit-identical to a plain training loop
+    auto loss = model_->loss(model_->forward(micro[0].inputs.to(device_, true)), micro[0].targets.to(device_, true));
+    loss.backward();
+    return loss.detach();
+  }
+  accumulator.begin_step(target_tokens);
+  at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
+  for (int64_t i = 0; i < k; ++i) {
+    const auto& batch = micro[static_cast<size_t>(i)];
+    auto logits = model_->forward(batch.inputs.to(device_, true));
+    auto part = accumulator.normalize(accum::summed_cross_entropy(logits, batch.targets.to(device_, true)), i);
+    part.backward();
+    total += part.detach();
+  }
+  return total;
+}
+
 TrainSummary Trainer::fit() {
   const auto& options = config_.train;
   const auto& optim = config_.optim;
@@ -137,6 +166,7 @@ TrainSummary Trainer::fit() {
   torch::optim::AdamW optimizer(parameter_groups(model_, optim.weight_decay()),
                                 torch::optim::AdamWOptions(optim.lr()).betas({optim.beta1(), optim.beta2()}).eps(optim.eps()));
   WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
+  accum::GradientAccumulator accumulator(options.grad_accum_steps());
   ProgressBar progress(options.max_steps(), ProgressBar::stderr_is_terminal());
   progress_ = &progress;
   struct ResetProgress {
@@ -154,19 +184,16 @@ TrainSummary Trainer::fit() {
   double eval_seconds = 0, interval_eval_seconds = 0;
   for (int64_t step = 0; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
-    data::Batch batch = dataset_->train_batch(step, options.batch_size());
-    auto inputs = batch.inputs.to(device_, /*non_blocking=*/true);
-    auto targets = batch.targets.to(device_, /*non_blocking=*/true);
     optimizer.zero_grad();
-    auto loss = model_->loss(model_->forward(inputs), targets);
-    loss.backward();
+    int64_t step_input_tokens = 0;
+    at::Tensor loss = accumulate_gradients(step, accumulator, step_input_tokens);
     if (optim.grad_clip() > 0) grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), optim.grad_clip());
     optimizer.step();
 
-    interval_loss += loss.detach().to(at::kDouble);
+    interval_loss += loss.to(at::kDouble);
     ++interval_steps;
-    interval_tokens += batch.tokens;
-    summary.tokens += batch.tokens;
+    interval_tokens += step_input_tokens;
+    summary.tokens += step_input_tokens;
     const bool last = step + 1 == options.max_steps();
     if ((step + 1) % options.log_every() == 0 || last) {
       last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);

@@ -33,8 +33,10 @@ struct OptimizerOptions {
 
 struct TrainerOptions {
   TORCH_ARG(int64_t, max_steps) = 1000;
-  // Sequences per optimizer step.
+  // Sequences per micro-batch; an optimizer step sees batch_size x grad_accum_steps sequences.
   TORCH_ARG(int64_t, batch_size) = 32;
+  // Micro-batches accumulated per optimizer step (loss normalised by the step's target tokens).
+  TORCH_ARG(int64_t, grad_accum_steps) = 1;
   // Seeds weight initialisation and dropout.
   TORCH_ARG(int64_t, seed) = 0;
   TORCH_ARG(DeviceChoice, device) = DeviceChoice::automatic;

@@ -1,6 +1,6 @@
 #pragma once
-// The Trainer composes the areas for one run: dataset (data/), GPT (model/), AdamW with warmup +
-// cosine schedule and gradient clipping, periodic evaluation, metrics, and the files of a run
+// The Trainer composes the areas for one run: dataset (data/), GPT (model/), gradient
+// accumulation (accum/), AdamW with warmup + cosine schedule and gradient clipping, periodic evaluation, metrics, and the files of a run
 // folder (config.yaml, metrics.jsonl, summary.json, model.pt). It holds no technique logic.
 #include <memory>
 #include <optional>
@@ -9,6 +9,7 @@
 #include <c10/core/Device.h>
 #include <torch/optim/adamw.h>
 
+#include "scaletrain/accum/gradient_accumulation.h"
 #include "scaletrain/data/dataset.h"
 #include "scaletrain/model/gpt.h"
 #include "scaletrain/train/config.h"
@@ -49,6 +50,9 @@ class Trainer {
 
  private:
   void report(const std::string& line);
+  // Forward and backward over the micro-batches of optimizer step `step`; returns the step's
+  // mean token loss (detached) and adds the step's non-padding input tokens to `tokens`.
+  at::Tensor accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens);
   RunConfig config_;
   c10::Device device_;
   std::unique_ptr<data::Dataset> dataset_;

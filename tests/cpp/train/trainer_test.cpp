@@ -9,6 +9,7 @@
 #include <torch/optim/adamw.h>
 
 #include "scaletrain/core/error.h"
+#include "scaletrain/data/tokenizer.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/trainer.h"
 #include "test_util.h"
@@ -63,6 +64,48 @@ TEST(Trainer, MatchesAHandWrittenAdamWLoop) {
   auto trained = weights(trainer.model()), reference = weights(m);
   ASSERT_EQ(trained.size(), reference.size());
   for (size_t i = 0; i < trained.size(); ++i) EXPECT_TRUE(at::equal(trained[i], reference[i])) << "parameter " << i;
+}
+
+TEST(Trainer, AccumulationMatchesOneBigBatchPerStep) {
+  // grad_accum_steps = 3: step s uses dataset batches 3s, 3s+1, 3s+2. The reference trains on one
+  // batch per step holding the same sequences (padded and concatenated), with the mean loss.
+  RunConfig config = tiny("");
+  config.train.grad_accum_steps(3).max_steps(4).batch_size(2);
+  config.eval.before_training(false).examples(0);
+  Trainer trainer(config);
+  trainer.fit();
+
+  Trainer fresh(config);
+  auto& m = fresh.model();
+  std::vector<at::Tensor> decay, no_decay;
+  for (const auto& p : m->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.1)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.0)));
+  torch::optim::AdamW adamw(groups, torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8));
+  WarmupCosineSchedule schedule(3e-3, 3e-4, 5, 4);
+  for (int64_t step = 0; step < 4; ++step) {
+    schedule.apply(adamw, step);
+    std::vector<data::Batch> parts;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < 3; ++i) {
+      parts.push_back(fresh.dataset().train_batch(step * 3 + i, 2));
+      longest = std::max(longest, parts.back().inputs.size(1));
+    }
+    std::vector<at::Tensor> inputs, targets;
+    for (const auto& b : parts) {
+      const int64_t extra = longest - b.inputs.size(1);
+      inputs.push_back(at::constant_pad_nd(b.inputs, {0, extra}, data::ByteTokenizer::kPad));
+      targets.push_back(at::constant_pad_nd(b.targets, {0, extra}, -100));
+    }
+    adamw.zero_grad();
+    m->loss(m->forward(at::cat(inputs)), at::cat(targets)).backward();
+    torch::nn::utils::clip_grad_norm_(m->parameters(), 1.0);
+    adamw.step();
+  }
+  auto trained = weights(trainer.model()), reference = weights(m);
+  for (size_t i = 0; i < trained.size(); ++i)
+    EXPECT_LT((trained[i] - reference[i]).abs().max().item<double>(), 2e-6) << "parameter " << i;
 }
 
 TEST(Trainer, LearnsAndWritesTheRunFolder) {
