@@ -33,6 +33,16 @@ std::vector<at::Tensor> weights(model::GPT& m) {
   return out;
 }
 
+// torch AdamW as the tiny config asks for it: weight decay 0.1 on matrices and embeddings only.
+std::unique_ptr<torch::optim::AdamW> reference_adamw(model::GPT& m) {
+  std::vector<at::Tensor> decay, no_decay;
+  for (const auto& p : m->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.1)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.0)));
+  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8));
+}
+
 TEST(Trainer, MatchesAHandWrittenAdamWLoop) {
   RunConfig config = tiny("");
   config.eval.before_training(false).examples(0);
@@ -42,12 +52,8 @@ TEST(Trainer, MatchesAHandWrittenAdamWLoop) {
   // The reference: same seed, same batches, torch AdamW with the same groups, schedule, clipping.
   Trainer fresh(config);  // a second, untrained model from the same seed
   auto& m = fresh.model();
-  std::vector<at::Tensor> decay, no_decay;
-  for (const auto& p : m->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.1)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.0)));
-  torch::optim::AdamW adamw(groups, torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8));
+  auto adamw_owner = reference_adamw(m);
+  auto& adamw = *adamw_owner;
   for (int64_t step = 0; step < 12; ++step) {
     // warmup 5 steps to 3e-3, cosine to 3e-4 at step 11
     double lr = step < 5 ? 3e-3 * (step + 1) / 5.0 : 3e-4 + 0.5 * 2.7e-3 * (1 + std::cos(M_PI * (step - 5) / 6.0));
@@ -77,12 +83,8 @@ TEST(Trainer, AccumulationMatchesOneBigBatchPerStep) {
 
   Trainer fresh(config);
   auto& m = fresh.model();
-  std::vector<at::Tensor> decay, no_decay;
-  for (const auto& p : m->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.1)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.0)));
-  torch::optim::AdamW adamw(groups, torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8));
+  auto adamw_owner = reference_adamw(m);
+  auto& adamw = *adamw_owner;
   WarmupCosineSchedule schedule(3e-3, 3e-4, 5, 4);
   for (int64_t step = 0; step < 4; ++step) {
     schedule.apply(adamw, step);
