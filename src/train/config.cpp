@@ -43,12 +43,14 @@ void RunConfig::visit(core::FieldVisitor& v) {
   v.section("data", data, "training and validation data");
   v.section("optim", optim, "optimizer and learning-rate schedule");
   v.section("train", train, "the training loop");
+  v.section("amp", amp, "mixed precision and loss scaling");
   v.section("eval", eval, "evaluation");
 }
 
 void RunConfig::validate() const {
   model.validate();
   data.validate();
+  amp.validate();
   if (optim.min_lr() > optim.lr()) {
     throw core::ConfigError("optim.min_lr", "optim.min_lr: got " + core::format_number(optim.min_lr()) +
                                                 ", expected at most optim.lr (" + core::format_number(optim.lr()) + ")");

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "scaletrain/amp/amp_options.h"
 #include "scaletrain/data/data_options.h"
 #include "scaletrain/model/gpt_options.h"
 #include "scaletrain/train/options.h"
@@ -14,6 +15,7 @@ struct RunConfig {
   data::DataOptions data;
   OptimizerOptions optim;
   TrainerOptions train;
+  amp::AmpOptions amp;
   EvalOptions eval;
 
   void visit(core::FieldVisitor& v);

@@ -1,0 +1,40 @@
+#pragma once
+// The gradient pass of a mixed-precision step, fused over all gradients at once: unscale (divide
+// by the loss scale), detect inf/NaN, compute the global L2 norm of the unscaled gradients and
+// clip them to a largest norm.
+//
+// On CUDA it is at most two multi-tensor launches over every gradient (grouped by dtype),
+// whatever the number of tensors. With clipping: a read-only pass that checks for inf/NaN and
+// sums the squares of g * inv_scale per chunk, then a read-write pass that multiplies by
+// inv_scale * clip_coef, where clip_coef = min(1, max_norm / (norm + 1e-6)) as in
+// torch.nn.utils.clip_grad_norm_; the second pass is skipped on the device (no host sync) when an
+// inf/NaN was found or the factor is 1. Without clipping, the one pass also writes g * inv_scale.
+// torch's separate passes (_amp_foreach_non_finite_check_and_unscale_, then clip_grad_norm_'s
+// norm and multiply) read the gradients three times and write them twice.
+//
+// On the CPU the same semantics run on ATen's thread pool.
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace scaletrain::amp {
+
+struct GradCheckResult {
+  // Two-element float tensor on the gradients' device: {found_inf (0 or 1), norm}. Reading it
+  // (found_inf(), norm()) synchronises with the device; the tensor itself does not.
+  at::Tensor values;
+  bool found_inf() const;
+  // L2 norm of the unscaled gradients before clipping; inf or NaN when found_inf().
+  double norm() const;
+};
+
+// Unscales `grads` in place by `inv_scale` and, when `max_norm` > 0, clips their global norm to
+// `max_norm`. All tensors must be on one device, floating point (fp32, bf16, fp16) and
+// contiguous. When an inf/NaN is found the step is to be skipped and the gradients are
+// unspecified (unchanged when clipping, multiplied by inv_scale otherwise, as torch's unscale_). Throws std::invalid_argument naming the offending gradient.
+GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm);
+
+// The gradients of `params` that are defined.
+std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& params);
+
+}  // namespace scaletrain::amp

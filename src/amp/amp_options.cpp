@@ -1,0 +1,102 @@
+#include "scaletrain/amp/amp_options.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "scaletrain/core/error.h"
+
+namespace scaletrain::amp {
+namespace {
+
+// "auto", "dynamic", "none" or a positive number; nullopt for a word, the number otherwise.
+std::optional<double> static_scale(const std::string& text) {
+  if (text == "auto" || text == "dynamic" || text == "none") return std::nullopt;
+  size_t used = 0;
+  double value = NAN;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || !(value > 0) || !std::isfinite(value)) {
+    throw core::ConfigError("amp.loss_scale", "amp.loss_scale: got '" + text +
+                                                  "', expected auto, dynamic, none or a positive number");
+  }
+  return value;
+}
+
+}  // namespace
+
+c10::ScalarType compute_dtype(Precision precision) {
+  switch (precision) {
+    case Precision::bf16: return c10::kBFloat16;
+    case Precision::fp16: return c10::kHalf;
+    case Precision::fp32: break;
+  }
+  return c10::kFloat;
+}
+
+void LossScalerOptions::check() const {
+  auto require = [](bool ok, const char* name, const std::string& expected, double got) {
+    if (!ok) throw std::invalid_argument(std::string(name) + ": got " + core::format_number(got) + ", expected " + expected);
+  };
+  require(init_scale() > 0 && std::isfinite(init_scale()), "init_scale", "a finite number > 0", init_scale());
+  require(growth_factor() > 1, "growth_factor", "a number > 1", growth_factor());
+  require(backoff_factor() > 0 && backoff_factor() < 1, "backoff_factor", "a number in (0, 1)", backoff_factor());
+  require(growth_interval() >= 1, "growth_interval", "at least 1", static_cast<double>(growth_interval()));
+  require(hysteresis() >= 1, "hysteresis", "at least 1", static_cast<double>(hysteresis()));
+  require(min_scale() > 0, "min_scale", "a number > 0", min_scale());
+  require(max_scale() >= min_scale(), "max_scale", "at least min_scale", max_scale());
+}
+
+void AmpOptions::visit(core::FieldVisitor& v) {
+  v.choice("precision", precision(), "fp32, bf16 or fp16 (bf16/fp16: autocast forward, fp32 loss and reductions)");
+  v.field("loss_scale", loss_scale(), "auto (dynamic for fp16, else none), dynamic, none or a static scale", true);
+  v.field("low_precision_params", low_precision_params(),
+          "keep parameters in bf16/fp16; the optimizer updates fp32 master copies");
+  v.field("fp32_grad_accum", fp32_grad_accum(), "with low_precision_params: accumulate gradients in fp32");
+  v.field("init_scale", init_scale(), "first loss scale (dynamic and static)", core::greater_than(0));
+  v.field("growth_interval", growth_interval(), "finite steps before the scale grows", core::at_least(1));
+  v.field("growth_factor", growth_factor(), "scale multiplier after growth_interval finite steps", core::greater_than(1));
+  v.field("backoff_factor", backoff_factor(), "scale multiplier after an overflow", core::Bounds{0, 1, true, true});
+  v.field("hysteresis", hysteresis(), "overflows tolerated before the scale backs off", core::at_least(1));
+  v.field("min_scale", min_scale(), "smallest loss scale", core::greater_than(0));
+  v.field("max_scale", max_scale(), "largest loss scale", core::greater_than(0));
+}
+
+void AmpOptions::validate() const {
+  const auto fixed = static_scale(loss_scale());
+  const bool scaled = loss_scale() == "dynamic" || fixed.has_value();
+  if (scaled && precision() == Precision::fp32) {
+    throw core::ConfigError("amp.loss_scale", "amp.loss_scale: got '" + loss_scale() +
+                                                  "', but amp.precision is fp32 (loss scaling is for fp16 or bf16; "
+                                                  "expected auto or none)");
+  }
+  if (low_precision_params() && precision() == Precision::fp32) {
+    throw core::ConfigError("amp.low_precision_params",
+                            "amp.low_precision_params: true needs amp.precision bf16 or fp16 (got fp32)");
+  }
+  if (max_scale() < min_scale()) {
+    throw core::ConfigError("amp.max_scale", "amp.max_scale: got " + core::format_number(max_scale()) +
+                                                 ", expected at least amp.min_scale (" +
+                                                 core::format_number(min_scale()) + ")");
+  }
+}
+
+std::optional<LossScalerOptions> AmpOptions::scaler_options() const {
+  const auto fixed = static_scale(loss_scale());
+  const bool dynamic = loss_scale() == "dynamic" || (loss_scale() == "auto" && precision() == Precision::fp16);
+  if (!dynamic && !fixed) return std::nullopt;
+  LossScalerOptions options;
+  options.init_scale(fixed.value_or(init_scale()))
+      .growth_interval(growth_interval())
+      .growth_factor(growth_factor())
+      .backoff_factor(backoff_factor())
+      .hysteresis(hysteresis())
+      .min_scale(min_scale())
+      .max_scale(max_scale())
+      .dynamic(dynamic);
+  return options;
+}
+
+}  // namespace scaletrain::amp
