@@ -11,6 +11,10 @@
 namespace py = pybind11;
 using namespace pybind11::literals;
 
+namespace scaletrain::python {
+void bind_amp(py::module_& parent);  // amp_bindings.cpp
+}
+
 namespace {
 
 using namespace scaletrain;
@@ -144,5 +148,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("corpus_bleu4", &train::corpus_bleu4, py::arg("candidates"), py::arg("references"),
         "Corpus BLEU-4 over whitespace tokens, no smoothing.");
   m.def("rouge_l", &train::rouge_l, py::arg("candidate"), py::arg("reference"), "ROUGE-L F1 over whitespace tokens.");
+  scaletrain::python::bind_amp(m);
+
   m.def("mean_rouge_l", &train::mean_rouge_l, py::arg("candidates"), py::arg("references"));
 }

@@ -1,0 +1,135 @@
+"""scaletrain.amp.LossScaler against torch.amp.GradScaler (the reference): same scale after every
+update, same skipped steps and bit-identical weights on a crafted overflow sequence; hysteresis
+against Megatron-LM's DynamicGradScaler rules; the fused clip against torch.nn.utils.clip_grad_norm_."""
+
+import random
+
+import pytest
+import torch
+
+import scaletrain
+from scaletrain.amp import LossScaler, unscale_check_clip_
+
+# Steps whose gradients get an inf or a NaN (as an fp16 overflow would), and a run long enough for
+# the scale to grow several times with growth_interval=3.
+OVERFLOW_STEPS = {2, 3, 4, 9, 10, 17, 18, 19, 20, 21, 30}
+
+
+def lockstep(device, steps=40, poison=float("inf")):
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2)).to(device)
+    ours = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2)).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-2)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    reference = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=3)
+    scaler = LossScaler(init_scale=2.0**10, growth_interval=3)
+    history = []
+    for step in range(steps):
+        x, y = torch.randn(32, 8, device=device), torch.randn(32, 2, device=device)
+        for model, opt, s in ((theirs, opt_theirs, reference), (ours, opt_ours, scaler)):
+            opt.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if step in OVERFLOW_STEPS:
+                model[0].weight.grad[0, 0] = poison
+            s.step(opt)
+            s.update()
+        history.append((reference.get_scale(), scaler.get_scale()))
+        for a, b in zip(theirs.parameters(), ours.parameters()):
+            assert torch.equal(a, b), f"step {step}: weights differ from GradScaler's run"
+    return history, scaler
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_same_scale_trajectory_and_skips_as_gradscaler(poison):
+    history, scaler = lockstep("cpu", poison=poison)
+    assert [theirs for theirs, _ in history] == [ours for _, ours in history]
+    assert scaler.skipped_steps == len(OVERFLOW_STEPS)
+    scales = [s for s, _ in history]
+    assert any(b > a for a, b in zip(scales, scales[1:])) and any(b < a for a, b in zip(scales, scales[1:]))
+
+
+@pytest.mark.gpu
+def test_same_scale_trajectory_and_skips_as_gradscaler_cuda():
+    history, scaler = lockstep("cuda")
+    assert [theirs for theirs, _ in history] == [ours for _, ours in history]
+    assert scaler.skipped_steps == len(OVERFLOW_STEPS)
+
+
+class MegatronDynamicGradScaler:
+    """megatron/core/optimizer/grad_scaler.py DynamicGradScaler.update, in plain Python."""
+
+    def __init__(self, initial_scale, min_scale, growth_factor, backoff_factor, growth_interval, hysteresis):
+        self.scale, self.min_scale = initial_scale, min_scale
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval, self.hysteresis = growth_interval, hysteresis
+        self.growth_tracker, self.hysteresis_tracker = 0, hysteresis
+
+    def update(self, found_inf):
+        if found_inf:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.growth_tracker = 0
+                self.hysteresis_tracker = self.hysteresis
+                self.scale = self.scale * self.growth_factor
+
+
+def test_hysteresis_follows_megatron_rules():
+    rng = random.Random(3)
+    overflows = [rng.random() < 0.35 for _ in range(300)]
+    reference = MegatronDynamicGradScaler(2.0**12, 4.0, 2.0, 0.5, 4, 3)
+    scaler = LossScaler(init_scale=2.0**12, min_scale=4.0, growth_interval=4, hysteresis=3, max_scale=2.0**40)
+    grads = [torch.ones(4)]
+    for found in overflows:
+        grads[0].fill_(float("inf") if found else 1.0)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+        opt.param_groups[0]["params"][0].grad = grads[0]
+        scaler.step(opt)
+        scaler.update()
+        reference.update(found)
+        assert scaler.get_scale() == reference.scale
+    assert scaler.skipped_steps == sum(overflows)
+
+
+def test_fused_clip_matches_clip_grad_norm():
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 1000, 70000, 5)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 512
+    ours = [p.grad.clone() for p in params]
+    torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], torch.zeros(1), torch.full((1,), 1 / 512))
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    found, our_norm = unscale_check_clip_(ours, 1 / 512, 1.0).tolist()
+    assert found == 0
+    assert our_norm == pytest.approx(norm.item(), rel=1e-5)
+    for p, g in zip(params, ours):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_state_dict_round_trip_and_gradscaler_state():
+    _, scaler = lockstep("cpu", steps=12)
+    state = scaler.state_dict()
+    again = LossScaler(init_scale=2.0**10, growth_interval=3)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    reference = torch.amp.GradScaler("cpu", init_scale=123.0)
+    from_torch = LossScaler()
+    from_torch.load_state_dict(reference.state_dict())
+    assert from_torch.get_scale() == 123.0
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="backoff_factor"):
+        LossScaler(backoff_factor=2.0)
+    with pytest.raises(ValueError, match=r"grads\[0\]: dtype Int"):
+        unscale_check_clip_([torch.ones(3, dtype=torch.int32)], 1.0, 0.0)
+    with pytest.raises(ValueError, match="expected a tensor"):
+        LossScaler().scale("loss")
+    with pytest.raises(RuntimeError, match="No inf checks"):
+        LossScaler().update()
+    assert scaletrain.amp.LossScaler is LossScaler
