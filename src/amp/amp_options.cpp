@@ -55,6 +55,7 @@ void AmpOptions::visit(core::FieldVisitor& v) {
   v.field("low_precision_params", low_precision_params(),
           "keep parameters in bf16/fp16; the optimizer updates fp32 master copies");
   v.field("fp32_grad_accum", fp32_grad_accum(), "with low_precision_params: accumulate gradients in fp32");
+  v.field("emulated_fp16", emulated_fp16(), "allow fp16 on a CPU without native fp16 arithmetic (slow; for tests)");
   v.field("init_scale", init_scale(), "first loss scale (dynamic and static)", core::greater_than(0));
   v.field("growth_interval", growth_interval(), "finite steps before the scale grows", core::at_least(1));
   v.field("growth_factor", growth_factor(), "scale multiplier after growth_interval finite steps", core::greater_than(1));

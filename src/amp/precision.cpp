@@ -4,6 +4,8 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
+#include "scaletrain/core/error.h"
+
 namespace scaletrain::amp {
 
 AutocastGuard::AutocastGuard(Precision precision, c10::DeviceType device_type)
@@ -35,6 +37,28 @@ bool autocast_supported(Precision precision, c10::DeviceType device_type, std::s
     return false;
   }
   return true;
+}
+
+bool cpu_has_native_fp16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512fp16");
+#else
+  return true;
+#endif
+}
+
+void check_supported(const AmpOptions& options, c10::DeviceType device_type) {
+  std::string why;
+  if (!autocast_supported(options.precision(), device_type, &why))
+    throw core::ConfigError("amp.precision", std::string("amp.precision: ") + core::enum_name(options.precision()) + " on " +
+                                                 c10::DeviceTypeName(device_type, true) + ": " + why);
+  if (options.precision() == Precision::fp16 && device_type == c10::DeviceType::CPU && !cpu_has_native_fp16() &&
+      !options.emulated_fp16()) {
+    throw core::ConfigError("amp.precision",
+                            "amp.precision: fp16 on this CPU has no native fp16 arithmetic (no AVX512-FP16), so torch "
+                            "emulates it about 10x slower than fp32; expected bf16 or fp32 here, fp16 on a GPU, or "
+                            "amp.emulated_fp16=true to run it anyway");
+  }
 }
 
 MasterWeights::MasterWeights(std::vector<at::Tensor> model_params) : model_(std::move(model_params)) {

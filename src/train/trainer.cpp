@@ -15,10 +15,15 @@
 
 #include "scaletrain/accum/gradient_accumulation.h"
 #include "scaletrain/core/fs.h"
+#include "scaletrain/core/version.h"
 #include "scaletrain/core/logging.h"
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/metrics.h"
+
+#ifdef SCALETRAIN_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 namespace scaletrain::train {
 namespace {
@@ -32,9 +37,10 @@ double seconds_since(Clock::time_point start) {
 }
 
 // GPT-2 practice: decay matrices and embeddings, not biases and LayerNorm parameters.
-std::vector<torch::optim::OptimizerParamGroup> parameter_groups(model::GPT& model, double weight_decay) {
+std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const std::vector<at::Tensor>& params,
+                                                                double weight_decay) {
   std::vector<at::Tensor> decay, no_decay;
-  for (const auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  for (const auto& p : params) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   auto with_decay = std::make_unique<torch::optim::AdamWOptions>();
   with_decay->weight_decay(weight_decay);
@@ -72,6 +78,27 @@ nlohmann::ordered_json eval_json(const EvalResult& r) {
   return j;
 }
 
+// Peak CUDA memory since the last reset, in bytes (0 on the CPU).
+void reset_peak_memory(const c10::Device& device) {
+#ifdef SCALETRAIN_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#else
+  (void)device;
+#endif
+}
+
+int64_t peak_memory(const c10::Device& device) {
+#ifdef SCALETRAIN_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  }
+#else
+  (void)device;
+#endif
+  return 0;
+}
+
 }  // namespace
 
 c10::Device resolve_device(DeviceChoice choice) {
@@ -94,6 +121,46 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
   torch::manual_seed(static_cast<uint64_t>(config_.train.seed()));
   model_ = model::GPT(config_.model);
   model_->to(device_);
+  amp::check_supported(config_.amp, device_.type());
+  if (auto scaler_options = config_.amp.scaler_options()) scaler_.emplace(*scaler_options);
+  if (config_.amp.low_precision_params()) {
+    model_->to(amp::compute_dtype(config_.amp.precision()));
+    master_ = std::make_unique<amp::MasterWeights>(model_->parameters());
+  }
+}
+
+std::vector<at::Tensor> Trainer::trainable_parameters() {
+  return master_ ? master_->master() : model_->parameters();
+}
+
+void Trainer::backward(const at::Tensor& loss) {
+  (scaler_ ? scaler_->scale(loss) : loss).backward();
+  if (master_ && config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
+}
+
+double Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
+  const double clip = config_.optim.grad_clip();
+  if (!scaler_ && config_.amp.precision() == amp::Precision::fp32) {
+    // fp32: torch's clip_grad_norm_, so that the loop is bit for bit a plain PyTorch loop.
+    const double norm = clip > 0 ? torch::nn::utils::clip_grad_norm_(model_->parameters(), clip) : NAN;
+    optimizer.step();
+    return norm;
+  }
+  if (master_ && !config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
+  // One fused pass: unscale, inf/NaN check, norm, clip; then one small device-to-host read.
+  const auto grads = amp::gradients_of(trainable_parameters());
+  const amp::GradCheckResult check =
+      scaler_ ? scaler_->unscale_(grads, clip) : amp::unscale_check_clip_(grads, 1.0, clip);
+  const at::Tensor host = check.values.to(at::kCPU);
+  const bool found_inf = host[0].item<float>() != 0.f;
+  if (found_inf) {
+    ++skipped_steps_;  // an inf/NaN gradient never reaches the weights or the optimizer state
+  } else {
+    optimizer.step();
+    if (master_) master_->copy_to_model();
+  }
+  if (scaler_) scaler_->update(found_inf);
+  return host[1].item<float>();
 }
 
 void Trainer::report(const std::string& line) {
@@ -114,6 +181,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   const int64_t k = accumulator.micro_steps();
   std::vector<data::Batch> micro;
   std::vector<int64_t> target_tokens;
+  const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
   for (int64_t i = 0; i < k; ++i) {
     micro.push_back(dataset_->train_batch(step * k + i, config_.train.batch_size()));
     target_tokens.push_back(micro.back().target_tokens);
@@ -121,7 +189,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   }
   if (k == 1) {  // the mean loss directly: bit-identical to a plain training loop
     auto loss = model_->loss(model_->forward(micro[0].inputs.to(device_, true)), micro[0].targets.to(device_, true));
-    loss.backward();
+    backward(loss);
     return loss.detach();
   }
   accumulator.begin_step(target_tokens);
@@ -130,7 +198,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     const auto& batch = micro[static_cast<size_t>(i)];
     auto logits = model_->forward(batch.inputs.to(device_, true));
     auto part = accumulator.normalize(accum::summed_cross_entropy(logits, batch.targets.to(device_, true)), i);
-    part.backward();
+    backward(part);
     total += part.detach();
   }
   return total;
@@ -142,6 +210,8 @@ TrainSummary Trainer::fit() {
   TrainSummary summary;
   summary.parameters = model_->num_parameters();
   summary.device = device_.str();
+  summary.precision = core::enum_name(config_.amp.precision());
+  reset_peak_memory(device_);
 
   const std::string out_dir = options.out_dir();
   MetricsLog metrics;
@@ -163,7 +233,7 @@ TrainSummary Trainer::fit() {
     metrics.write(eval_record(0, *summary.before));
   }
 
-  torch::optim::AdamW optimizer(parameter_groups(model_, optim.weight_decay()),
+  torch::optim::AdamW optimizer(parameter_groups(trainable_parameters(), optim.weight_decay()),
                                 torch::optim::AdamWOptions(optim.lr()).betas({optim.beta1(), optim.beta2()}).eps(optim.eps()));
   WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
   accum::GradientAccumulator accumulator(options.grad_accum_steps());
@@ -187,8 +257,7 @@ TrainSummary Trainer::fit() {
     optimizer.zero_grad();
     int64_t step_input_tokens = 0;
     at::Tensor loss = accumulate_gradients(step, accumulator, step_input_tokens);
-    if (optim.grad_clip() > 0) grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), optim.grad_clip());
-    optimizer.step();
+    grad_norm = clip_and_step(optimizer);
 
     interval_loss += loss.to(at::kDouble);
     ++interval_steps;
@@ -199,8 +268,13 @@ TrainSummary Trainer::fit() {
       last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
       const double rate = static_cast<double>(interval_tokens) /
                           std::max(1e-9, seconds_since(interval_start) - interval_eval_seconds);
-      metrics.write({{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
-                     {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}});
+      MetricsRecord record{{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
+                           {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}};
+      if (scaler_ || config_.amp.precision() != amp::Precision::fp32) {
+        record.emplace_back("skipped_steps", skipped_steps_);
+        if (scaler_) record.emplace_back("loss_scale", scaler_->get_scale());
+      }
+      metrics.write(record);
       report(fmt::format("step {}/{} loss {:.4f} lr {:.2e} {} tok/s", step + 1, options.max_steps(), last_loss, lr,
                          ProgressBar::format_rate(rate)));
       interval_loss.zero_();
@@ -224,6 +298,9 @@ TrainSummary Trainer::fit() {
   summary.steps = options.max_steps();
   summary.final_loss = last_loss;
   summary.tokens_per_second = static_cast<double>(summary.tokens) / std::max(1e-9, summary.seconds);
+  summary.skipped_steps = skipped_steps_;
+  if (scaler_) summary.loss_scale = scaler_->get_scale();
+  summary.peak_memory_bytes = peak_memory(device_);
 
   summary.after = evaluate(generate);
   report("after training: " + format_eval(summary.after));
@@ -290,6 +367,13 @@ std::string format_summary(const TrainSummary& s) {
   std::ostringstream out;
   out << fmt::format("\n== summary: {} steps on {} in {}, {} tok/s, final train loss {:.4f}\n", s.steps, s.device,
                      ProgressBar::format_duration(s.seconds), ProgressBar::format_rate(s.tokens_per_second), s.final_loss);
+  if (!s.precision.empty() && s.precision != "fp32") {
+    out << fmt::format("precision {}, {} skipped steps", s.precision, s.skipped_steps);
+    if (std::isfinite(s.loss_scale)) out << fmt::format(", final loss scale {}", s.loss_scale);
+    out << "\n";
+  }
+  if (s.peak_memory_bytes > 0)
+    out << fmt::format("peak GPU memory {:.2f} GiB\n", static_cast<double>(s.peak_memory_bytes) / (1 << 30));
   out << fmt::format("{:<16}{:>10}{:>14}{:>10}{:>10}{:>16}\n", "", "val loss", "exact match", "BLEU-4", "ROUGE-L",
                      "valid programs");
   auto row = [&](const char* name, const EvalResult& r) {
@@ -312,6 +396,11 @@ std::string summary_json(const TrainSummary& s) {
   nlohmann::ordered_json j{{"steps", s.steps},
                            {"parameters", s.parameters},
                            {"device", s.device},
+                           {"precision", s.precision},
+                           {"skipped_steps", s.skipped_steps},
+                           {"loss_scale", std::isfinite(s.loss_scale) ? nlohmann::ordered_json(s.loss_scale)
+                                                                      : nlohmann::ordered_json(nullptr)},
+                           {"peak_memory_bytes", s.peak_memory_bytes},
                            {"tokens", s.tokens},
                            {"seconds", s.seconds},
                            {"tokens_per_second", s.tokens_per_second},

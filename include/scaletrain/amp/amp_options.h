@@ -51,6 +51,9 @@ struct AmpOptions {
   // With low_precision_params: add each micro-batch's gradients into fp32 buffers, so that
   // gradient accumulation does not round in the low precision.
   TORCH_ARG(bool, fp32_grad_accum) = true;
+  // Allow fp16 on a CPU without native fp16 arithmetic (AVX512-FP16 on x86): torch then emulates
+  // it, about ten times slower than fp32. Off, such a run is refused; meant for tests.
+  TORCH_ARG(bool, emulated_fp16) = false;
   TORCH_ARG(double, init_scale) = 65536.0;
   TORCH_ARG(int64_t, growth_interval) = 2000;
   TORCH_ARG(double, growth_factor) = 2.0;

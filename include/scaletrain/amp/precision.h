@@ -1,6 +1,7 @@
 #pragma once
 // The precision policy of a training step: autocast for the forward, and fp32 master weights
 // when the model's own parameters are kept in bf16/fp16.
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -28,6 +29,11 @@ class AutocastGuard {
 
 // Whether autocast to `precision` is available on `device_type`; the reason when not.
 bool autocast_supported(Precision precision, c10::DeviceType device_type, std::string* why = nullptr);
+// Whether this CPU does fp16 arithmetic natively (x86 AVX512-FP16, or Arm).
+bool cpu_has_native_fp16();
+// Throws ConfigError (amp.precision) when `options` cannot run on `device_type`: autocast missing,
+// or fp16 on a CPU without native fp16 unless amp.emulated_fp16.
+void check_supported(const AmpOptions& options, c10::DeviceType device_type);
 
 // fp32 copies of low-precision model parameters. The optimizer updates the copies (`master()`);
 // gradients move from the model to the copies, and the updated values are rounded back into

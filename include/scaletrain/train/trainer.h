@@ -10,6 +10,8 @@
 #include <torch/optim/adamw.h>
 
 #include "scaletrain/accum/gradient_accumulation.h"
+#include "scaletrain/amp/loss_scaler.h"
+#include "scaletrain/amp/precision.h"
 #include "scaletrain/data/dataset.h"
 #include "scaletrain/model/gpt.h"
 #include "scaletrain/train/config.h"
@@ -26,6 +28,10 @@ struct TrainSummary {
   double tokens_per_second = 0;
   double final_loss = NAN;  // mean training loss of the last logging interval
   std::string device;
+  std::string precision;
+  int64_t skipped_steps = 0;     // optimizer steps skipped for inf/NaN gradients
+  double loss_scale = NAN;       // at the end (NaN without a loss scaler)
+  int64_t peak_memory_bytes = 0;  // CUDA: most memory allocated at once; 0 on the CPU
   std::optional<EvalResult> before;
   EvalResult after;
 };
@@ -53,10 +59,21 @@ class Trainer {
   // Forward and backward over the micro-batches of optimizer step `step`; returns the step's
   // mean token loss (detached) and adds the step's non-padding input tokens to `tokens`.
   at::Tensor accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens);
+  // Backward of one micro-batch's loss: scaled when there is a loss scaler, then gradients moved
+  // into fp32 master gradients when accumulating in fp32.
+  void backward(const at::Tensor& loss);
+  // The parameters the optimizer updates: the fp32 master copies, or the model's own.
+  std::vector<at::Tensor> trainable_parameters();
+  // Clipping and the optimizer step, through the loss scaler's fused pass under mixed precision.
+  // Returns the gradient norm before clipping (NaN when clipping is off in fp32).
+  double clip_and_step(torch::optim::Optimizer& optimizer);
   RunConfig config_;
   c10::Device device_;
   std::unique_ptr<data::Dataset> dataset_;
   model::GPT model_{nullptr};
+  std::optional<amp::LossScaler> scaler_;
+  std::unique_ptr<amp::MasterWeights> master_;  // with amp.low_precision_params
+  int64_t skipped_steps_ = 0;
   ProgressBar* progress_ = nullptr;  // set while fit() runs
 };
 
