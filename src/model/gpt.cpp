@@ -4,8 +4,10 @@
 
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/functional/loss.h>
+#include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/init.h>
 
+#include "scaletrain/model/activation_checkpoint.h"
 #include "scaletrain/model/attention.h"
 
 namespace scaletrain::model {
@@ -140,8 +142,21 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
   auto x = embedding_dropout(wte(tokens));
   cos = cos.to(x.scalar_type());
   sin = sin.to(x.scalar_type());
-  for (size_t i = 0; i < blocks->size(); ++i)
-    x = blocks->at<BlockImpl>(i).forward(x, cos, sin, context, static_cast<int64_t>(i));
+  // Checkpointing pays off only when backward will run; a cache would be appended to twice.
+  const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
+                         context.cache == nullptr;
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    const auto layer = static_cast<int64_t>(i);
+    auto block = blocks->ptr<BlockImpl>(i);
+    if (recompute) {
+      // Captured by value: the recomputation runs in backward, after this frame is gone.
+      x = checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
+        return block->forward(input, cos, sin, context, layer);
+      }, x);
+    } else {
+      x = block->forward(x, cos, sin, context, layer);
+    }
+  }
   if (context.cache) context.cache->length += seq;
   x = ln_f(x);
   return options_.tie_embeddings() ? F::linear(x, wte->weight) : lm_head(x);

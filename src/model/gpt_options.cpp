@@ -16,6 +16,8 @@ void GPTOptions::visit(core::FieldVisitor& v) {
   v.field("tie_embeddings", tie_embeddings(), "share the token embedding with the output layer");
   v.choice("attention", attention(), "attention implementation");
   v.field("rope_base", rope_base(), "base of the rotary position encoding", core::greater_than(1));
+  v.field("activation_checkpointing", activation_checkpointing(),
+          "recompute each block's activations in backward (less memory, ~1/3 more compute)");
 }
 
 void GPTOptions::validate() const {

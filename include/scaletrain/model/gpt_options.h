@@ -30,6 +30,10 @@ struct GPTOptions {
   TORCH_ARG(AttentionBackend, attention) = AttentionBackend::sdpa;
   // Base of the rotary position encoding frequencies.
   TORCH_ARG(double, rope_base) = 10000.0;
+  // Recompute each block's activations in backward instead of storing them (activation_checkpoint.h):
+  // in training with grad enabled and no KV cache, memory for activations drops to one tensor per block
+  // at the price of about one more forward pass.
+  TORCH_ARG(bool, activation_checkpointing) = false;
 
  public:  // TORCH_ARG leaves the section private
   int64_t head_dim() const { return n_embd_ / n_head_; }
