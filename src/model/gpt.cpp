@@ -16,10 +16,11 @@ namespace {
 
 // Rotates pairs (x[i], x[i + half]) of each head by the position's angles (GPT-NeoX layout).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // In the tables' precision (fp32), rounded back to x's (bf16/fp16 under autocast) at the end.
   const int64_t half = x.size(-1) / 2;
-  auto x1 = x.narrow(-1, 0, half);
-  auto x2 = x.narrow(-1, half, half);
-  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+  auto x1 = x.narrow(-1, 0, half).to(cos.scalar_type());
+  auto x2 = x.narrow(-1, half, half).to(cos.scalar_type());
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
 }
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {

@@ -124,7 +124,9 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
   amp::check_supported(config_.amp, device_.type());
   if (auto scaler_options = config_.amp.scaler_options()) scaler_.emplace(*scaler_options);
   if (config_.amp.low_precision_params()) {
-    model_->to(amp::compute_dtype(config_.amp.precision()));
+    // Parameters only: buffers (the rotary tables) stay fp32.
+    torch::NoGradGuard no_grad;
+    for (auto& p : model_->parameters()) p.set_data(p.data().to(amp::compute_dtype(config_.amp.precision())));
     master_ = std::make_unique<amp::MasterWeights>(model_->parameters());
   }
 }
