@@ -5,6 +5,7 @@
 # Expects torch in /opt/torch/.venv (or PYTHON=...), and the Debian packages of
 # tools/gpu/pack-debs.sh in .deps/ (packed on a Debian machine and carried along).
 # Logs and a summary go to OUT_DIR (default $OUT, else /tmp/scaletrain-gpu).
+# SCALETRAIN_GPU_DEMO=0 skips the demo run; SCALETRAIN_GPU_BENCH=1 adds the benchmarks.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT_DIR=${1:-${OUT:-/tmp/scaletrain-gpu}}
@@ -54,11 +55,25 @@ SCALETRAIN_BUILD="$BUILD" PYTHONPATH="$ROOT/python" "$PYTHON" -m pytest -q -rs >
 pytest_status=$?
 tail -n 3 "$OUT_DIR/pytest.log" | tee -a "$OUT_DIR/summary.txt"
 
-step "demo config on the GPU"
-"$BUILD/scaletrain" train --config configs/tiny_cpu.yaml --set "train.out_dir=$OUT_DIR/demo" \
-  > "$OUT_DIR/demo.log" 2>&1
-demo_status=$?
-grep -A 4 "== summary" "$OUT_DIR/demo.log" | tee -a "$OUT_DIR/summary.txt"
+demo_status=0
+if [ "${SCALETRAIN_GPU_DEMO:-1}" = 1 ]; then
+  step "demo config on the GPU"
+  "$BUILD/scaletrain" train --config configs/tiny_cpu.yaml --set "train.out_dir=$OUT_DIR/demo" \
+    > "$OUT_DIR/demo.log" 2>&1
+  demo_status=$?
+  grep -A 4 "== summary" "$OUT_DIR/demo.log" | tee -a "$OUT_DIR/summary.txt"
+fi
+
+# SCALETRAIN_GPU_BENCH=1: the benchmarks of benchmarks/python, JSON into OUT_DIR/results.
+if [ "${SCALETRAIN_GPU_BENCH:-0}" = 1 ]; then
+  step "benchmarks"
+  mkdir -p "$OUT_DIR/results"
+  device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -oiE "h100|h200|a100" | tr A-Z a-z)
+  PYTHONPATH="$ROOT/python" "$PYTHON" benchmarks/python/bench_grad_pass.py --out "$OUT_DIR/results/amp_${device:-gpu}.json" \
+    2>&1 | tee "$OUT_DIR/bench_grad_pass.log" | tee -a "$OUT_DIR/summary.txt"
+  PYTHONPATH="$ROOT/python" "$PYTHON" benchmarks/python/bench_train_gpt2.py --build "$BUILD" \
+    --out "$OUT_DIR/results/train_gpt2_${device:-gpu}.json" 2>&1 | tee "$OUT_DIR/bench_train_gpt2.log" | tee -a "$OUT_DIR/summary.txt"
+fi
 
 echo "gpu: ctest exit $ctest_status, pytest exit $pytest_status, demo exit $demo_status" | tee -a "$OUT_DIR/summary.txt"
 [ $ctest_status -eq 0 ] && [ $pytest_status -eq 0 ] && [ $demo_status -eq 0 ]

@@ -1,0 +1,134 @@
+"""GPT-2 124M training (configs/gpt2_124m_h100.yaml, batch 16 x 1024 tokens) with scaletrain's
+trainer (the `scaletrain train` executable) against the same model trained by plain PyTorch eager
+with torch.amp (benchmarks/python/torch_gpt.py), in one run of this script on one GPU: tokens per
+second and peak GPU memory for fp32, bf16 and fp16 with dynamic loss scaling.
+
+    python benchmarks/python/bench_train_gpt2.py --build build-gpu --out benchmarks/results/train_gpt2_h100.json
+
+Both sides: one micro-batch per optimizer step, AdamW (torch's default implementation, foreach in
+Python; LibTorch's in C++), gradient clipping at 1.0, no torch.compile, TF32 off. Data: random
+GPT-2 token ids in a uint16 file (throughput does not depend on the text).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_gpt import GPT  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+B, T = 16, 1024
+
+
+def ours(exe, tokens, precision, steps, work):
+    out = Path(work) / f"ours_{precision}"
+    cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m_h100.yaml"),
+           "--set", f"data.path={tokens}", "--set", f"amp.precision={precision}",
+           "--set", f"train.max_steps={steps}", "--set", "train.grad_accum_steps=1", "--set", "train.log_every=10",
+           "--set", f"train.out_dir={out}", "--set", "train.save_model=false", "--set", "eval.every=0",
+           "--set", "eval.loss_batches=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"scaletrain train failed ({precision}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rates = [json.loads(line)["tokens_per_second"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    summary = json.loads((out / "summary.json").read_text())
+    # The first interval holds cuBLAS/cuDNN warm-up; the median of the others is the steady rate.
+    return statistics.median(rates[1:]), summary["peak_memory_bytes"], summary["parameters"], summary
+
+
+def theirs(tokens, precision, steps, warmup=10):
+    torch.manual_seed(0)
+    data = np.memmap(tokens, dtype=np.uint16, mode="r")
+    model = GPT().cuda()
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    rng = np.random.default_rng(0)
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        offsets = rng.integers(0, len(data) - T - 1, B)
+        batch = torch.from_numpy(np.stack([data[o:o + T + 1].astype(np.int64) for o in offsets])).cuda(non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss = model(batch[:, :-1], batch[:, 1:])
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()
+    torch.cuda.synchronize()
+    rate = B * T * steps / (time.perf_counter() - start)
+    return rate, torch.cuda.max_memory_allocated(), params
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", default=str(ROOT / "build"), help="build folder holding the scaletrain executable")
+    parser.add_argument("--out", help="JSON results file")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train_gpt2: needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows, table = [], []
+    with tempfile.TemporaryDirectory() as work:
+        tokens = Path(work) / "tokens.bin"
+        np.random.default_rng(0).integers(0, 50257, 20_000_000, dtype=np.uint16).tofile(tokens)
+        for precision in args.precisions.split(","):
+            our_rate, our_peak, our_params, _ = ours(Path(args.build) / "scaletrain", tokens, precision, args.steps, work)
+            torch_rate, torch_peak, torch_params = theirs(tokens, precision, args.steps - 10)
+            torch.cuda.empty_cache()
+            if our_params != torch_params:
+                raise SystemExit(f"parameter counts differ: scaletrain {our_params}, PyTorch {torch_params}")
+            baseline = "PyTorch eager" + (" + torch.amp autocast" if precision != "fp32" else "") + \
+                (" + GradScaler" if precision == "fp16" else "")
+            label = precision + (" + loss scaler" if precision == "fp16" else "")
+            rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
+                         "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
+            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
+                         "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
+                         "baseline_name": baseline, "higher_is_better": False})
+            table.append((label, our_rate, torch_rate, our_peak / 2**30, torch_peak / 2**30))
+    print(f"{'precision':<20}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ours GiB':>10}{'torch GiB':>11}")
+    for label, a, b, m, n in table:
+        print(f"{label:<20}{a:>12,.0f}{b:>13,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>11.2f}")
+    if args.out:
+        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
+                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
+                  "batch": B, "sequence": T, "steps": args.steps, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
