@@ -15,11 +15,14 @@ struct RunConfig {
   OptimizerOptions optim;
   TrainerOptions train;
   EvalOptions eval;
+  CheckpointOptions checkpoint;
 
   void visit(core::FieldVisitor& v);
   // Cross-section checks; throws ConfigError naming the key.
   void validate() const;
   std::string to_yaml();
+  // checkpoint.dir, or <train.out_dir>/checkpoints when it is empty; "" when both are empty.
+  std::string checkpoint_dir() const;
 
   // Defaults, then the file (if `path` is not empty), then each "key=value" override, then
   // validate().
