@@ -225,8 +225,14 @@ Checkpoint CheckpointStore::read(const std::string& path) {
   };
   if (!core::is_directory(path)) fail("no such checkpoint folder");
   const std::string manifest_path = path + "/" + kManifest;
-  if (!core::is_regular_file(manifest_path))
+  if (!core::is_regular_file(manifest_path)) {
+    const CheckpointStore inside(path);
+    if (!inside.list().empty()) {
+      fail(fmt::format("no {}: this is a folder of checkpoints, expected one of them ('{}') or --resume auto", kManifest,
+                       inside.path_of(inside.list().front())));
+    }
     fail(fmt::format("no {} (not a checkpoint, or one whose writing did not finish)", kManifest));
+  }
   const Json manifest = parse_manifest(core::read_file(manifest_path), fail);
 
   Checkpoint checkpoint;

@@ -39,7 +39,7 @@ void EvalOptions::visit(core::FieldVisitor& v) {
 }
 
 void CheckpointOptions::visit(core::FieldVisitor& v) {
-  v.field("dir", dir(), "folder of the checkpoints (\"\": <train.out_dir>/checkpoints)");
+  v.field("dir", dir(), "folder of the checkpoints (\"\": the folder checkpoints in train.out_dir)");
   v.field("every", every(), "optimizer steps between checkpoints (0: no checkpoints)", core::at_least(0));
   v.field("keep", keep(), "newest checkpoints kept, older ones are removed", core::at_least(1));
 }

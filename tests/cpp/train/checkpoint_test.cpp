@@ -164,6 +164,9 @@ TEST(Checkpoint, ManifestIsChecked) {
   ::unlink((other + "/trainer.json").c_str());
   EXPECT_EQ(read_error(other), "checkpoint '" + other + "': trainer.json is missing (the manifest lists it)");
   EXPECT_NE(read_error(dir.file("nowhere")).find("no such checkpoint folder"), std::string::npos);
+  // The folder of checkpoints instead of one of them.
+  EXPECT_EQ(read_error(dir.path()), "checkpoint '" + dir.path() + "': no manifest.json: this is a folder of checkpoints, "
+                                    "expected one of them ('" + other + "') or --resume auto");
 }
 
 TEST(Checkpoint, LatestValidSkipsCorruptNewest) {
