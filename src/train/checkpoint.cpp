@@ -143,7 +143,10 @@ std::string CheckpointStore::save(int64_t step, const std::vector<std::pair<std:
       throw std::invalid_argument("checkpoint file name '" + name + "' given twice");
     names.push_back(name);
   }
-  core::create_directories(dir_);
+  if (!core::is_directory(dir_)) {
+    core::create_directories(dir_);
+    core::fsync_directory(core::parent_directory(dir_));
+  }
   for (const auto& entry : core::list_directory(dir_))  // left by a crash (or a killed run)
     if (entry.rfind(kTemporaryPrefix, 0) == 0) core::remove_tree(dir_ + "/" + entry);
 
