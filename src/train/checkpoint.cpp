@@ -30,8 +30,7 @@ std::string step_name(int64_t step) { return fmt::format("{}{:08d}", kStepPrefix
 // The step of a folder named "step_<digits>", or -1.
 int64_t parse_step_name(const std::string& name) {
   const std::string prefix = kStepPrefix;
-  if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
-      name.size() > prefix.size() + 18)
+  if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0 || name.size() > prefix.size() + 18)
     return -1;
   int64_t step = 0;
   for (size_t i = prefix.size(); i < name.size(); ++i) {
@@ -79,7 +78,8 @@ Json parse_manifest(const std::string& text, const Fail& fail) {
     fail(fmt::format("{} is not valid JSON ({}): corrupt", kManifest, e.what()));
   }
   if (!manifest.is_object()) fail(fmt::format("{} is not a JSON object: corrupt", kManifest));
-  if (manifest.value("format", "") != kFormat) fail(fmt::format("{} is not a scaletrain checkpoint manifest", kManifest));
+  if (manifest.value("format", "") != kFormat)
+    fail(fmt::format("{} is not a scaletrain checkpoint manifest", kManifest));
   auto checksum = manifest.find("manifest_crc32");
   if (checksum == manifest.end() || !checksum->is_string()) fail(fmt::format("{} has no manifest_crc32", kManifest));
   const std::string recorded = checksum->get<std::string>();
@@ -110,7 +110,8 @@ Json parse_manifest(const std::string& text, const Fail& fail) {
 const std::string& Checkpoint::file(const std::string& name) const {
   auto found = files.find(name);
   if (found == files.end())
-    throw core::IOError(fmt::format("checkpoint '{}': holds no {} (written by another version of scaletrain?)", path, name));
+    throw core::IOError(
+        fmt::format("checkpoint '{}': holds no {} (written by another version of scaletrain?)", path, name));
   return found->second;
 }
 
@@ -223,16 +224,14 @@ void CheckpointStore::prune(int64_t keep, int64_t also_keep) const {
 }
 
 Checkpoint CheckpointStore::read(const std::string& path) {
-  auto fail = [&](const std::string& what) {
-    throw core::IOError(fmt::format("checkpoint '{}': {}", path, what));
-  };
+  auto fail = [&](const std::string& what) { throw core::IOError(fmt::format("checkpoint '{}': {}", path, what)); };
   if (!core::is_directory(path)) fail("no such checkpoint folder");
   const std::string manifest_path = path + "/" + kManifest;
   if (!core::is_regular_file(manifest_path)) {
     const CheckpointStore inside(path);
     if (!inside.list().empty()) {
-      fail(fmt::format("no {}: this is a folder of checkpoints, expected one of them ('{}') or --resume auto", kManifest,
-                       inside.path_of(inside.list().front())));
+      fail(fmt::format("no {}: this is a folder of checkpoints, expected one of them ('{}') or --resume auto",
+                       kManifest, inside.path_of(inside.list().front())));
     }
     fail(fmt::format("no {} (not a checkpoint, or one whose writing did not finish)", kManifest));
   }

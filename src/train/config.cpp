@@ -67,9 +67,9 @@ void RunConfig::validate() const {
                                 " for the byte tokenizer (data.source is " + core::enum_name(data.source()) + ")");
   }
   if (checkpoint.every() > 0 && checkpoint_dir().empty()) {
-    throw core::ConfigError("checkpoint.dir", "checkpoint.dir: got \"\" with train.out_dir also \"\", expected a folder "
-                                              "for the checkpoints that checkpoint.every (" +
-                                                  std::to_string(checkpoint.every()) + ") asks for");
+    throw core::ConfigError("checkpoint.dir",
+                            "checkpoint.dir: got \"\" with train.out_dir also \"\", expected a folder for the "
+                            "checkpoints that checkpoint.every (" + std::to_string(checkpoint.every()) + ") asks for");
   }
 }
 

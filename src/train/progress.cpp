@@ -47,7 +47,8 @@ void ProgressBar::draw() {
   const int filled = static_cast<int>(fraction * kWidth);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const int64_t done_here = done_ - first_done_;
-  const double eta = done_here > 0 ? elapsed / static_cast<double>(done_here) * static_cast<double>(total_ - done_) : NAN;
+  const double eta =
+      done_here > 0 ? elapsed / static_cast<double>(done_here) * static_cast<double>(total_ - done_) : NAN;
   std::string bar(static_cast<size_t>(filled), '#');
   bar.append(static_cast<size_t>(kWidth - filled), '.');
   const std::string loss = std::isnan(loss_) ? "-" : fmt::format("{:.4f}", loss_);

@@ -7,10 +7,10 @@
 #include <ATen/Context.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 #include <torch/cuda.h>
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
+#include <nlohmann/json.hpp>
 
 #include "scaletrain/core/config.h"
 #include "scaletrain/core/error.h"
@@ -236,15 +236,15 @@ TrainProgress TrainState::restore(const Checkpoint& checkpoint) const {
   if (progress.step != checkpoint.step)
     fail(kTrainer, fmt::format("step {}, the manifest says {}", progress.step, checkpoint.step));
   if (progress.micro_step != 0)
-    fail(kTrainer, fmt::format("micro_step {}: resuming inside an optimizer step is not supported", progress.micro_step));
+    fail(kTrainer,
+         fmt::format("micro_step {}: resuming inside an optimizer step is not supported", progress.micro_step));
   if (progress.next_batch != progress.step * progress.grad_accum_steps + progress.micro_step) {
-    fail(kTrainer, fmt::format("next_batch {} does not follow from step {} and grad_accum_steps {}", progress.next_batch,
-                               progress.step, progress.grad_accum_steps));
+    fail(kTrainer, fmt::format("next_batch {} does not follow from step {} and grad_accum_steps {}",
+                               progress.next_batch, progress.step, progress.grad_accum_steps));
   }
 
   model::GPT model = model_;  // a handle: the same module
-  load_model_archive(model, checkpoint.file(kModel),
-                     fmt::format("checkpoint '{}': {}", checkpoint.path, kModel));
+  load_model_archive(model, checkpoint.file(kModel), fmt::format("checkpoint '{}': {}", checkpoint.path, kModel));
   try {
     torch::serialize::InputArchive archive;
     std::istringstream stream(checkpoint.file(kOptimizer));
@@ -315,9 +315,10 @@ TrainProgress TrainState::restore(const Checkpoint& checkpoint) const {
     const Json cuda = rng.value("cuda", Json::array());
     const auto devices = static_cast<size_t>(torch::cuda::device_count());
     if (cuda.size() != devices) {
-      core::log_warn("checkpoint '{}' holds CUDA RNG states of {} devices, this machine has {}: dropout after the "
-                     "resume differs from an uninterrupted run",
-                     checkpoint.path, cuda.size(), devices);
+      core::log_warn(
+          "checkpoint '{}' holds CUDA RNG states of {} devices, this machine has {}: dropout after the "
+          "resume differs from an uninterrupted run",
+          checkpoint.path, cuda.size(), devices);
     }
     for (size_t i = 0; i < std::min(cuda.size(), devices); ++i)
       set_state(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(i)), cuda[i]);
@@ -335,9 +336,10 @@ void check_resumable(const Checkpoint& checkpoint, const RunConfig& config) {
     const std::string& new_value = now[i].second;
     if (old_value == new_value) continue;
     if (must_match(key)) {
-      throw core::ConfigError(key, fmt::format("{}: checkpoint '{}' was trained with {}={}, the config says {} (resuming "
-                                               "needs the same model, data, batch size, accumulation and seed)",
-                                               key, checkpoint.path, key, old_value, new_value));
+      throw core::ConfigError(key,
+                              fmt::format("{}: checkpoint '{}' was trained with {}={}, the config says {} (resuming "
+                                          "needs the same model, data, batch size, accumulation and seed)",
+                                          key, checkpoint.path, key, old_value, new_value));
     }
     changed.push_back(fmt::format("{} {} -> {}", key, old_value, new_value));
   }
@@ -354,8 +356,9 @@ std::optional<Checkpoint> find_resume_checkpoint(const RunConfig& config, const 
   if (what != "auto") return CheckpointStore::read(what);
   const std::string dir = config.checkpoint_dir();
   if (dir.empty()) {
-    throw core::UsageError("--resume auto: no checkpoint folder to look in (checkpoint.dir and train.out_dir are both "
-                           "empty)");
+    throw core::UsageError(
+        "--resume auto: no checkpoint folder to look in (checkpoint.dir and train.out_dir are both "
+        "empty)");
   }
   auto found = CheckpointStore(dir).latest_valid();
   if (!found) core::log_info("no checkpoint in {}, starting from step 0", dir);

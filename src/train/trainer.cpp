@@ -199,7 +199,8 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
 
   const auto start = Clock::now();
   auto interval_start = start;
-  at::Tensor interval_loss = at::full({}, from.interval_loss_sum, at::TensorOptions().dtype(at::kDouble).device(device_));
+  at::Tensor interval_loss =
+      at::full({}, from.interval_loss_sum, at::TensorOptions().dtype(at::kDouble).device(device_));
   int64_t interval_steps = from.interval_steps, interval_tokens = from.interval_tokens;
   double last_loss = from.last_loss, grad_norm = NAN;
   summary.tokens = from.tokens;

@@ -10,8 +10,8 @@
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/optim/adamw.h>
+#include <nlohmann/json.hpp>
 
 #include "scaletrain/core/error.h"
 #include "scaletrain/core/fs.h"
@@ -67,7 +67,8 @@ TEST(Checkpoint, RoundTripWithManifest) {
   EXPECT_EQ(store.list(), std::vector<int64_t>{40});
   for (const auto& [name, contents] : files) EXPECT_EQ(slurp(path + "/" + name), contents) << name;
   // Only the files and the manifest: no temporary names left behind.
-  EXPECT_EQ(core::list_directory(path), (std::vector<std::string>{"empty.bin", "manifest.json", "model.pt", "trainer.json"}));
+  EXPECT_EQ(core::list_directory(path),
+            (std::vector<std::string>{"empty.bin", "manifest.json", "model.pt", "trainer.json"}));
   EXPECT_EQ(core::list_directory(dir.file("ckpt")), std::vector<std::string>{"step_00000040"});
 
   auto manifest = nlohmann::json::parse(slurp(path + "/manifest.json"));
@@ -165,8 +166,10 @@ TEST(Checkpoint, ManifestIsChecked) {
   EXPECT_EQ(read_error(other), "checkpoint '" + other + "': trainer.json is missing (the manifest lists it)");
   EXPECT_NE(read_error(dir.file("nowhere")).find("no such checkpoint folder"), std::string::npos);
   // The folder of checkpoints instead of one of them.
-  EXPECT_EQ(read_error(dir.path()), "checkpoint '" + dir.path() + "': no manifest.json: this is a folder of checkpoints, "
-                                    "expected one of them ('" + other + "') or --resume auto");
+  EXPECT_EQ(read_error(dir.path()), "checkpoint '" + dir.path() +
+                                        "': no manifest.json: this is a folder of checkpoints, "
+                                        "expected one of them ('" +
+                                        other + "') or --resume auto");
 }
 
 TEST(Checkpoint, LatestValidSkipsCorruptNewest) {
