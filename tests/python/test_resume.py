@@ -3,6 +3,7 @@ configuration in the same test; every interrupted run must end with a model.pt (
 checkpoint trainer.json: progress counters and RNG states) byte-identical to it."""
 
 import json
+import os
 import random
 import subprocess
 import time
@@ -45,37 +46,57 @@ def final_state(out):
     return (out / "model.pt").read_bytes(), (out / "checkpoints" / "step_00000040" / "trainer.json").read_bytes()
 
 
+def kill_during_checkpoint_write(process, checkpoints, skip):
+    """SIGKILLs `process` as soon as it has started writing its (skip+1)-th checkpoint, i.e. when a
+    new .tmp-step_* folder shows up; returns whether one did before the process ended."""
+    before = set(os.listdir(checkpoints)) if checkpoints.exists() else set()
+    seen = set()
+    while process.poll() is None:
+        try:
+            seen |= {n for n in os.listdir(checkpoints) if n.startswith(".tmp-step_") and n not in before}
+        except FileNotFoundError:
+            pass
+        if len(seen) > skip:
+            process.kill()
+            return True
+        time.sleep(0.0005)
+    return False
+
+
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tiny, tmp_path):
     start = time.monotonic()
     run_to_end(tiny, tmp_path / "reference")
     duration = time.monotonic() - start
     reference = final_state(tmp_path / "reference")
 
-    # 12 kills: one right after the start (before the first checkpoint), 10 at seeded random moments
-    # over the reference run's duration (many land inside a checkpoint write: saving with fsync is
-    # a good share of this run's time), and one after the process has ended. Three kills in a row
-    # per run folder, each followed by `--resume auto`; a run resumed late ends sooner, so some
-    # of the random kills land after the end as well.
+    # 15 kills: one right after the start (before the first checkpoint), 10 at seeded random
+    # moments over the reference run's duration, 3 while a checkpoint is being written (the
+    # temporary folder is there, the rename has not happened), and one after the process ended.
+    # Three kills in a row per run folder, each followed by `--resume auto`; a run resumed late
+    # ends sooner, so some random kills land after the end as well.
     rng = random.Random(1234)
-    moments = [0.05] + [rng.uniform(0.1, duration) for _ in range(10)] + [None]
-    outcomes = {"running": 0, "ended": 0, "temporary left": 0}
-    for sequence in range(4):
+    moments = ([("after", 0.05)] + [("after", rng.uniform(0.1, duration)) for _ in range(10)] +
+               [("in write", rng.randrange(4)) for _ in range(3)] + [("after end", None)])
+    rng.shuffle(moments)
+    outcomes = {"running": 0, "ended": 0, "in a checkpoint write": 0, "temporary folder left": 0}
+    for sequence in range(len(moments) // 3):
         out = tmp_path / f"killed{sequence}"
-        for moment in moments[3 * sequence: 3 * sequence + 3]:
-            resume = ["--resume", "auto"] if out.exists() else []
-            process = subprocess.Popen(train_args(tiny, out, *resume), stdout=subprocess.DEVNULL,
+        checkpoints = out / "checkpoints"
+        for kind, value in moments[3 * sequence: 3 * sequence + 3]:
+            process = subprocess.Popen(train_args(tiny, out, "--resume", "auto"), stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True)
-            if moment is None:
+            if kind == "in write":
+                outcomes["in a checkpoint write"] += kill_during_checkpoint_write(process, checkpoints, value)
+            elif kind == "after end":
                 process.wait(timeout=300)
             else:
-                time.sleep(moment)
+                time.sleep(value)
             outcomes["running" if process.poll() is None else "ended"] += 1
-            process.kill()  # SIGKILL
+            process.kill()  # SIGKILL (nothing when the process has ended)
             stderr = process.communicate(timeout=60)[1]
             assert "warning" not in stderr and "error" not in stderr, stderr
-            checkpoints = out / "checkpoints"
             if checkpoints.exists() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()):
-                outcomes["temporary left"] += 1
+                outcomes["temporary folder left"] += 1
         result = run_to_end(tiny, out, "--resume", "auto")
         # A checkpoint is complete or absent: never one that fails verification.
         assert "skipping checkpoint" not in result.stderr, result.stderr
@@ -83,7 +104,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tiny, tmp_path):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["kind"] == "eval" and records[-1]["step"] == 40
     print(f"kills: {outcomes}, reference run {duration:.2f}s")
-    assert outcomes["running"] >= 6 and outcomes["ended"] >= 1, outcomes
+    assert outcomes["in a checkpoint write"] >= 1 and outcomes["ended"] >= 1, outcomes
 
 
 def test_corrupt_checkpoints_are_named(tiny, tmp_path, cli):
