@@ -14,6 +14,7 @@
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/data/tokenizer.h"
 #include "scaletrain/train/config.h"
+#include "scaletrain/train/train_state.h"
 #include "scaletrain/train/trainer.h"
 
 
@@ -62,8 +63,10 @@ int run_train(const TrainArgs& args) {
     return 0;
   }
   const std::string out_dir = config.train.out_dir();
+  // Verified before the (slower) dataset and model are built, so a bad checkpoint fails fast.
+  const auto resume = train::find_resume_checkpoint(config, args.resume);
   train::Trainer trainer(std::move(config));
-  auto summary = trainer.fit();
+  auto summary = trainer.fit(resume);
   fmt::print("{}", train::format_summary(summary));
   if (!out_dir.empty()) fmt::print("\nrun folder: {} (config.yaml, metrics.jsonl, summary.json, model.pt)\n", out_dir);
   return 0;

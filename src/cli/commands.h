@@ -14,6 +14,7 @@ struct ConfigArgs {
 struct TrainArgs {
   ConfigArgs config;
   bool print_config = false;
+  std::string resume = "none";  // --resume: none | auto | a checkpoint folder
 };
 int run_train(const TrainArgs& args);
 

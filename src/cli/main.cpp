@@ -37,7 +37,12 @@ int run(int argc, char** argv) {
   auto* train_cmd = app.add_subcommand("train", "train a GPT from a YAML configuration");
   add_config_options(train_cmd, train.config, true);
   train_cmd->add_flag("--print-config", train.print_config, "print the resolved configuration and exit");
-  train_cmd->footer("Example: scaletrain train --config configs/tiny_cpu.yaml --set train.max_steps=100");
+  train_cmd->add_option("--resume", train.resume,
+                        "none, auto (the newest valid checkpoint in checkpoint.dir) or a checkpoint folder")
+      ->type_name("auto|none|PATH")
+      ->capture_default_str();
+  train_cmd->footer("Example: scaletrain train --config configs/tiny_cpu.yaml --set train.max_steps=100\n"
+                    "         scaletrain train --config run.yaml --set checkpoint.every=100 --resume auto");
 
   cli::EvalArgs eval;
   auto* eval_cmd = app.add_subcommand("eval", "evaluate a trained model: loss, exact match, BLEU-4, ROUGE-L");

@@ -20,13 +20,6 @@ namespace {
   throw IOError("'" + path + "': " + what + " (" + std::strerror(error) + ")");
 }
 
-void fsync_directory(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;  // some filesystems refuse: the rename itself is still atomic
-  ::fsync(fd);
-  ::close(fd);
-}
-
 // Closes `fd`, removes `temporary` and throws, keeping the errno of the failure.
 [[noreturn]] void abandon(int fd, const std::string& temporary, const std::string& path, const std::string& what) {
   const int saved = errno;
@@ -100,6 +93,17 @@ void remove_tree(const std::string& path) {
   }
   auto remove_entry = [](const char* entry, const struct stat*, int, struct FTW*) { return ::remove(entry); };
   if (::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) fail(path, "cannot remove");
+}
+
+void rename_path(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) fail(from, "cannot rename to '" + to + "'");
+}
+
+void fsync_directory(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // some filesystems refuse: the rename itself is still atomic
+  ::fsync(fd);
+  ::close(fd);
 }
 
 bool is_directory(const std::string& path) {

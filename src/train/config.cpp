@@ -38,6 +38,12 @@ void EvalOptions::visit(core::FieldVisitor& v) {
   v.field("show_samples", show_samples(), "decoded examples shown in the summary", core::at_least(0));
 }
 
+void CheckpointOptions::visit(core::FieldVisitor& v) {
+  v.field("dir", dir(), "folder of the checkpoints (\"\": the folder checkpoints in train.out_dir)");
+  v.field("every", every(), "optimizer steps between checkpoints (0: no checkpoints)", core::at_least(0));
+  v.field("keep", keep(), "newest checkpoints kept, older ones are removed", core::at_least(1));
+}
+
 void RunConfig::visit(core::FieldVisitor& v) {
   v.section("model", model, "the GPT model");
   v.section("data", data, "training and validation data");
@@ -45,6 +51,7 @@ void RunConfig::visit(core::FieldVisitor& v) {
   v.section("train", train, "the training loop");
   v.section("amp", amp, "mixed precision and loss scaling");
   v.section("eval", eval, "evaluation");
+  v.section("checkpoint", checkpoint, "periodic checkpoints for --resume");
 }
 
 void RunConfig::validate() const {
@@ -61,6 +68,16 @@ void RunConfig::validate() const {
                                 std::to_string(data::ByteTokenizer::kVocabSize) +
                                 " for the byte tokenizer (data.source is " + core::enum_name(data.source()) + ")");
   }
+  if (checkpoint.every() > 0 && checkpoint_dir().empty()) {
+    throw core::ConfigError("checkpoint.dir",
+                            "checkpoint.dir: got \"\" with train.out_dir also \"\", expected a folder for the "
+                            "checkpoints that checkpoint.every (" + std::to_string(checkpoint.every()) + ") asks for");
+  }
+}
+
+std::string RunConfig::checkpoint_dir() const {
+  if (!checkpoint.dir().empty()) return checkpoint.dir();
+  return train.out_dir().empty() ? std::string() : train.out_dir() + "/checkpoints";
 }
 
 std::string RunConfig::to_yaml() { return core::to_yaml(core::root_of(*this)); }

@@ -27,8 +27,8 @@ std::string to_json_line(const MetricsRecord& record) {
   return object.dump();
 }
 
-MetricsLog::MetricsLog(const std::string& path) : path_(path) {
-  file_ = std::fopen(path.c_str(), "w");
+MetricsLog::MetricsLog(const std::string& path, bool append) : path_(path) {
+  file_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (!file_) throw core::IOError("'" + path + "': cannot create metrics file (" + std::strerror(errno) + ")");
 }
 

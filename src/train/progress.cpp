@@ -36,16 +36,23 @@ void ProgressBar::update(int64_t done, double loss, double lr, int64_t tokens) {
   draw();
 }
 
+void ProgressBar::start_at(int64_t done, int64_t tokens) {
+  done_ = first_done_ = done;
+  tokens_ = first_tokens_ = tokens;
+}
+
 void ProgressBar::draw() {
   constexpr int kWidth = 24;
   const double fraction = total_ > 0 ? static_cast<double>(done_) / static_cast<double>(total_) : 1.0;
   const int filled = static_cast<int>(fraction * kWidth);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  const double eta = done_ > 0 ? elapsed / static_cast<double>(done_) * static_cast<double>(total_ - done_) : NAN;
+  const int64_t done_here = done_ - first_done_;
+  const double eta =
+      done_here > 0 ? elapsed / static_cast<double>(done_here) * static_cast<double>(total_ - done_) : NAN;
   std::string bar(static_cast<size_t>(filled), '#');
   bar.append(static_cast<size_t>(kWidth - filled), '.');
   const std::string loss = std::isnan(loss_) ? "-" : fmt::format("{:.4f}", loss_);
-  const double rate = elapsed > 0 ? static_cast<double>(tokens_) / elapsed : 0.0;
+  const double rate = elapsed > 0 ? static_cast<double>(tokens_ - first_tokens_) / elapsed : 0.0;
   fmt::print(out_, "\r\033[Kstep {}/{} [{}] {:3.0f}% loss {} lr {:.2e} {} tok/s ETA {}", done_, total_, bar,
              100 * fraction, loss, lr_, format_rate(rate), format_duration(eta));
   std::fflush(out_);

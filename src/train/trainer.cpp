@@ -20,6 +20,7 @@
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/metrics.h"
+#include "scaletrain/train/train_state.h"
 
 #ifdef SCALETRAIN_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -206,9 +207,49 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   return total;
 }
 
-TrainSummary Trainer::fit() {
+std::string Trainer::amp_state_json() const {
+  nlohmann::ordered_json j{{"skipped_steps", skipped_steps_}};
+  if (scaler_) {
+    const auto st = scaler_->state_dict();
+    j["loss_scaler"] = {{"scale", st.scale},
+                        {"growth_tracker", st.growth_tracker},
+                        {"hysteresis_tracker", st.hysteresis_tracker},
+                        {"skipped_steps", st.skipped_steps}};
+  }
+  return j.dump();
+}
+
+void Trainer::restore_amp_state(const std::string& json) {
+  try {
+    const auto j = nlohmann::json::parse(json);
+    skipped_steps_ = j.at("skipped_steps").get<int64_t>();
+    // A run that switches precision (fp16 -> bf16, say) starts without the scaler, or a fresh one.
+    if (scaler_ && j.contains("loss_scaler")) {
+      const auto& s = j["loss_scaler"];
+      scaler_->load_state_dict({s.at("scale").get<double>(), s.at("growth_tracker").get<int64_t>(),
+                                s.at("hysteresis_tracker").get<int64_t>(), s.at("skipped_steps").get<int64_t>()});
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw core::IOError(std::string("trainer.json: component 'amp' is malformed (") + e.what() + ")");
+  } catch (const std::invalid_argument& e) {
+    throw core::IOError(std::string("trainer.json: component 'amp': ") + e.what());
+  }
+}
+
+double Trainer::save_checkpoint(const TrainState& state, const TrainProgress& progress) {
+  const auto begin = Clock::now();
+  CheckpointStore store(config_.checkpoint_dir());
+  const std::string path = store.save(progress.step, state.files(progress, config_.to_yaml()));
+  store.prune(config_.checkpoint.keep(), progress.step);
+  const double spent = seconds_since(begin);
+  report(fmt::format("step {} checkpoint {} ({:.2f}s)", progress.step, path, spent));
+  return spent;
+}
+
+TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   const auto& options = config_.train;
   const auto& optim = config_.optim;
+  if (resume) check_resumable(*resume, config_);
   TrainSummary summary;
   summary.parameters = model_->num_parameters();
   summary.device = device_.str();
@@ -220,7 +261,7 @@ TrainSummary Trainer::fit() {
   if (!out_dir.empty()) {
     core::create_directories(out_dir);
     core::write_file_atomic(out_dir + "/config.yaml", config_.to_yaml());
-    metrics = MetricsLog(out_dir + "/metrics.jsonl");
+    metrics = MetricsLog(out_dir + "/metrics.jsonl", /*append=*/resume.has_value());
   }
   report(fmt::format("model: GPT {} layers, {} heads, width {}, {:.2f}M parameters, attention {}, device {}",
                      config_.model.n_layer(), config_.model.n_head(), config_.model.n_embd(),
@@ -229,7 +270,7 @@ TrainSummary Trainer::fit() {
   report("data: " + dataset_->describe());
 
   const bool generate = config_.eval.examples() > 0;
-  if (config_.eval.before_training()) {
+  if (config_.eval.before_training() && !resume) {
     summary.before = evaluate(generate);
     report("before training: " + format_eval(*summary.before));
     metrics.write(eval_record(0, *summary.before));
@@ -237,9 +278,28 @@ TrainSummary Trainer::fit() {
 
   torch::optim::AdamW optimizer(parameter_groups(trainable_parameters(), optim.weight_decay()),
                                 torch::optim::AdamWOptions(optim.lr()).betas({optim.beta1(), optim.beta2()}).eps(optim.eps()));
+  // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
+  // register here, one line each: state.add_json(...) / state.add_tensors(...), see train_state.h.
+  TrainState state(model_, optimizer);
+  state.add_json("amp", [this] { return amp_state_json(); }, [this](const std::string& json) { restore_amp_state(json); });
+  if (master_) {
+    state.add_tensors("master_weights", [this] {
+      NamedTensors named;
+      const auto names = model_->named_parameters();
+      for (size_t i = 0; i < master_->master().size(); ++i) named.emplace_back(names[i].key(), master_->master()[i]);
+      return named;
+    });
+  }
+  TrainProgress from;  // step 0, or where the checkpoint left off
+  if (resume) {
+    from = state.restore(*resume);
+    report(fmt::format("resumed from checkpoint '{}' at step {}", resume->path, from.step));
+    metrics.write({{"kind", std::string("resume")}, {"step", from.step}});
+  }
   WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
   accum::GradientAccumulator accumulator(options.grad_accum_steps());
   ProgressBar progress(options.max_steps(), ProgressBar::stderr_is_terminal());
+  progress.start_at(from.step, from.tokens);
   progress_ = &progress;
   struct ResetProgress {
     ProgressBar*& target;
@@ -249,12 +309,28 @@ TrainSummary Trainer::fit() {
 
   const auto start = Clock::now();
   auto interval_start = start;
-  at::Tensor interval_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
-  int64_t interval_steps = 0, interval_tokens = 0;
-  double last_loss = NAN, grad_norm = NAN;
-  // Periodic evaluations are left out of the training time and of tokens/s.
+  at::Tensor interval_loss =
+      at::full({}, from.interval_loss_sum, at::TensorOptions().dtype(at::kDouble).device(device_));
+  int64_t interval_steps = from.interval_steps, interval_tokens = from.interval_tokens;
+  double last_loss = from.last_loss, grad_norm = NAN;
+  summary.tokens = from.tokens;
+  // Where the run stands after `done` steps, for a checkpoint.
+  auto progress_after = [&](int64_t done) {
+    TrainProgress p;
+    p.step = done;
+    p.grad_accum_steps = options.grad_accum_steps();
+    p.batch_size = options.batch_size();
+    p.next_batch = done * options.grad_accum_steps();
+    p.tokens = summary.tokens;
+    p.interval_loss_sum = interval_loss.item<double>();
+    p.interval_steps = interval_steps;
+    p.interval_tokens = interval_tokens;
+    p.last_loss = last_loss;
+    return p;
+  };
+  // Periodic evaluations and checkpoints are left out of the training time and of tokens/s.
   double eval_seconds = 0, interval_eval_seconds = 0;
-  for (int64_t step = 0; step < options.max_steps(); ++step) {
+  for (int64_t step = from.step; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
     optimizer.zero_grad();
     int64_t step_input_tokens = 0;
@@ -294,12 +370,17 @@ TrainSummary Trainer::fit() {
       eval_seconds += spent;
       interval_eval_seconds += spent;
     }
+    if (config_.checkpoint.every() > 0 && ((step + 1) % config_.checkpoint.every() == 0 || last)) {
+      const double spent = save_checkpoint(state, progress_after(step + 1));
+      eval_seconds += spent;
+      interval_eval_seconds += spent;
+    }
   }
   summary.seconds = seconds_since(start) - eval_seconds;
   progress.finish();
   summary.steps = options.max_steps();
   summary.final_loss = last_loss;
-  summary.tokens_per_second = static_cast<double>(summary.tokens) / std::max(1e-9, summary.seconds);
+  summary.tokens_per_second = static_cast<double>(summary.tokens - from.tokens) / std::max(1e-9, summary.seconds);
   summary.skipped_steps = skipped_steps_;
   if (scaler_) summary.loss_scale = scaler_->get_scale();
   summary.peak_memory_bytes = peak_memory(device_);
@@ -314,24 +395,29 @@ TrainSummary Trainer::fit() {
   return summary;
 }
 
-void save_model(model::GPT& model, const std::string& path) {
+std::string model_archive(model::GPT& model) {
   // One flat archive: "blocks.0.attn.qkv.weight" -> tensor, parameters then buffers.
   torch::serialize::OutputArchive archive;
   for (const auto& item : model->named_parameters()) archive.write(item.key(), item.value().detach().cpu());
   for (const auto& item : model->named_buffers()) archive.write(item.key(), item.value().cpu(), /*is_buffer=*/true);
   std::ostringstream bytes;
   archive.save_to(bytes);
-  core::write_file_atomic(path, bytes.str());
+  return bytes.str();
 }
 
+void save_model(model::GPT& model, const std::string& path) { core::write_file_atomic(path, model_archive(model)); }
+
 void load_model(model::GPT& model, const std::string& path) {
-  const std::string bytes = core::read_file(path);
+  load_model_archive(model, core::read_file(path), "'" + path + "'");
+}
+
+void load_model_archive(model::GPT& model, const std::string& bytes, const std::string& origin) {
   torch::serialize::InputArchive archive;
   try {
     std::istringstream stream(bytes);
     archive.load_from(stream, model->wte->weight.device());
   } catch (const c10::Error& e) {
-    throw core::IOError("'" + path + "': not a saved model (" + first_line(e.what_without_backtrace()) + ")");
+    throw core::IOError(origin + ": not a saved model (" + first_line(e.what_without_backtrace()) + ")");
   }
   // Read every tensor into a scratch tensor and check it before copying: torch's own
   // Module::load would silently resize parameters to whatever the file holds.
@@ -341,11 +427,11 @@ void load_model(model::GPT& model, const std::string& path) {
     try {
       archive.read(name, saved, is_buffer);
     } catch (const c10::Error&) {
-      throw core::IOError("'" + path + "': no tensor '" + name + "' (saved from another model?)");
+      throw core::IOError(origin + ": no tensor '" + name + "' (saved from another model?)");
     }
     if (saved.sizes() != target.sizes() || saved.scalar_type() != target.scalar_type()) {
-      throw core::IOError(fmt::format("'{}': '{}' is {} {}, the model expects {} {} (trained with other model options?)",
-                                      path, name, fmt::join(saved.sizes(), "x"), c10::toString(saved.scalar_type()),
+      throw core::IOError(fmt::format("{}: '{}' is {} {}, the model expects {} {} (trained with other model options?)",
+                                      origin, name, fmt::join(saved.sizes(), "x"), c10::toString(saved.scalar_type()),
                                       fmt::join(target.sizes(), "x"), c10::toString(target.scalar_type())));
     }
     target.copy_(saved);

@@ -24,6 +24,12 @@ bool is_directory(const std::string& path);
 bool is_regular_file(const std::string& path);
 // Names of the entries of a folder (without "." and ".."), sorted; throws IOError.
 std::vector<std::string> list_directory(const std::string& path);
+// Renames a file or folder in one step (POSIX rename: atomic within a filesystem; an existing
+// target file or empty folder is replaced). Throws IOError naming both paths.
+void rename_path(const std::string& from, const std::string& to);
+// Flushes a folder's entries (created, renamed, removed names) to disk, so that a rename survives
+// a power loss. Best effort: filesystems that refuse to sync a folder are ignored.
+void fsync_directory(const std::string& path);
 // "a/b/c.txt" -> "a/b"; "c.txt" -> "."
 std::string parent_directory(const std::string& path);
 

@@ -17,11 +17,14 @@ struct RunConfig {
   TrainerOptions train;
   amp::AmpOptions amp;
   EvalOptions eval;
+  CheckpointOptions checkpoint;
 
   void visit(core::FieldVisitor& v);
   // Cross-section checks; throws ConfigError naming the key.
   void validate() const;
   std::string to_yaml();
+  // checkpoint.dir, or <train.out_dir>/checkpoints when it is empty; "" when both are empty.
+  std::string checkpoint_dir() const;
 
   // Defaults, then the file (if `path` is not empty), then each "key=value" override, then
   // validate().

@@ -19,8 +19,8 @@ std::string to_json_line(const MetricsRecord& record);
 class MetricsLog {
  public:
   MetricsLog() = default;  // writes nothing
-  // Starts `path` afresh; throws IOError naming it.
-  explicit MetricsLog(const std::string& path);
+  // Starts `path` afresh, or appends to it when `append` (a resumed run); throws IOError naming it.
+  explicit MetricsLog(const std::string& path, bool append = false);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;

@@ -1,6 +1,6 @@
 #pragma once
-// Options of the optimizer and schedule (`optim`), the training loop (`train`) and evaluation
-// (`eval`).
+// Options of the optimizer and schedule (`optim`), the training loop (`train`), evaluation
+// (`eval`) and checkpoints (`checkpoint`).
 #include <array>
 #include <cstdint>
 #include <string>
@@ -65,6 +65,21 @@ struct EvalOptions {
   TORCH_ARG(bool, before_training) = true;
   // Decoded examples printed in the summary.
   TORCH_ARG(int64_t, show_samples) = 3;
+
+ public:  // TORCH_ARG leaves the section private
+  void visit(core::FieldVisitor& v);
+};
+
+// Periodic checkpoints of the whole training state, for `scaletrain train --resume` (see
+// checkpoint.h and docs/checkpointing.md).
+struct CheckpointOptions {
+  // Folder of the checkpoints; "" means <train.out_dir>/checkpoints.
+  TORCH_ARG(std::string, dir) = "";
+  // Optimizer steps between checkpoints; 0 turns checkpoints off. With checkpoints on, the last
+  // step is checkpointed too.
+  TORCH_ARG(int64_t, every) = 0;
+  // Newest checkpoints kept; older ones are removed after each save.
+  TORCH_ARG(int64_t, keep) = 3;
 
  public:  // TORCH_ARG leaves the section private
   void visit(core::FieldVisitor& v);

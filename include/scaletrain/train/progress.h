@@ -14,6 +14,9 @@ class ProgressBar {
   // `done` steps finished, `tokens` processed since the bar started; `loss` may be NaN while
   // unknown. Redraws at most ten times a second (always at the last step).
   void update(int64_t done, double loss, double lr, int64_t tokens);
+  // A resumed run: `done` steps and `tokens` were done before the bar started (left out of the
+  // rate and the ETA).
+  void start_at(int64_t done, int64_t tokens);
   // Prints a line above the bar (or just the line when not interactive).
   void print_line(const std::string& line);
   // Ends the bar's line.
@@ -28,7 +31,7 @@ class ProgressBar {
 
  private:
   void draw();
-  int64_t total_, done_ = 0;
+  int64_t total_, done_ = 0, first_done_ = 0, first_tokens_ = 0;
   double loss_ = 0, lr_ = 0;
   int64_t tokens_ = 0;
   bool interactive_, drawn_ = false;

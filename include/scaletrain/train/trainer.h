@@ -1,7 +1,8 @@
 #pragma once
 // The Trainer composes the areas for one run: dataset (data/), GPT (model/), gradient
-// accumulation (accum/), AdamW with warmup + cosine schedule and gradient clipping, periodic evaluation, metrics, and the files of a run
-// folder (config.yaml, metrics.jsonl, summary.json, model.pt). It holds no technique logic.
+// accumulation (accum/), AdamW with warmup + cosine schedule and gradient clipping, periodic
+// evaluation, metrics, checkpoints (checkpoint.h, train_state.h), and the files of a run folder
+// (config.yaml, metrics.jsonl, summary.json, model.pt). It holds no technique logic.
 #include <memory>
 #include <optional>
 #include <string>
@@ -14,11 +15,15 @@
 #include "scaletrain/amp/precision.h"
 #include "scaletrain/data/dataset.h"
 #include "scaletrain/model/gpt.h"
+#include "scaletrain/train/checkpoint.h"
 #include "scaletrain/train/config.h"
 #include "scaletrain/train/eval.h"
 #include "scaletrain/train/progress.h"
 
 namespace scaletrain::train {
+
+class TrainState;
+struct TrainProgress;
 
 struct TrainSummary {
   int64_t steps = 0;
@@ -44,8 +49,12 @@ class Trainer {
   // Builds dataset and model (seeded by train.seed) on the chosen device. Throws ConfigError,
   // DataError.
   explicit Trainer(RunConfig config);
-  // Trains train.max_steps steps, evaluates, writes the run folder and returns the summary.
-  TrainSummary fit();
+  // Trains train.max_steps steps, evaluates, writes the run folder and returns the summary. Saves
+  // a checkpoint every checkpoint.every steps. With `resume` (see find_resume_checkpoint), first
+  // restores the model, optimizer, RNG and progress it holds and continues from its step, without
+  // the before-training evaluation, appending to metrics.jsonl; throws ConfigError when the
+  // configuration cannot continue that run (check_resumable) and IOError when it does not fit.
+  TrainSummary fit(const std::optional<Checkpoint>& resume = std::nullopt);
   // Validation loss, plus generation metrics when `generate`.
   EvalResult evaluate(bool generate);
 
@@ -56,6 +65,8 @@ class Trainer {
 
  private:
   void report(const std::string& line);
+  // Writes the checkpoint of `progress` and prunes older ones; returns the seconds it took.
+  double save_checkpoint(const TrainState& state, const TrainProgress& progress);
   // Forward and backward over the micro-batches of optimizer step `step`; returns the step's
   // mean token loss (detached) and adds the step's non-padding input tokens to `tokens`.
   at::Tensor accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens);
@@ -67,6 +78,9 @@ class Trainer {
   // Clipping and the optimizer step, through the loss scaler's fused pass under mixed precision.
   // Returns the gradient norm before clipping (NaN when clipping is off in fp32).
   double clip_and_step(torch::optim::Optimizer& optimizer);
+  // The mixed-precision part of a checkpoint: skipped steps and the loss scaler's state (JSON).
+  std::string amp_state_json() const;
+  void restore_amp_state(const std::string& json);
   RunConfig config_;
   c10::Device device_;
   std::unique_ptr<data::Dataset> dataset_;
@@ -82,6 +96,10 @@ void save_model(model::GPT& model, const std::string& path);
 // Loads parameters saved by save_model into a model built with the same options; throws IOError
 // naming the file when it is missing, corrupt or of another shape.
 void load_model(model::GPT& model, const std::string& path);
+// The bytes save_model writes (one flat torch archive: "blocks.0.attn.qkv.weight" -> tensor).
+std::string model_archive(model::GPT& model);
+// load_model on bytes; `origin` names them in errors ("'runs/x/model.pt'").
+void load_model_archive(model::GPT& model, const std::string& bytes, const std::string& origin);
 
 // The end-of-run table printed by the CLI.
 std::string format_summary(const TrainSummary& summary);

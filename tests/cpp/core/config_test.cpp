@@ -116,7 +116,8 @@ TEST(Config, DuplicateKeysAreErrors) {
 }
 
 TEST(Config, RootMustBeMapping) {
-  EXPECT_EQ(error_of("- a\n- b\n"), "test.yaml:1:1: got a list, expected a mapping of sections (model, data, optim, train, amp, eval)");
+  EXPECT_EQ(error_of("- a\n- b\n"),
+            "test.yaml:1:1: got a list, expected a mapping of sections (model, data, optim, train, amp, eval, checkpoint)");
 }
 
 TEST(Config, OverridesApplyInOrderAndReportTheirOrigin) {
