@@ -62,4 +62,4 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -22,6 +22,11 @@ fail() { echo "gpu: FAILED at: $*" | tee -a "$OUT_DIR/summary.txt"; exit 1; }
 step "unpacking Debian packages into $DEPS"
 ls .deps/*.deb >/dev/null 2>&1 || fail "no .deps/*.deb (run tools/gpu/pack-debs.sh on a Debian machine and carry .deps)"
 for f in .deps/*.deb; do dpkg -x "$f" "$DEPS"; done
+# Some -dev packages link their .so to an absolute /lib path (zlib): point such links into DEPS.
+find "$DEPS" -type l -lname '/*' | while read -r link; do
+  target=$(readlink "$link")
+  if [ -e "$DEPS$target" ]; then ln -sf "$DEPS$target" "$link"; fi
+done
 export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PATH="$(dirname "$PYTHON"):$PATH"
 
