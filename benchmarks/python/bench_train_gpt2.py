@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 B, T = 16, 1024
 
 
-def ours(exe, tokens, precision, steps, work):
-    out = Path(work) / f"ours_{precision}"
+def ours(exe, tokens, precision, steps, work, checkpointing=False):
+    out = Path(work) / f"ours_{precision}_{int(checkpointing)}"
     cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m_h100.yaml"),
            "--set", f"data.path={tokens}", "--set", f"amp.precision={precision}",
            "--set", f"train.max_steps={steps}", "--set", "train.grad_accum_steps=1", "--set", "train.log_every=10",
            "--set", f"train.out_dir={out}", "--set", "train.save_model=false", "--set", "eval.every=0",
-           "--set", "eval.loss_batches=1"]
+           "--set", "eval.loss_batches=1", "--set", f"model.activation_checkpointing={str(checkpointing).lower()}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"scaletrain train failed ({precision}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -48,15 +48,15 @@ def ours(exe, tokens, precision, steps, work):
     return statistics.median(rates[1:]), summary["peak_memory_bytes"], summary["parameters"], summary
 
 
-def theirs(tokens, precision, steps, warmup=10):
+def theirs(tokens, precision, steps, warmup=10, checkpointing=False, foreach=None):
     torch.manual_seed(0)
     data = np.memmap(tokens, dtype=np.uint16, mode="r")
-    model = GPT().cuda()
+    model = GPT(checkpointing=checkpointing).cuda()
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     rng = np.random.default_rng(0)
@@ -117,6 +117,30 @@ def main():
                          "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
                          "baseline_name": baseline, "higher_is_better": False})
             table.append((label, our_rate, torch_rate, our_peak / 2**30, torch_peak / 2**30))
+    # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
+    # And a diagnostic baseline: PyTorch's AdamW without foreach (per parameter, as LibTorch's).
+    if "bf16" in args.precisions.split(","):
+        with tempfile.TemporaryDirectory() as work:
+            tokens = Path(work) / "tokens.bin"
+            np.random.default_rng(0).integers(0, 50257, 20_000_000, dtype=np.uint16).tofile(tokens)
+            our_rate, our_peak, _, _ = ours(Path(args.build) / "scaletrain", tokens, "bf16", args.steps, work, True)
+            torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True)
+            torch.cuda.empty_cache()
+            baseline = "PyTorch eager + torch.amp autocast + torch.utils.checkpoint per block"
+            label = "bf16 + activation checkpointing"
+            rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
+                         "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
+            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
+                         "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
+                         "baseline_name": baseline, "higher_is_better": False})
+            table.append((label, our_rate, torch_rate, our_peak / 2**30, torch_peak / 2**30))
+            plain_rate, plain_peak, _ = theirs(tokens, "bf16", args.steps - 10, foreach=False)
+            torch.cuda.empty_cache()
+            bf16_ours = next(r for r in rows if r["name"] == "train gpt2-124m bf16 tok/s")["ours"]
+            baseline = "PyTorch eager + torch.amp autocast, AdamW foreach=False"
+            rows.append({"name": "train gpt2-124m bf16 tok/s", "unit": "tok/s", "ours": bf16_ours,
+                         "baseline": round(plain_rate), "baseline_name": baseline, "higher_is_better": True})
+            table.append(("bf16 vs AdamW foreach=False", bf16_ours, plain_rate, float("nan"), plain_peak / 2**30))
     print(f"{'precision':<20}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ours GiB':>10}{'torch GiB':>11}")
     for label, a, b, m, n in table:
         print(f"{label:<20}{a:>12,.0f}{b:>13,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>11.2f}")

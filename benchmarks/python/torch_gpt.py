@@ -5,6 +5,7 @@ tied embeddings, torch's scaled_dot_product_attention. Same parameter count and 
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,8 +37,9 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True,
-                 rope_base=10000.0):
+                 rope_base=10000.0, checkpointing=False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
@@ -60,6 +62,9 @@ class GPT(nn.Module):
         cos, sin = self.cos[:t], self.sin[:t]
         x = self.wte(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
