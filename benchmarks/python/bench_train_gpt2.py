@@ -99,11 +99,24 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows, table = [], []
+
+    def record(label, baseline, our_rate, torch_rate, our_peak=None, torch_peak=None):
+        rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
+                     "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
+        if our_peak is not None:
+            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
+                         "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
+                         "baseline_name": baseline, "higher_is_better": False})
+        table.append((label, our_rate, torch_rate, our_peak / 2**30 if our_peak else float("nan"),
+                      torch_peak / 2**30 if torch_peak else float("nan")))
+
+    exe = Path(args.build) / "scaletrain"
     with tempfile.TemporaryDirectory() as work:
         tokens = Path(work) / "tokens.bin"
         np.random.default_rng(0).integers(0, 50257, 20_000_000, dtype=np.uint16).tofile(tokens)
+        our_bf16_rate = None
         for precision in args.precisions.split(","):
-            our_rate, our_peak, our_params, _ = ours(Path(args.build) / "scaletrain", tokens, precision, args.steps, work)
+            our_rate, our_peak, our_params, _ = ours(exe, tokens, precision, args.steps, work)
             torch_rate, torch_peak, torch_params = theirs(tokens, precision, args.steps - 10)
             torch.cuda.empty_cache()
             if our_params != torch_params:
@@ -111,36 +124,21 @@ def main():
             baseline = "PyTorch eager" + (" + torch.amp autocast" if precision != "fp32" else "") + \
                 (" + GradScaler" if precision == "fp16" else "")
             label = precision + (" + loss scaler" if precision == "fp16" else "")
-            rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
-                         "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
-            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
-                         "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
-                         "baseline_name": baseline, "higher_is_better": False})
-            table.append((label, our_rate, torch_rate, our_peak / 2**30, torch_peak / 2**30))
-    # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
-    # And a diagnostic baseline: PyTorch's AdamW without foreach (per parameter, as LibTorch's).
-    if "bf16" in args.precisions.split(","):
-        with tempfile.TemporaryDirectory() as work:
-            tokens = Path(work) / "tokens.bin"
-            np.random.default_rng(0).integers(0, 50257, 20_000_000, dtype=np.uint16).tofile(tokens)
-            our_rate, our_peak, _, _ = ours(Path(args.build) / "scaletrain", tokens, "bf16", args.steps, work, True)
+            record(label, baseline, our_rate, torch_rate, our_peak, torch_peak)
+            if precision == "bf16":
+                our_bf16_rate = our_rate
+        # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
+        # And a diagnostic baseline: PyTorch's AdamW without foreach (per parameter, as LibTorch's).
+        if our_bf16_rate is not None:
+            our_rate, our_peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, checkpointing=True)
             torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True)
             torch.cuda.empty_cache()
-            baseline = "PyTorch eager + torch.amp autocast + torch.utils.checkpoint per block"
-            label = "bf16 + activation checkpointing"
-            rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
-                         "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
-            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
-                         "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
-                         "baseline_name": baseline, "higher_is_better": False})
-            table.append((label, our_rate, torch_rate, our_peak / 2**30, torch_peak / 2**30))
-            plain_rate, plain_peak, _ = theirs(tokens, "bf16", args.steps - 10, foreach=False)
+            record("bf16 + activation checkpointing",
+                   "PyTorch eager + torch.amp autocast + torch.utils.checkpoint per block",
+                   our_rate, torch_rate, our_peak, torch_peak)
+            plain_rate, _, _ = theirs(tokens, "bf16", args.steps - 10, foreach=False)
             torch.cuda.empty_cache()
-            bf16_ours = next(r for r in rows if r["name"] == "train gpt2-124m bf16 tok/s")["ours"]
-            baseline = "PyTorch eager + torch.amp autocast, AdamW foreach=False"
-            rows.append({"name": "train gpt2-124m bf16 tok/s", "unit": "tok/s", "ours": bf16_ours,
-                         "baseline": round(plain_rate), "baseline_name": baseline, "higher_is_better": True})
-            table.append(("bf16 vs AdamW foreach=False", bf16_ours, plain_rate, float("nan"), plain_peak / 2**30))
+            record("bf16", "PyTorch eager + torch.amp autocast, AdamW foreach=False", our_bf16_rate, plain_rate)
     print(f"{'precision':<20}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ours GiB':>10}{'torch GiB':>11}")
     for label, a, b, m, n in table:
         print(f"{label:<20}{a:>12,.0f}{b:>13,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>11.2f}")

@@ -49,13 +49,7 @@ void LossScalerOptions::check() const {
   require(max_scale() >= min_scale(), "max_scale", "at least min_scale", max_scale());
 }
 
-void AmpOptions::visit(core::FieldVisitor& v) {
-  v.choice("precision", precision(), "fp32, bf16 or fp16 (bf16/fp16: autocast forward, fp32 loss and reductions)");
-  v.field("loss_scale", loss_scale(), "auto (dynamic for fp16, else none), dynamic, none or a static scale", true);
-  v.field("low_precision_params", low_precision_params(),
-          "keep parameters in bf16/fp16; the optimizer updates fp32 master copies");
-  v.field("fp32_grad_accum", fp32_grad_accum(), "with low_precision_params: accumulate gradients in fp32");
-  v.field("emulated_fp16", emulated_fp16(), "allow fp16 on a CPU without native fp16 arithmetic (slow; for tests)");
+void LossScalerOptions::visit(core::FieldVisitor& v) {
   v.field("init_scale", init_scale(), "first loss scale (dynamic and static)", core::greater_than(0));
   v.field("growth_interval", growth_interval(), "finite steps before the scale grows", core::at_least(1));
   v.field("growth_factor", growth_factor(), "scale multiplier after growth_interval finite steps", core::greater_than(1));
@@ -63,6 +57,16 @@ void AmpOptions::visit(core::FieldVisitor& v) {
   v.field("hysteresis", hysteresis(), "overflows tolerated before the scale backs off", core::at_least(1));
   v.field("min_scale", min_scale(), "smallest loss scale", core::greater_than(0));
   v.field("max_scale", max_scale(), "largest loss scale", core::greater_than(0));
+}
+
+void AmpOptions::visit(core::FieldVisitor& v) {
+  v.choice("precision", precision(), "fp32, bf16 or fp16 (bf16/fp16: autocast forward, fp32 loss and reductions)");
+  v.field("loss_scale", loss_scale(), "auto (dynamic for fp16, else none), dynamic, none or a static scale", true);
+  v.field("low_precision_params", low_precision_params(),
+          "keep parameters in bf16/fp16; the optimizer updates fp32 master copies");
+  v.field("fp32_grad_accum", fp32_grad_accum(), "with low_precision_params: accumulate gradients in fp32");
+  v.field("emulated_fp16", emulated_fp16(), "allow fp16 on a CPU without native fp16 arithmetic (slow; for tests)");
+  scaler().visit(v);  // flat: amp.init_scale, amp.growth_interval, ...
 }
 
 void AmpOptions::validate() const {
@@ -77,10 +81,10 @@ void AmpOptions::validate() const {
     throw core::ConfigError("amp.low_precision_params",
                             "amp.low_precision_params: true needs amp.precision bf16 or fp16 (got fp32)");
   }
-  if (max_scale() < min_scale()) {
-    throw core::ConfigError("amp.max_scale", "amp.max_scale: got " + core::format_number(max_scale()) +
+  if (scaler().max_scale() < scaler().min_scale()) {
+    throw core::ConfigError("amp.max_scale", "amp.max_scale: got " + core::format_number(scaler().max_scale()) +
                                                  ", expected at least amp.min_scale (" +
-                                                 core::format_number(min_scale()) + ")");
+                                                 core::format_number(scaler().min_scale()) + ")");
   }
 }
 
@@ -88,15 +92,9 @@ std::optional<LossScalerOptions> AmpOptions::scaler_options() const {
   const auto fixed = static_scale(loss_scale());
   const bool dynamic = loss_scale() == "dynamic" || (loss_scale() == "auto" && precision() == Precision::fp16);
   if (!dynamic && !fixed) return std::nullopt;
-  LossScalerOptions options;
-  options.init_scale(fixed.value_or(init_scale()))
-      .growth_interval(growth_interval())
-      .growth_factor(growth_factor())
-      .backoff_factor(backoff_factor())
-      .hysteresis(hysteresis())
-      .min_scale(min_scale())
-      .max_scale(max_scale())
-      .dynamic(dynamic);
+  LossScalerOptions options = scaler();
+  options.dynamic(dynamic);
+  if (fixed) options.init_scale(*fixed);
   return options;
 }
 

@@ -39,6 +39,8 @@ struct LossScalerOptions {
  public:  // TORCH_ARG leaves the section private
   // Throws std::invalid_argument naming the option.
   void check() const;
+  // Declares the fields other than `dynamic` (the YAML keys amp.init_scale, amp.growth_interval...).
+  void visit(core::FieldVisitor& v);
 };
 
 struct AmpOptions {
@@ -54,13 +56,9 @@ struct AmpOptions {
   // Allow fp16 on a CPU without native fp16 arithmetic (AVX512-FP16 on x86): torch then emulates
   // it, about ten times slower than fp32. Off, such a run is refused; meant for tests.
   TORCH_ARG(bool, emulated_fp16) = false;
-  TORCH_ARG(double, init_scale) = 65536.0;
-  TORCH_ARG(int64_t, growth_interval) = 2000;
-  TORCH_ARG(double, growth_factor) = 2.0;
-  TORCH_ARG(double, backoff_factor) = 0.5;
-  TORCH_ARG(int64_t, hysteresis) = 1;
-  TORCH_ARG(double, min_scale) = 1.0;
-  TORCH_ARG(double, max_scale) = 16777216.0;
+  // The dynamic scaler's rules (init_scale, growth, backoff, hysteresis, bounds); `dynamic` and,
+  // for a static scale, `init_scale` follow from loss_scale (see scaler_options()).
+  TORCH_ARG(LossScalerOptions, scaler) = {};
 
  public:  // TORCH_ARG leaves the section private
   void visit(core::FieldVisitor& v);

@@ -343,8 +343,8 @@ TEST_F(Resume, BitExactWithFp16LossScaling) {
   // off, so the checkpoint at step 4 must carry the scaler's state and the skip count.
   testing::TempDir dir;
   RunConfig config = resumable(dir.file("run"));
-  config.amp.precision(amp::Precision::fp16).emulated_fp16(true).init_scale(1048576.0)
-      .growth_interval(3);
+  config.amp.precision(amp::Precision::fp16).emulated_fp16(true);
+  config.amp.scaler().init_scale(1048576.0).growth_interval(3);
   expect_bit_exact_resume(config, 4);
   const auto trainer_json = nlohmann::json::parse(CheckpointStore(dir.file("run/checkpoints")).load(12).file("trainer.json"));
   const auto& amp_state = trainer_json["components"]["amp"];
