@@ -393,45 +393,73 @@ class YamlReader final : public FieldVisitor {
   YAML::Mark last_key_mark_ = YAML::Mark::null_mark();
 };
 
-class YamlWriter final : public FieldVisitor {
+// Writes each leaf value as YAML text and hands it to leaf(); sections to begin/end.
+class ValueWriter : public FieldVisitor {
  public:
-  std::ostringstream out;
-
   void field(const char* name, int64_t& value, const char*, Bounds) override {
-    line(name, std::to_string(value));
+    leaf(name, std::to_string(value));
   }
   void field(const char* name, double& value, const char*, Bounds) override {
-    line(name, format_number(value));
+    leaf(name, format_number(value));
   }
   void field(const char* name, bool& value, const char*) override {
-    line(name, value ? "true" : "false");
+    leaf(name, value ? "true" : "false");
   }
   void field(const char* name, std::string& value, const char*, bool) override {
-    line(name, yaml_string(value));
+    leaf(name, yaml_string(value));
   }
   void field(const char* name, std::vector<std::string>& value, const char*,
              const std::vector<std::string>&, bool) override {
     std::vector<std::string> items;
     for (const auto& v : value) items.push_back(yaml_string(v));
-    line(name, "[" + join(items) + "]");
+    leaf(name, "[" + join(items) + "]");
   }
 
  protected:
   void choice_field(const char* name, std::string& value, const std::vector<std::string>&,
                     const char*) override {
-    line(name, value);
+    leaf(name, value);
   }
+  virtual void leaf(const char* name, const std::string& value) = 0;
+};
+
+class YamlWriter final : public ValueWriter {
+ public:
+  std::ostringstream out;
+
+ protected:
   bool begin_section(const char* name, const char*) override {
     out << indent() << name << ":\n";
     ++depth_;
     return true;
   }
   void end_section() override { --depth_; }
+  void leaf(const char* name, const std::string& value) override {
+    out << indent() << name << ": " << value << "\n";
+  }
 
  private:
   std::string indent() const { return std::string(2 * depth_, ' '); }
-  void line(const char* name, const std::string& value) { out << indent() << name << ": " << value << "\n"; }
   int depth_ = 0;
+};
+
+// Every leaf as (dotted key path, YAML value text).
+class KeyValueCollector final : public ValueWriter {
+ public:
+  std::vector<std::pair<std::string, std::string>> values;
+
+ protected:
+  bool begin_section(const char* name, const char*) override {
+    prefix_.push_back(join_path(prefix_.empty() ? "" : prefix_.back(), name));
+    return true;
+  }
+  void end_section() override { prefix_.pop_back(); }
+  void leaf(const char* name, const std::string& value) override {
+    values.emplace_back(join_path(prefix_.empty() ? "" : prefix_.back(), name), value);
+  }
+
+ private:
+  std::vector<std::string> prefix_;
 };
 
 class ReferenceWriter final : public FieldVisitor {
@@ -592,6 +620,12 @@ void apply_override(const VisitRoot& root, const std::string& assignment) {
     node = parent;
   }
   read_node(root, node, origin, false);
+}
+
+std::vector<std::pair<std::string, std::string>> key_values(const VisitRoot& root) {
+  KeyValueCollector collector;
+  root(collector);
+  return collector.values;
 }
 
 std::string to_yaml(const VisitRoot& root) {

@@ -83,49 +83,6 @@ Json rng_json(model::GPT& model) {
   return rng;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Configurations as flat "key -> value text" lists, for comparing a checkpoint's with the run's.
-
-class FlattenVisitor : public core::FieldVisitor {
- public:
-  std::vector<std::pair<std::string, std::string>> values;
-
-  void field(const char* name, int64_t& value, const char*, core::Bounds) override { add(name, std::to_string(value)); }
-  void field(const char* name, double& value, const char*, core::Bounds) override {
-    add(name, core::format_number(value));
-  }
-  void field(const char* name, bool& value, const char*) override { add(name, value ? "true" : "false"); }
-  void field(const char* name, std::string& value, const char*, bool) override { add(name, "\"" + value + "\""); }
-  void field(const char* name, std::vector<std::string>& value, const char*, const std::vector<std::string>&,
-             bool) override {
-    add(name, "[" + fmt::format("{}", fmt::join(value, ", ")) + "]");
-  }
-
- protected:
-  void choice_field(const char* name, std::string& value, const std::vector<std::string>&, const char*) override {
-    add(name, value);
-  }
-  bool begin_section(const char* name, const char*) override {
-    prefix_.push_back(name);
-    return true;
-  }
-  void end_section() override { prefix_.pop_back(); }
-
- private:
-  void add(const char* name, std::string value) {
-    std::string key;
-    for (const auto& part : prefix_) key += part + ".";
-    values.emplace_back(key + name, std::move(value));
-  }
-  std::vector<std::string> prefix_;
-};
-
-std::vector<std::pair<std::string, std::string>> flatten(RunConfig config) {
-  FlattenVisitor visitor;
-  config.visit(visitor);
-  return visitor.values;
-}
-
 // Keys that must match for a resumed run to continue the same training: the model, the data and
 // what decides which batches each step sees.
 bool must_match(const std::string& key) {
@@ -329,7 +286,8 @@ TrainProgress TrainState::restore(const Checkpoint& checkpoint) const {
 void check_resumable(const Checkpoint& checkpoint, const RunConfig& config) {
   RunConfig saved;
   core::apply_yaml(core::root_of(saved), checkpoint.file(kConfig), checkpoint.path + "/" + kConfig);
-  const auto before = flatten(saved), now = flatten(config);
+  RunConfig current = config;  // root_of visits through a mutable reference
+  const auto before = core::key_values(core::root_of(saved)), now = core::key_values(core::root_of(current));
   std::vector<std::string> changed;
   for (size_t i = 0; i < before.size() && i < now.size(); ++i) {
     const auto& [key, old_value] = before[i];

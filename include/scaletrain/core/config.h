@@ -115,6 +115,8 @@ std::string to_yaml(const VisitRoot& root);
 std::string reference_markdown(const VisitRoot& root);
 // All dotted key paths (for completion and suggestions).
 std::vector<std::string> key_paths(const VisitRoot& root);
+// Every leaf key with its value as YAML text ("model.n_layer" -> "2"), in declaration order.
+std::vector<std::pair<std::string, std::string>> key_values(const VisitRoot& root);
 
 // Shortest text that reads back as the same double, always with a '.' or exponent ("1.0").
 std::string format_number(double value);
