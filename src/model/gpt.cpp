@@ -140,9 +140,8 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
     cos = rope_cos_.narrow(0, offset, seq).view({1, 1, seq, half});
     sin = rope_sin_.narrow(0, offset, seq).view({1, 1, seq, half});
   }
+  // cos/sin stay in the tables' precision: apply_rope rotates in it and rounds to q/k's dtype.
   auto x = embedding_dropout(wte(tokens));
-  cos = cos.to(x.scalar_type());
-  sin = sin.to(x.scalar_type());
   // Checkpointing pays off only when backward will run; a cache would be appended to twice.
   const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
                          context.cache == nullptr;
