@@ -52,6 +52,8 @@ class DictWriter final : public core::FieldVisitor {
 };
 
 train::RunConfig load(const std::optional<std::string>& path, const std::vector<std::string>& overrides) {
+  // None means the defaults; "" is a path that was meant to be set (an unset variable, say).
+  if (path && path->empty()) throw core::ConfigError("", "path: got an empty path, expected a YAML file (or None)");
   return train::RunConfig::load(path.value_or(""), overrides);
 }
 

@@ -1,12 +1,16 @@
 #include "scaletrain/amp/amp_options.h"
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "scaletrain/core/error.h"
 
 namespace scaletrain::amp {
 namespace {
+
+// The scale is a float32 (as torch.amp.GradScaler's): every bound must be one.
+constexpr double kLargestScale = std::numeric_limits<float>::max();
 
 // "auto", "dynamic", "none" or a positive number; nullopt for a word, the number otherwise.
 std::optional<double> static_scale(const std::string& text) {
@@ -18,9 +22,10 @@ std::optional<double> static_scale(const std::string& text) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != text.size() || !(value > 0) || !std::isfinite(value)) {
+  if (used != text.size() || !(value > 0) || !(value <= kLargestScale)) {
     throw core::ConfigError("amp.loss_scale", "amp.loss_scale: got '" + text +
-                                                  "', expected auto, dynamic, none or a positive number");
+                                                  "', expected auto, dynamic, none or a positive number (at most " +
+                                                  core::format_number(kLargestScale) + ")");
   }
   return value;
 }
@@ -40,23 +45,34 @@ void LossScalerOptions::check() const {
   auto require = [](bool ok, const char* name, const std::string& expected, double got) {
     if (!ok) throw std::invalid_argument(std::string(name) + ": got " + core::format_number(got) + ", expected " + expected);
   };
-  require(init_scale() > 0 && std::isfinite(init_scale()), "init_scale", "a finite number > 0", init_scale());
-  require(growth_factor() > 1, "growth_factor", "a number > 1", growth_factor());
+  constexpr double largest = kLargestScale;
+  require(init_scale() > 0 && init_scale() <= largest, "init_scale", "a finite number > 0", init_scale());
+  require(growth_factor() > 1 && std::isfinite(growth_factor()), "growth_factor", "a finite number > 1", growth_factor());
   require(backoff_factor() > 0 && backoff_factor() < 1, "backoff_factor", "a number in (0, 1)", backoff_factor());
   require(growth_interval() >= 1, "growth_interval", "at least 1", static_cast<double>(growth_interval()));
   require(hysteresis() >= 1, "hysteresis", "at least 1", static_cast<double>(hysteresis()));
-  require(min_scale() > 0, "min_scale", "a number > 0", min_scale());
-  require(max_scale() >= min_scale(), "max_scale", "at least min_scale", max_scale());
+  require(min_scale() > 0 && min_scale() <= largest, "min_scale", "a finite number > 0", min_scale());
+  require(max_scale() >= min_scale() && max_scale() <= largest, "max_scale",
+          "a finite number >= min_scale (" + core::format_number(min_scale()) + ")", max_scale());
+  // A dynamic scale starts inside its bounds; a static one (dynamic false) is init_scale itself.
+  if (dynamic()) {
+    require(init_scale() >= min_scale() && init_scale() <= max_scale(), "init_scale",
+            "a number in [min_scale, max_scale] = [" + core::format_number(min_scale()) + ", " +
+                core::format_number(max_scale()) + "]",
+            init_scale());
+  }
 }
 
 void LossScalerOptions::visit(core::FieldVisitor& v) {
-  v.field("init_scale", init_scale(), "first loss scale (dynamic and static)", core::greater_than(0));
+  const core::Bounds scale_bounds{0, kLargestScale, true, false};  // (0, FLT_MAX]
+  v.field("init_scale", init_scale(), "first loss scale (dynamic and static)", scale_bounds);
   v.field("growth_interval", growth_interval(), "finite steps before the scale grows", core::at_least(1));
-  v.field("growth_factor", growth_factor(), "scale multiplier after growth_interval finite steps", core::greater_than(1));
+  v.field("growth_factor", growth_factor(), "scale multiplier after growth_interval finite steps",
+          core::Bounds{1, kLargestScale, true, false});
   v.field("backoff_factor", backoff_factor(), "scale multiplier after an overflow", core::Bounds{0, 1, true, true});
   v.field("hysteresis", hysteresis(), "overflows tolerated before the scale backs off", core::at_least(1));
-  v.field("min_scale", min_scale(), "smallest loss scale", core::greater_than(0));
-  v.field("max_scale", max_scale(), "largest loss scale", core::greater_than(0));
+  v.field("min_scale", min_scale(), "smallest loss scale", scale_bounds);
+  v.field("max_scale", max_scale(), "largest loss scale", scale_bounds);
 }
 
 void AmpOptions::visit(core::FieldVisitor& v) {
@@ -85,6 +101,14 @@ void AmpOptions::validate() const {
     throw core::ConfigError("amp.max_scale", "amp.max_scale: got " + core::format_number(scaler().max_scale()) +
                                                  ", expected at least amp.min_scale (" +
                                                  core::format_number(scaler().min_scale()) + ")");
+  }
+  const auto options = scaler_options();
+  if (options && options->dynamic() &&
+      (options->init_scale() < options->min_scale() || options->init_scale() > options->max_scale())) {
+    throw core::ConfigError("amp.init_scale", "amp.init_scale: got " + core::format_number(options->init_scale()) +
+                                                  ", expected a number in [amp.min_scale, amp.max_scale] = [" +
+                                                  core::format_number(options->min_scale()) + ", " +
+                                                  core::format_number(options->max_scale()) + "]");
   }
 }
 

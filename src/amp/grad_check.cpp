@@ -1,6 +1,8 @@
 #include "scaletrain/amp/grad_check.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +34,27 @@ void check_inputs(const std::vector<at::Tensor>& grads) {
     if (g.device() != grads.front().device())
       throw std::invalid_argument(name + ": on " + g.device().str() + ", grads[0] is on " + grads.front().device().str() +
                                   " (expected one device)");
+  }
+  // In place over every tensor: a tensor given twice, or two views of the same memory, would be
+  // unscaled (and clipped) twice. The tensors are contiguous, so each is one address range.
+  struct Range {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Range> ranges;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(grads[i].data_ptr());
+    ranges.push_back({begin, begin + static_cast<uintptr_t>(grads[i].nbytes()), i});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].begin < ranges[i - 1].end) {
+      const auto [first, second] = std::minmax(ranges[i - 1].index, ranges[i].index);
+      throw std::invalid_argument("grads[" + std::to_string(second) + "]: shares memory with grads[" +
+                                  std::to_string(first) +
+                                  "] (the same tensor twice, or overlapping views; each gradient must appear once)");
+    }
   }
 }
 
@@ -143,6 +166,10 @@ double GradCheckResult::norm() const { return values[1].item<float>(); }
 GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
   if (!(inv_scale > 0) || !std::isfinite(inv_scale))
     throw std::invalid_argument("inv_scale: got " + std::to_string(inv_scale) + ", expected a finite number > 0");
+  if (std::isnan(max_norm) || max_norm < 0)
+    throw std::invalid_argument("max_norm: got " + std::to_string(max_norm) +
+                                ", expected a number >= 0 (0 or inf: no clipping)");
+  if (std::isinf(max_norm)) max_norm = 0;
   if (grads.empty()) return {at::zeros({2}, at::kFloat)};
   check_inputs(grads);
   if (grads.front().is_cpu()) return unscale_check_clip_cpu(grads, inv_scale, max_norm);

@@ -9,9 +9,18 @@
 
 namespace scaletrain::amp {
 
+namespace {
+
+// torch.amp.GradScaler keeps its scale in a float32 tensor, and _amp_update_scale_ multiplies it by
+// the (double) factor and stores the product back as float32. The same rounding here keeps the
+// trajectory GradScaler's for any factors, not only powers of two.
+double to_float32(double value) { return static_cast<double>(static_cast<float>(value)); }
+
+}  // namespace
+
 LossScaler::LossScaler(LossScalerOptions options) : options_(options) {
   options_.check();
-  state_.scale = options_.init_scale();
+  state_.scale = to_float32(options_.init_scale());
   state_.hysteresis_tracker = options_.hysteresis();
 }
 
@@ -55,12 +64,13 @@ void LossScaler::update(bool found_inf) {
     state_.growth_tracker = 0;
     if (--state_.hysteresis_tracker <= 0) {
       state_.hysteresis_tracker = 0;
-      state_.scale = std::max(options_.min_scale(), state_.scale * options_.backoff_factor());
+      state_.scale = std::max(to_float32(options_.min_scale()), to_float32(state_.scale * options_.backoff_factor()));
     }
   } else if (++state_.growth_tracker == options_.growth_interval()) {
     state_.growth_tracker = 0;
     state_.hysteresis_tracker = options_.hysteresis();
-    state_.scale = std::min(options_.max_scale(), state_.scale * options_.growth_factor());
+    const double grown = to_float32(state_.scale * options_.growth_factor());
+    if (std::isfinite(grown)) state_.scale = std::min(to_float32(options_.max_scale()), grown);  // as GradScaler: never inf
   }
 }
 
@@ -70,6 +80,7 @@ void LossScaler::load_state_dict(const LossScalerState& state) {
   if (state.growth_tracker < 0 || state.hysteresis_tracker < 0 || state.skipped_steps < 0)
     throw std::invalid_argument("LossScaler state: negative counter");
   state_ = state;
+  state_.scale = to_float32(state.scale);
   check_.reset();
 }
 

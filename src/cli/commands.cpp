@@ -14,6 +14,7 @@
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/data/tokenizer.h"
 #include "scaletrain/train/config.h"
+#include "scaletrain/train/run_folders.h"
 #include "scaletrain/train/train_state.h"
 #include "scaletrain/train/trainer.h"
 
@@ -65,6 +66,7 @@ int run_train(const TrainArgs& args) {
   const std::string out_dir = config.train.out_dir();
   // Verified before the (slower) dataset and model are built, so a bad checkpoint fails fast.
   const auto resume = train::find_resume_checkpoint(config, args.resume);
+  train::prepare_run_folders(config, resume ? resume->step : 0);  // before the dataset and model are built
   train::Trainer trainer(std::move(config));
   auto summary = trainer.fit(resume);
   fmt::print("{}", train::format_summary(summary));

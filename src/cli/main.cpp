@@ -1,6 +1,10 @@
 // `scaletrain`: train | eval | data | config | info. Bad input exits with code 2 and one line.
+#include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
@@ -16,14 +20,32 @@ namespace {
 
 using namespace scaletrain;
 
+// --config options and their values, checked after parsing: an empty path (usually an unset
+// shell variable) must not silently mean "the defaults".
+std::vector<std::pair<const CLI::Option*, const std::string*>> config_options;
+
 void add_config_options(CLI::App* command, cli::ConfigArgs& args, bool required) {
   auto* option = command->add_option("-c,--config", args.config, "YAML configuration file (see configs/)");
   if (required) option->required();
+  config_options.emplace_back(option, &args.config);
   command->add_option("--set", args.overrides, "override one key: --set train.max_steps=200 (repeatable)")
       ->type_name("KEY=VALUE")
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
 }
+
+// CLI11 converts an integer that overflows int64 without complaint: a count must be a whole
+// number that fits, checked on the text before the conversion.
+const CLI::Validator kCount(
+    [](std::string& text) -> std::string {
+      int64_t value = 0;
+      const char* end = text.data() + text.size();
+      const auto [ptr, ec] = std::from_chars(text.data(), end, value);
+      if (ec == std::errc::result_out_of_range) return "got " + text + ", expected at most 9223372036854775807";
+      if (ec != std::errc() || ptr != end || value < 0) return "got '" + text + "', expected a whole number >= 0";
+      return "";
+    },
+    "COUNT");
 
 int run(int argc, char** argv) {
   CLI::App app{"scaletrain: fast, small LLM training on LibTorch", "scaletrain"};
@@ -50,16 +72,16 @@ int run(int argc, char** argv) {
   add_config_options(eval_cmd, eval.config, false);
   eval_cmd->add_option("--model", eval.model, "model.pt to evaluate with --config");
   eval_cmd->add_option("--examples", eval.examples, "held-out prompts to decode (default: eval.examples)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kCount);
   eval_cmd->add_option("--show", eval.show, "decoded samples to print (default: eval.show_samples)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kCount);
   eval_cmd->footer("Example: scaletrain eval --run runs/tiny_cpu --show 5");
 
   cli::DataArgs data;
   auto* data_cmd = app.add_subcommand("data", "print examples of the configured data (FLOWROLL/DIMMATCH by default)");
   add_config_options(data_cmd, data.config, false);
   data_cmd->add_option("--split", data.split, "train or val")->check(CLI::IsMember({"train", "val"}))->capture_default_str();
-  data_cmd->add_option("-n,--count", data.count, "examples to print")->check(CLI::NonNegativeNumber)->capture_default_str();
+  data_cmd->add_option("-n,--count", data.count, "examples to print")->check(kCount)->capture_default_str();
   data_cmd->add_option("--format", data.format, "text, jsonl or tsv")
       ->check(CLI::IsMember({"text", "jsonl", "tsv"}))
       ->capture_default_str();
@@ -101,6 +123,10 @@ int run(int argc, char** argv) {
     std::string where = "scaletrain";
     for (const auto* sub : app.get_subcommands()) where += " " + sub->get_name();
     throw core::UsageError(std::string(e.what()) + " (see `" + where + " --help`)");
+  }
+  for (const auto& [option, value] : config_options) {
+    if (option->count() > 0 && value->empty())
+      throw core::UsageError("--config: got an empty path (an unset shell variable?), expected a YAML file");
   }
   core::set_log_level(core::parse_log_level(log_level));
 

@@ -220,8 +220,10 @@ class YamlReader final : public FieldVisitor {
   void field(const char* name, std::string& value, const char*, bool non_empty) override {
     auto node = lookup(name);
     if (!node) return;
+    const std::string expected = non_empty ? "a non-empty string" : "a string";
     if (!node->IsScalar() || (non_empty && node->Scalar().empty()))
-      fail(*node, path(name), describe_node(*node), non_empty ? "a non-empty string" : "a string");
+      fail(*node, path(name), describe_node(*node), expected);
+    check_tag(*node, path(name), "!!str", expected);
     value = node->Scalar();
   }
 
@@ -232,6 +234,7 @@ class YamlReader final : public FieldVisitor {
     std::string key = path(name);
     std::string expected = "a list of " + (choices.empty() ? std::string("names") : "names from " + join(choices));
     if (!node->IsSequence()) fail(*node, key, describe_node(*node), expected);
+    check_tag(*node, key, "!!seq", expected);
     if (non_empty && node->size() == 0) fail(*node, key, "an empty list", "at least one name");
     std::vector<std::string> parsed;
     for (size_t i = 0; i < node->size(); ++i) {
@@ -239,6 +242,7 @@ class YamlReader final : public FieldVisitor {
       std::string item_key = key + "[" + std::to_string(i) + "]";
       if (!item.IsScalar() || item.Scalar().empty())
         fail(item, item_key, describe_node(item), "a name");
+      check_tag(item, item_key, "!!str", "a name");
       check_choice(item, item_key, item.Scalar(), choices);
       if (std::find(parsed.begin(), parsed.end(), item.Scalar()) != parsed.end())
         fail(item, item_key, describe_node(item), "names without repeats");
@@ -253,6 +257,7 @@ class YamlReader final : public FieldVisitor {
     auto node = lookup(name);
     if (!node) return;
     if (!node->IsScalar()) fail(*node, path(name), describe_node(*node), "one of " + join(choices));
+    check_tag(*node, path(name), "!!str", "one of " + join(choices));
     check_choice(*node, path(name), node->Scalar(), choices);
     value = node->Scalar();
   }
@@ -263,6 +268,7 @@ class YamlReader final : public FieldVisitor {
     std::string key = path(name);
     if (!node->IsMap())
       fail(*node, key, describe_node(*node), "a mapping of keys (" + sections_of(key) + ")");
+    check_tag(*node, key, "!!map", "a mapping of keys (" + sections_of(key) + ")");
     check_duplicate_keys(*node, key);
     stack_.push_back(Frame{*node, key, {}});
     return true;
@@ -295,19 +301,36 @@ class YamlReader final : public FieldVisitor {
   std::string path(const char* name) const { return join_path(stack_.back().path, name); }
 
   static bool is_plain_scalar(const YAML::Node& node) {
-    // yaml-cpp tags quoted scalars "!" and plain ones "?": "8" in quotes is a string.
-    return node.IsScalar() && node.Tag() != "!";
+    // yaml-cpp tags quoted scalars "!" and plain ones "?": "8" in quotes is a string, and so is
+    // !!str 8; any other explicit tag (!!float, !custom) is not a number either.
+    return node.IsScalar() && node.Tag() == "?";
+  }
+
+  // The tag written in the file ("!!str", "!custom"), or "" for none.
+  static std::string explicit_tag(const YAML::Node& node) {
+    const std::string& tag = node.Tag();
+    if (tag.empty() || tag == "?" || tag == "!") return "";
+    const std::string core = "tag:yaml.org,2002:";
+    return tag.rfind(core, 0) == 0 ? "!!" + tag.substr(core.size()) : tag;
+  }
+
+  // Strings, names and lists accept no tag or YAML's own for their kind (!!str, !!seq, !!map).
+  void check_tag(const YAML::Node& node, const std::string& key, const char* allowed, const std::string& expected) {
+    const std::string tag = explicit_tag(node);
+    if (!tag.empty() && tag != allowed) fail(node, key, describe_node(node), expected + " (no tag " + tag + ")");
   }
 
   static std::string describe_node(const YAML::Node& node) {
-    if (!node.IsDefined() || node.IsNull()) return "nothing (null)";
-    if (node.IsSequence()) return "a list";
-    if (node.IsMap()) return "a mapping";
+    const std::string tag = node.IsDefined() ? explicit_tag(node) : "";
+    const std::string prefix = tag.empty() ? "" : tag + " ";
+    if (!node.IsDefined() || node.IsNull()) return prefix + "nothing (null)";
+    if (node.IsSequence()) return prefix + "a list";
+    if (node.IsMap()) return prefix + "a mapping";
     std::string text = node.Scalar();
     if (text.size() > 60) text = text.substr(0, 57) + "...";
     for (char& c : text)
       if (c == '\n' || c == '\r') c = ' ';
-    return node.Tag() == "!" ? "\"" + text + "\"" : "'" + text + "'";
+    return prefix + (node.Tag() == "!" ? "\"" + text + "\"" : "'" + text + "'");
   }
 
   // The keys a section accepts, for messages.
@@ -513,15 +536,97 @@ class ReferenceWriter final : public FieldVisitor {
   std::vector<std::string> prefix_;
 };
 
-YAML::Node parse_yaml(std::string_view text, const std::string& origin) {
-  try {
-    return YAML::Load(std::string(text));
-  } catch (const YAML::Exception& e) {
-    std::string where = origin;
-    if (e.mark.line >= 0)
-      where += ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1);
-    throw ConfigError("", where + ": malformed YAML: " + e.msg);
+[[noreturn]] void malformed(const std::string& origin, const YAML::Mark& mark, const std::string& what) {
+  std::string where = origin;
+  if (mark.line >= 0) where += ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+  throw ConfigError("", where + ": malformed YAML: " + what);
+}
+
+// Byte offset of the first byte that is not part of well-formed UTF-8, or npos.
+size_t first_invalid_utf8(std::string_view text) {
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    size_t length = byte < 0x80 ? 1 : (byte >> 5) == 0x6 ? 2 : (byte >> 4) == 0xe ? 3 : (byte >> 3) == 0x1e ? 4 : 0;
+    if (length == 0 || i + length > text.size()) return i;
+    uint32_t code = length == 1 ? byte : byte & (0x7f >> length);
+    for (size_t k = 1; k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      if ((next >> 6) != 0x2) return i;
+      code = (code << 6) | (next & 0x3f);
+    }
+    // Overlong forms, UTF-16 surrogates and values past U+10FFFF are not UTF-8.
+    static constexpr uint32_t kSmallest[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (code < kSmallest[length] || (code >= 0xd800 && code <= 0xdfff) || code > 0x10ffff) return i;
+    i += length;
   }
+  return std::string_view::npos;
+}
+
+YAML::Mark mark_of_offset(std::string_view text, size_t offset) {
+  YAML::Mark mark;
+  mark.pos = static_cast<int>(offset);
+  mark.line = static_cast<int>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(offset), '\n'));
+  const size_t line_start = text.rfind('\n', offset == 0 ? 0 : offset - 1);
+  mark.column = static_cast<int>(line_start == std::string_view::npos || offset == 0 ? offset : offset - line_start - 1);
+  return mark;
+}
+
+// yaml-cpp ends a quoted scalar that is never closed at the end of the text without an error.
+// A quoted scalar's mark is its opening quote: it must have a closing one. `seen` holds the
+// collections already walked (by text position): an alias (`&a [*a]`) may make the tree a cycle.
+void check_quotes_closed(const YAML::Node& node, std::string_view text, const std::string& origin,
+                         std::set<int>& seen) {
+  if (node.IsMap() || node.IsSequence()) {
+    if (!seen.insert(node.Mark().pos).second) return;
+    if (node.IsMap()) {
+      for (auto it = node.begin(); it != node.end(); ++it) {
+        check_quotes_closed(it->first, text, origin, seen);
+        check_quotes_closed(it->second, text, origin, seen);
+      }
+    } else {
+      for (const auto& item : node) check_quotes_closed(item, text, origin, seen);
+    }
+    return;
+  }
+  const YAML::Mark mark = node.Mark();
+  if (!node.IsScalar() || mark.pos < 0 || static_cast<size_t>(mark.pos) >= text.size()) return;
+  const char quote = text[static_cast<size_t>(mark.pos)];
+  if (quote != '"' && quote != '\'') return;
+  for (size_t i = static_cast<size_t>(mark.pos) + 1; i < text.size(); ++i) {
+    if (quote == '"' && text[i] == '\\') {
+      ++i;  // an escape: the next character is not the closing quote
+    } else if (text[i] == quote) {
+      if (quote == '\'' && i + 1 < text.size() && text[i + 1] == '\'') {
+        ++i;  // '' is a quote inside a single-quoted scalar
+      } else {
+        return;
+      }
+    }
+  }
+  malformed(origin, mark, std::string("a ") + (quote == '"' ? "double" : "single") + "-quoted string is never closed");
+}
+
+YAML::Node parse_yaml(std::string_view text, const std::string& origin) {
+  if (const size_t bad = first_invalid_utf8(text); bad != std::string_view::npos) {
+    char byte[8];
+    std::snprintf(byte, sizeof(byte), "0x%02x", static_cast<unsigned char>(text[bad]));
+    malformed(origin, mark_of_offset(text, bad), std::string("byte ") + byte + " is not UTF-8 (expected UTF-8 text)");
+  }
+  std::vector<YAML::Node> documents;
+  try {
+    documents = YAML::LoadAll(std::string(text));
+  } catch (const YAML::Exception& e) {
+    malformed(origin, e.mark, e.msg);
+  }
+  if (documents.size() > 1) {
+    malformed(origin, documents[1].Mark(),
+              "a second document (after '---'); expected one configuration per file");
+  }
+  YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
+  std::set<int> seen;
+  check_quotes_closed(root, text, origin, seen);
+  return root;
 }
 
 void read_node(const VisitRoot& root, const YAML::Node& node, const std::string& origin,

@@ -53,12 +53,18 @@ void write_file_atomic(const std::string& path, std::string_view contents) {
 }
 
 std::string read_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a named pipe with no writer would otherwise wait forever (it is refused
+  // below as not a regular file); for a regular file the flag changes nothing.
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) fail(path, "cannot open");
   struct stat info {};
   if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
     ::close(fd);
-    throw IOError("'" + path + "': not a regular file");
+    const char* kind = S_ISDIR(info.st_mode)    ? "a folder"
+                       : S_ISFIFO(info.st_mode) ? "a named pipe"
+                       : S_ISSOCK(info.st_mode) ? "a socket"
+                                                : "a device or special file";
+    throw IOError("'" + path + "': not a regular file (" + kind + "; expected a file)");
   }
   std::string contents;
   char buffer[1 << 16];
@@ -109,6 +115,11 @@ void fsync_directory(const std::string& path) {
 bool is_directory(const std::string& path) {
   struct stat info {};
   return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+bool path_exists(const std::string& path) {
+  struct stat info {};
+  return ::lstat(path.c_str(), &info) == 0;
 }
 
 bool is_regular_file(const std::string& path) {

@@ -257,7 +257,7 @@ struct Mapping {
 
 TokenSpan map_bin_file(const std::string& path, const std::string& key) {
   const std::string where = key + " '" + path + "'";
-  int fd = ::open(path.c_str(), O_RDONLY);
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a named pipe must not block: refused below
   if (fd < 0) throw core::DataError(where + ": cannot open (" + errno_text() + ")");
   struct stat info {};
   if (fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {

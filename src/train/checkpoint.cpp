@@ -78,7 +78,8 @@ Json parse_manifest(const std::string& text, const Fail& fail) {
     fail(fmt::format("{} is not valid JSON ({}): corrupt", kManifest, e.what()));
   }
   if (!manifest.is_object()) fail(fmt::format("{} is not a JSON object: corrupt", kManifest));
-  if (manifest.value("format", "") != kFormat)
+  const auto format = manifest.find("format");
+  if (format == manifest.end() || !format->is_string() || format->get<std::string>() != kFormat)
     fail(fmt::format("{} is not a scaletrain checkpoint manifest", kManifest));
   auto checksum = manifest.find("manifest_crc32");
   if (checksum == manifest.end() || !checksum->is_string()) fail(fmt::format("{} has no manifest_crc32", kManifest));
@@ -198,6 +199,16 @@ std::vector<int64_t> CheckpointStore::list() const {
   return steps;
 }
 
+std::vector<int64_t> CheckpointStore::blocked_steps() const {
+  std::vector<int64_t> steps;
+  if (!core::is_directory(dir_)) return steps;
+  for (const auto& entry : core::list_directory(dir_)) {
+    const int64_t step = parse_step_name(entry);
+    if (step >= 0 && entry == step_name(step) && !core::is_directory(dir_ + "/" + entry)) steps.push_back(step);
+  }
+  return steps;
+}
+
 std::optional<Checkpoint> CheckpointStore::latest_valid() const {
   for (int64_t step : list()) {
     try {
@@ -235,7 +246,12 @@ Checkpoint CheckpointStore::read(const std::string& path) {
     }
     fail(fmt::format("no {} (not a checkpoint, or one whose writing did not finish)", kManifest));
   }
-  const Json manifest = parse_manifest(core::read_file(manifest_path), fail);
+  Json manifest;
+  try {
+    manifest = parse_manifest(core::read_file(manifest_path), fail);
+  } catch (const Json::exception& e) {  // a field of the wrong JSON type that the checks above missed
+    fail(fmt::format("{} is malformed ({}): corrupt", kManifest, e.what()));
+  }
 
   Checkpoint checkpoint;
   checkpoint.path = path;

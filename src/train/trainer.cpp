@@ -18,8 +18,10 @@
 #include "scaletrain/core/version.h"
 #include "scaletrain/core/logging.h"
 #include "scaletrain/data/dsl.h"
+#include "scaletrain/plan/memory.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/metrics.h"
+#include "scaletrain/train/run_folders.h"
 #include "scaletrain/train/train_state.h"
 
 #ifdef SCALETRAIN_WITH_CUDA
@@ -37,18 +39,24 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// GPT-2 practice: decay matrices and embeddings, not biases and LayerNorm parameters.
+// The AdamW options of optim.* (lr, betas, eps, weight decay).
+torch::optim::AdamWOptions adamw_options(const OptimizerOptions& optim) {
+  return torch::optim::AdamWOptions(optim.lr())
+      .betas({optim.beta1(), optim.beta2()})
+      .eps(optim.eps())
+      .weight_decay(optim.weight_decay());
+}
+
+// GPT-2 practice: decay matrices and embeddings, not biases and LayerNorm parameters. LibTorch
+// gives each group its own complete options (the optimizer's defaults do not fill them in), so
+// both groups start from all of optim.* and differ only in weight decay.
 std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const std::vector<at::Tensor>& params,
-                                                                double weight_decay) {
+                                                                const OptimizerOptions& optim) {
   std::vector<at::Tensor> decay, no_decay;
   for (const auto& p : params) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  auto with_decay = std::make_unique<torch::optim::AdamWOptions>();
-  with_decay->weight_decay(weight_decay);
-  auto without_decay = std::make_unique<torch::optim::AdamWOptions>();
-  without_decay->weight_decay(0.0);
-  groups.emplace_back(decay, std::move(with_decay));
-  groups.emplace_back(no_decay, std::move(without_decay));
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(adamw_options(optim)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(adamw_options(optim).weight_decay(0.0)));
   return groups;
 }
 
@@ -114,6 +122,7 @@ c10::Device resolve_device(DeviceChoice choice) {
 Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve_device(config_.train.device())) {
   config_.validate();
   if (config_.train.threads() > 0) at::set_num_threads(static_cast<int>(config_.train.threads()));
+  plan::check_model_fits(config_.model, config_.amp, device_);  // before anything is allocated
   dataset_ = data::load_dataset(config_.data, config_.model.block_size(), config_.model.vocab_size());
   if (dataset_->vocab_size() > config_.model.vocab_size()) {
     throw core::ConfigError("model.vocab_size", fmt::format("model.vocab_size: got {}, expected at least {} for this data",
@@ -250,6 +259,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   const auto& options = config_.train;
   const auto& optim = config_.optim;
   if (resume) check_resumable(*resume, config_);
+  prepare_run_folders(config_, resume ? resume->step : 0);  // a blocked path fails now, not at the first save
   TrainSummary summary;
   summary.parameters = model_->num_parameters();
   summary.device = device_.str();
@@ -259,7 +269,6 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   const std::string out_dir = options.out_dir();
   MetricsLog metrics;
   if (!out_dir.empty()) {
-    core::create_directories(out_dir);
     core::write_file_atomic(out_dir + "/config.yaml", config_.to_yaml());
     metrics = MetricsLog(out_dir + "/metrics.jsonl", /*append=*/resume.has_value());
   }
@@ -276,8 +285,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     metrics.write(eval_record(0, *summary.before));
   }
 
-  torch::optim::AdamW optimizer(parameter_groups(trainable_parameters(), optim.weight_decay()),
-                                torch::optim::AdamWOptions(optim.lr()).betas({optim.beta1(), optim.beta2()}).eps(optim.eps()));
+  torch::optim::AdamW optimizer(parameter_groups(trainable_parameters(), optim), adamw_options(optim));
   // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
   // register here, one line each: state.add_json(...) / state.add_tensors(...), see train_state.h.
   TrainState state(model_, optimizer);
@@ -293,6 +301,10 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   TrainProgress from;  // step 0, or where the checkpoint left off
   if (resume) {
     from = state.restore(*resume);
+    // The checkpoint restores each group's options as they were saved; the config decides them.
+    auto groups = parameter_groups({}, optim);
+    for (size_t i = 0; i < groups.size() && i < optimizer.param_groups().size(); ++i)
+      optimizer.param_groups()[i].set_options(groups[i].options().clone());
     report(fmt::format("resumed from checkpoint '{}' at step {}", resume->path, from.step));
     metrics.write({{"kind", std::string("resume")}, {"step", from.step}});
   }

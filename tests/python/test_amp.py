@@ -133,3 +133,77 @@ def test_bad_input_is_named():
     with pytest.raises(RuntimeError, match="No inf checks"):
         LossScaler().update()
     assert scaletrain.amp.LossScaler is LossScaler
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(init_scale=0.1, growth_interval=3),
+        dict(init_scale=2.0**10, growth_interval=3, growth_factor=1.5, backoff_factor=0.3),
+        dict(init_scale=3.0, growth_interval=2, growth_factor=3.0, backoff_factor=0.7),
+        dict(init_scale=1e-3, growth_interval=1, growth_factor=1.1, backoff_factor=0.999),
+    ],
+    ids=["init0.1", "growth1.5", "growth3", "growth1.1"],
+)
+def test_gradscaler_float32_arithmetic_with_factors_that_are_not_powers_of_two(options):
+    """GradScaler keeps its scale in float32: with such factors every scale, skip and weight must
+    still match it, and a state round trip through GradScaler and back must continue in lockstep."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(8, 2)
+    ours = torch.nn.Linear(8, 2)
+    ours.load_state_dict(theirs.state_dict())
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-2)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    reference = torch.amp.GradScaler("cpu", **options)
+    scaler = LossScaler(**options)
+    for step in range(60):
+        if step == 30:  # GradScaler's state into a fresh LossScaler with default options
+            scaler = LossScaler()
+            scaler.load_state_dict(reference.state_dict())
+        x, y = torch.randn(16, 8), torch.randn(16, 2)
+        for model, opt, s in ((theirs, opt_theirs, reference), (ours, opt_ours, scaler)):
+            opt.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if step % 7 in (2, 3):
+                model.weight.grad[0, 0] = float("inf")
+            s.step(opt)
+            s.update()
+        assert reference.get_scale() == scaler.get_scale(), f"step {step}"
+        for a, b in zip(theirs.parameters(), ours.parameters()):
+            assert torch.equal(a, b), f"step {step}: weights differ from GradScaler's run"
+    state = scaler.state_dict()
+    for key in ("growth_factor", "backoff_factor", "growth_interval"):
+        assert state[key] == reference.state_dict()[key], key
+
+
+def test_fp16_loss_is_scaled_in_float32_as_gradscaler():
+    loss = torch.tensor(3.0, dtype=torch.float16)
+    ours, theirs = LossScaler().scale(loss), torch.amp.GradScaler("cpu").scale(loss)
+    assert ours.dtype == theirs.dtype == torch.float32 and ours.item() == theirs.item() == 3.0 * 2**16
+
+
+def test_more_bad_input_is_named():
+    with pytest.raises(ValueError, match="max_scale: got inf"):
+        LossScaler(max_scale=float("inf"))
+    with pytest.raises(ValueError, match=r"init_scale: got 0.5, expected a number in \[min_scale, max_scale\]"):
+        LossScaler(init_scale=0.5, min_scale=1.0)
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    opt = torch.optim.SGD([param], lr=0.1)
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="max_norm: got"):
+            LossScaler().unscale_(opt, max_norm=bad)
+        with pytest.raises(ValueError, match="max_norm: got"):
+            unscale_check_clip_([param.grad], 1.0, bad)
+    grad = torch.ones(8)
+    with pytest.raises(ValueError, match=r"grads\[1\]: shares memory with grads\[0\]"):
+        unscale_check_clip_([grad, grad], 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"grads\[1\]: shares memory with grads\[0\]"):
+        unscale_check_clip_([grad[:5], grad[3:]], 0.5, 0.0)
+    unscale_check_clip_([grad[:4], grad[4:]], 0.5, 0.0)  # adjacent views do not overlap
+    assert torch.equal(grad, torch.full((8,), 0.5))
+    for not_an_optimizer in (None, 3, [param]):
+        with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer"):
+            LossScaler().unscale_(not_an_optimizer)
+        with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer"):
+            LossScaler().step(not_an_optimizer)

@@ -2,6 +2,8 @@
 user runs work end to end. References: the files the tests write and the documented messages."""
 
 import json
+import os
+import zlib
 
 import pytest
 
@@ -32,9 +34,24 @@ def configs(tmp_path):
         "missing_data.yaml": f"data:\n  source: text\n  path: {tmp_path}/no_such_corpus.txt\n",
         "folder_data.yaml": f"data:\n  source: bin\n  path: {tmp_path}\n",
         "ok.yaml": "train:\n  max_steps: 5\n",
+        "two_documents.yaml": "train:\n  max_steps: 5\n---\ntrain:\n  max_steps: 6\n",
+        "str_tag.yaml": "train:\n  max_steps: !!str 5\n",
+        "custom_tag.yaml": "optim:\n  lr: !fast 1e-3\n",
+        "open_quote.yaml": 'train:\n  out_dir: "runs/x\n',
+        "a_file": "not a folder\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    (tmp_path / "latin1.yaml").write_bytes(b"train:\n  out_dir: caf\xe9\n")
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "model_pt_folder" / "model.pt").mkdir(parents=True)
+    (tmp_path / "blocked" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "blocked" / "checkpoints" / "step_00000004").write_text("a file where a checkpoint goes\n")
+    manifest = tmp_path / "typed" / "step_00000002"
+    manifest.mkdir(parents=True)
+    fields = {"format": 7, "version": 1, "step": 2, "files": []}
+    fields["manifest_crc32"] = f"{zlib.crc32(json.dumps(fields, separators=(',', ':')).encode()):08x}"
+    (manifest / "manifest.json").write_text(json.dumps(fields))
     return tmp_path
 
 
@@ -79,6 +96,39 @@ BAD_INPUTS = [
     (["eval", "--run", "{d}", "--config", "{d}/ok.yaml"], "expected either --run DIR or --config FILE --model FILE"),
     (["eval", "--config", "{d}/ok.yaml", "--model", "{d}/ok.yaml"], "'{d}/ok.yaml': not a saved model"),
     ([], "A subcommand is required"),
+    (["train", "--config", ""], "--config: got an empty path (an unset shell variable?), expected a YAML file"),
+    (["config", "--config", ""], "--config: got an empty path"),
+    (["train", "--config", "{d}/two_documents.yaml"],
+     "{d}/two_documents.yaml:4:1: malformed YAML: a second document (after '---'); expected one configuration"),
+    (["train", "--config", "{d}/str_tag.yaml"], "train.max_steps: got !!str '5', expected an integer >= 1"),
+    (["train", "--config", "{d}/custom_tag.yaml"], "optim.lr: got !fast '1e-3', expected a finite number > 0.0"),
+    (["train", "--config", "{d}/open_quote.yaml"],
+     "{d}/open_quote.yaml:2:12: malformed YAML: a double-quoted string is never closed"),
+    (["train", "--config", "{d}/latin1.yaml"],
+     "{d}/latin1.yaml:2:15: malformed YAML: byte 0xe9 is not UTF-8 (expected UTF-8 text)"),
+    (["train", "--config", "{d}/pipe.yaml"], "config file '{d}/pipe.yaml': not a regular file (a named pipe"),
+    (["data", "--set", "data.source=text", "--set", "data.path={d}/pipe.yaml"],
+     "data.path '{d}/pipe.yaml': not a regular file (a named pipe"),
+    (["data", "-n", "9223372036854775808"], "got 9223372036854775808, expected at most 9223372036854775807"),
+    (["eval", "--run", "{d}", "--examples", "1e3"], "expected a whole number >= 0"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "amp.precision=fp16", "--set", "amp.init_scale=0.5"],
+     "amp.init_scale: got 0.5, expected a number in [amp.min_scale, amp.max_scale] = [1.0, 16777216.0]"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "amp.max_scale=1e39"],
+     "amp.max_scale: got '1e39', expected a finite number in (0.0, 3.4028234663852886e+38]"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "train.out_dir={d}/a_file/run"],
+     "train.out_dir: the folder '{d}/a_file/run' cannot be written"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "train.out_dir={d}/model_pt_folder"],
+     "train.save_model: '{d}/model_pt_folder/model.pt' is a folder or another non-file"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "train.out_dir={d}/run", "--set", "checkpoint.every=2",
+      "--set", "checkpoint.dir={d}/a_file"], "checkpoint.dir: the folder '{d}/a_file' cannot be written"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "train.out_dir={d}/blocked", "--set", "checkpoint.every=2"],
+     "train.out_dir: '{d}/blocked/checkpoints/step_00000004' is not a folder (a file or a link), and this run "
+     "writes its step 4 checkpoint there"),
+    (["train", "--config", "{d}/ok.yaml", "--resume", "{d}/typed/step_00000002"],
+     "checkpoint '{d}/typed/step_00000002': manifest.json is not a scaletrain checkpoint manifest"),
+    (["train", "--config", "{d}/ok.yaml", "--set", "model.n_embd=65536", "--set", "model.n_layer=1024"],
+     "model: 5.278e+13 parameters (model.n_layer 1024, model.n_embd 65536, model.vocab_size 258) need 768.01 TiB "
+     "for weights, gradients and AdamW state before any activation, but cpu has"),
 ]
 
 

@@ -51,3 +51,24 @@ def test_version_and_build_info():
     import torch
 
     assert torch.__version__.startswith(info["torch_version"])
+
+
+def test_bad_files_raise_config_error(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"train:\n  out_dir: caf\xe9\n")
+    with pytest.raises(scaletrain.ConfigError, match=r"latin1.yaml:2:15: malformed YAML: byte 0xe9 is not UTF-8"):
+        scaletrain.load_config(str(latin1))
+    with pytest.raises(scaletrain.ConfigError, match="path: got an empty path"):
+        scaletrain.load_config("")
+    second = tmp_path / "second.yaml"
+    second.write_text("train:\n  max_steps: 5\n---\ntrain:\n  max_steps: 6\n")
+    with pytest.raises(scaletrain.ConfigError, match="a second document"):
+        scaletrain.load_config(str(second))
+    with pytest.raises(scaletrain.ConfigError, match=r"train.max_steps: got !!str '5'"):
+        scaletrain.load_config(None, ["train.max_steps=!!str 5"])
+    open_quote = tmp_path / "open_quote.yaml"
+    open_quote.write_text("train:\n  out_dir: 'runs/x\n")
+    with pytest.raises(scaletrain.ConfigError, match=r"open_quote.yaml:2:12: .*single-quoted string is never closed"):
+        scaletrain.load_config(str(open_quote))
+    # !!str on a string key is what the key holds anyway
+    assert scaletrain.load_config(None, ["train.out_dir=!!str 42"])["train"]["out_dir"] == "42"

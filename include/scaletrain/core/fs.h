@@ -21,6 +21,8 @@ void create_directories(const std::string& path);
 // Removes a file or a folder with everything below it; absent is fine. Throws IOError.
 void remove_tree(const std::string& path);
 bool is_directory(const std::string& path);
+// Whether anything is at `path`, a dangling link included (lstat).
+bool path_exists(const std::string& path);
 bool is_regular_file(const std::string& path);
 // Names of the entries of a folder (without "." and ".."), sorted; throws IOError.
 std::vector<std::string> list_directory(const std::string& path);

@@ -57,6 +57,10 @@ class CheckpointStore {
   // newest first; empty when dir does not exist.
   std::vector<int64_t> list() const;
 
+  // Steps whose folder name (path_of(step)) is taken by something that is not a folder: a file,
+  // a named pipe, a link to a file or to nothing. save() of such a step would fail.
+  std::vector<int64_t> blocked_steps() const;
+
   // Reads and verifies the checkpoint of `step`; throws IOError (see read()).
   Checkpoint load(int64_t step) const { return read(path_of(step)); }
 

@@ -33,14 +33,20 @@ std::vector<at::Tensor> weights(model::GPT& m) {
   return out;
 }
 
-// torch AdamW as the tiny config asks for it: weight decay 0.1 on matrices and embeddings only.
+// torch AdamW as the tiny config asks for it: betas (0.9, 0.95) and eps 1e-8 (the optim.*
+// defaults), weight decay 0.1 on matrices and embeddings only. Each group spells out every option:
+// LibTorch does not fill a group's options from the optimizer's defaults.
 std::unique_ptr<torch::optim::AdamW> reference_adamw(model::GPT& m) {
   std::vector<at::Tensor> decay, no_decay;
   for (const auto& p : m->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto options = [](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8).weight_decay(weight_decay));
+  };
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.1)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions().weight_decay(0.0)));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8));
+  groups.emplace_back(decay, options(0.1));
+  groups.emplace_back(no_decay, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(3e-3));
 }
 
 TEST(Trainer, MatchesAHandWrittenAdamWLoop) {

@@ -1,0 +1,96 @@
+#include "scaletrain/plan/memory.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "scaletrain/core/error.h"
+
+#ifdef SCALETRAIN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace scaletrain::plan {
+
+double gpt_parameter_count(const model::GPTOptions& options) {
+  const double vocab = static_cast<double>(options.vocab_size());
+  const double width = static_cast<double>(options.n_embd());
+  const double bias = options.bias() ? 1 : 0;
+  const double layer_norm = width * (1 + bias);
+  // ln1, qkv (3E x E), attention proj (E x E), ln2, fc (4E x E), mlp proj (E x 4E)
+  const double block = 2 * layer_norm + (3 * width * width + bias * 3 * width) + (width * width + bias * width) +
+                       (4 * width * width + bias * 4 * width) + (4 * width * width + bias * width);
+  const double embedding = vocab * width;
+  const double head = options.tie_embeddings() ? 0 : vocab * width;  // lm_head has no bias
+  return embedding + static_cast<double>(options.n_layer()) * block + layer_norm + head;
+}
+
+ModelStateBytes model_state_bytes(const model::GPTOptions& model, const amp::AmpOptions& amp) {
+  ModelStateBytes bytes;
+  bytes.parameters = gpt_parameter_count(model);
+  const double n = bytes.parameters;
+  const bool low = amp.low_precision_params() && amp.precision() != amp::Precision::fp32;
+  const double element = low ? 2 : 4;
+  bytes.weights = n * element;
+  bytes.gradients = n * element + (low ? n * 4 : 0);
+  bytes.master = low ? n * 4 : 0;
+  bytes.optimizer = n * 8;
+  bytes.buffers = 2.0 * static_cast<double>(model.block_size()) * static_cast<double>(model.head_dim() / 2) * 4;
+  return bytes;
+}
+
+namespace {
+
+double host_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  double total = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 0;
+  // A container's limit (cgroup v2) is what the process can have.
+  std::ifstream limit("/sys/fs/cgroup/memory.max");
+  std::string text;
+  if (limit >> text && text != "max") {
+    try {
+      const double cap = std::stod(text);
+      if (cap > 0 && (total == 0 || cap < total)) total = cap;
+    } catch (const std::exception&) {
+    }
+  }
+  return total;
+}
+
+}  // namespace
+
+double device_memory_bytes(const c10::Device& device) {
+#ifdef SCALETRAIN_WITH_CUDA
+  if (device.is_cuda()) {
+    cudaDeviceProp properties{};
+    if (cudaGetDeviceProperties(&properties, device.has_index() ? device.index() : 0) != cudaSuccess) return 0;
+    return static_cast<double>(properties.totalGlobalMem);
+  }
+#endif
+  return device.is_cpu() ? host_memory_bytes() : 0;
+}
+
+std::string format_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  size_t unit = 0;
+  while (bytes >= 1024 && unit + 1 < sizeof(units) / sizeof(units[0])) bytes /= 1024, ++unit;
+  return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.2f} {}", bytes, units[unit]);
+}
+
+void check_model_fits(const model::GPTOptions& model, const amp::AmpOptions& amp, const c10::Device& device) {
+  const ModelStateBytes bytes = model_state_bytes(model, amp);
+  const double available = device_memory_bytes(device);
+  if (available <= 0 || bytes.total() <= available) return;
+  throw core::ConfigError(
+      "model", fmt::format("model: {:.4g} parameters (model.n_layer {}, model.n_embd {}, model.vocab_size {}) need "
+                           "{} for weights, gradients and AdamW state before any activation, but {} has {}; "
+                           "expected a smaller model",
+                           bytes.parameters, model.n_layer(), model.n_embd(), model.vocab_size(),
+                           format_bytes(bytes.total()), device.str(), format_bytes(available)));
+}
+
+}  // namespace scaletrain::plan
