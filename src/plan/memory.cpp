@@ -11,7 +11,7 @@
 #include "scaletrain/core/error.h"
 
 #ifdef SCALETRAIN_WITH_CUDA
-#include <cuda_runtime_api.h>
+#include <ATen/cuda/CUDAContext.h>
 #endif
 
 namespace scaletrain::plan {
@@ -66,9 +66,11 @@ double host_memory_bytes() {
 double device_memory_bytes(const c10::Device& device) {
 #ifdef SCALETRAIN_WITH_CUDA
   if (device.is_cuda()) {
-    cudaDeviceProp properties{};
-    if (cudaGetDeviceProperties(&properties, device.has_index() ? device.index() : 0) != cudaSuccess) return 0;
-    return static_cast<double>(properties.totalGlobalMem);
+    try {
+      return static_cast<double>(at::cuda::getDeviceProperties(device.has_index() ? device.index() : 0)->totalGlobalMem);
+    } catch (const std::exception&) {
+      return 0;
+    }
   }
 #endif
   return device.is_cpu() ? host_memory_bytes() : 0;
@@ -83,14 +85,20 @@ std::string format_bytes(double bytes) {
 
 void check_model_fits(const model::GPTOptions& model, const amp::AmpOptions& amp, const c10::Device& device) {
   const ModelStateBytes bytes = model_state_bytes(model, amp);
-  const double available = device_memory_bytes(device);
-  if (available <= 0 || bytes.total() <= available) return;
-  throw core::ConfigError(
-      "model", fmt::format("model: {:.4g} parameters (model.n_layer {}, model.n_embd {}, model.vocab_size {}) need "
-                           "{} for weights, gradients and AdamW state before any activation, but {} has {}; "
-                           "expected a smaller model",
-                           bytes.parameters, model.n_layer(), model.n_embd(), model.vocab_size(),
-                           format_bytes(bytes.total()), device.str(), format_bytes(available)));
+  auto refuse = [&](double needed, const char* what, const std::string& where, double available) {
+    throw core::ConfigError(
+        "model", fmt::format("model: {:.4g} parameters (model.n_layer {}, model.n_embd {}, model.vocab_size {}) need "
+                             "{} for {}, but {} has {}; expected a smaller model",
+                             bytes.parameters, model.n_layer(), model.n_embd(), model.vocab_size(),
+                             format_bytes(needed), what, where, format_bytes(available)));
+  };
+  const double on_device = device_memory_bytes(device);
+  if (on_device > 0 && bytes.total() > on_device)
+    refuse(bytes.total(), "weights, gradients and AdamW state before any activation", device.str(), on_device);
+  // The model is built in fp32 on the host, then moved: the host must hold that copy too.
+  const double host = device_memory_bytes(c10::Device(c10::kCPU));
+  const double built = bytes.parameters * 4 + bytes.buffers;
+  if (!device.is_cpu() && host > 0 && built > host) refuse(built, "the fp32 weights built on the host", "the host", host);
 }
 
 }  // namespace scaletrain::plan
