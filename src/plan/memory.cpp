@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "scaletrain/core/error.h"
+#include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
 
 #ifdef SCALETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>

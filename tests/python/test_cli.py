@@ -128,7 +128,7 @@ BAD_INPUTS = [
      "checkpoint '{d}/typed/step_00000002': manifest.json is not a scaletrain checkpoint manifest"),
     (["train", "--config", "{d}/ok.yaml", "--set", "model.n_embd=65536", "--set", "model.n_layer=1024"],
      "model: 5.278e+13 parameters (model.n_layer 1024, model.n_embd 65536, model.vocab_size 258) need 768.01 TiB "
-     "for weights, gradients and AdamW state before any activation, but "),
+     "for weights, gradients and AdamW state before any activation, but "),  # cpu or cuda:0
 ]
 
 
