@@ -19,7 +19,7 @@ void require_writable_folder(const std::string& key, const std::string& dir) {
     core::create_directories(dir);
     const std::string probe = dir + "/.scaletrain-write-test-" + std::to_string(::getpid());
     core::write_file_atomic(probe, "");
-    ::unlink(probe.c_str());
+    core::remove_tree(probe);
   } catch (const core::IOError& e) {
     throw core::ConfigError(key, fmt::format("{}: the folder '{}' cannot be written: {}", key, dir, e.what()));
   }
