@@ -1,7 +1,8 @@
 """GPT-2 124M training (configs/gpt2_124m_h100.yaml, batch 16 x 1024 tokens) with scaletrain's
 trainer (the `scaletrain train` executable) against the same model trained by plain PyTorch eager
 with torch.amp (benchmarks/python/torch_gpt.py), in one run of this script on one GPU: tokens per
-second and peak GPU memory for fp32, bf16 and fp16 with dynamic loss scaling.
+second and peak GPU memory for fp32, bf16 and fp16 with dynamic loss scaling. Both sides pad the
+vocabulary of 50257 to 50304 rows.
 
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --out benchmarks/results/train_gpt2_h100.json
 
@@ -29,6 +30,10 @@ from torch_gpt import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 B, T = 16, 1024
+# scaletrain pads the embedding and output rows to a multiple of 64 (model.pad_vocab_to); the
+# PyTorch twin gets the same rows, as nanoGPT pads its vocabulary, so both sides run the same GEMMs.
+VOCAB = 50257
+PADDED_VOCAB = (VOCAB + 63) // 64 * 64
 
 
 def ours(exe, tokens, precision, steps, work, checkpointing=False):
@@ -51,7 +56,7 @@ def ours(exe, tokens, precision, steps, work, checkpointing=False):
 def theirs(tokens, precision, steps, warmup=10, checkpointing=False, foreach=None):
     torch.manual_seed(0)
     data = np.memmap(tokens, dtype=np.uint16, mode="r")
-    model = GPT(checkpointing=checkpointing).cuda()
+    model = GPT(vocab_size=PADDED_VOCAB, checkpointing=checkpointing).cuda()
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -113,7 +118,7 @@ def main():
     exe = Path(args.build) / "scaletrain"
     with tempfile.TemporaryDirectory() as work:
         tokens = Path(work) / "tokens.bin"
-        np.random.default_rng(0).integers(0, 50257, 20_000_000, dtype=np.uint16).tofile(tokens)
+        np.random.default_rng(0).integers(0, VOCAB, 20_000_000, dtype=np.uint16).tofile(tokens)
         our_bf16_rate = None
         for precision in args.precisions.split(","):
             our_rate, our_peak, our_params, _ = ours(exe, tokens, precision, args.steps, work)
@@ -121,7 +126,8 @@ def main():
             torch.cuda.empty_cache()
             if our_params != torch_params:
                 raise SystemExit(f"parameter counts differ: scaletrain {our_params}, PyTorch {torch_params}")
-            baseline = "PyTorch eager" + (" + torch.amp autocast" if precision != "fp32" else "") + \
+            baseline = f"PyTorch eager (vocab padded to {PADDED_VOCAB})" + \
+                (" + torch.amp autocast" if precision != "fp32" else "") + \
                 (" + GradScaler" if precision == "fp16" else "")
             label = precision + (" + loss scaler" if precision == "fp16" else "")
             record(label, baseline, our_rate, torch_rate, our_peak, torch_peak)
@@ -134,11 +140,12 @@ def main():
             torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True)
             torch.cuda.empty_cache()
             record("bf16 + activation checkpointing",
-                   "PyTorch eager + torch.amp autocast + torch.utils.checkpoint per block",
+                   f"PyTorch eager (vocab padded to {PADDED_VOCAB}) + torch.amp autocast + torch.utils.checkpoint per block",
                    our_rate, torch_rate, our_peak, torch_peak)
             plain_rate, _, _ = theirs(tokens, "bf16", args.steps - 10, foreach=False)
             torch.cuda.empty_cache()
-            record("bf16", "PyTorch eager + torch.amp autocast, AdamW foreach=False", our_bf16_rate, plain_rate)
+            record("bf16", f"PyTorch eager (vocab padded to {PADDED_VOCAB}) + torch.amp autocast, AdamW foreach=False",
+                   our_bf16_rate, plain_rate)
     print(f"{'precision':<20}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ours GiB':>10}{'torch GiB':>11}")
     for label, a, b, m, n in table:
         print(f"{label:<20}{a:>12,.0f}{b:>13,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>11.2f}")

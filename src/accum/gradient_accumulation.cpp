@@ -36,7 +36,7 @@ at::Tensor GradientAccumulator::normalize(const at::Tensor& summed_loss, int64_t
 }
 
 at::Tensor summed_cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}), {},
+  return at::cross_entropy_loss(logits.to(at::kFloat).reshape({-1, logits.size(-1)}), targets.reshape({-1}), {},
                                 at::Reduction::Sum, ignore_index);
 }
 

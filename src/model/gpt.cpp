@@ -84,13 +84,13 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& cos, const 
 
 GPTImpl::GPTImpl(GPTOptions options) : options_(std::move(options)) {
   options_.validate();
-  wte = register_module("wte", torch::nn::Embedding(options_.vocab_size(), options_.n_embd()));
+  wte = register_module("wte", torch::nn::Embedding(options_.padded_vocab_size(), options_.n_embd()));
   embedding_dropout = register_module("embedding_dropout", torch::nn::Dropout(options_.dropout()));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < options_.n_layer(); ++i) blocks->push_back(Block(options_));
   ln_f = register_module("ln_f", LayerNorm(options_.n_embd(), options_.bias()));
   if (!options_.tie_embeddings())
-    lm_head = register_module("lm_head", make_linear(options_.n_embd(), options_.vocab_size(), false));
+    lm_head = register_module("lm_head", make_linear(options_.n_embd(), options_.padded_vocab_size(), false));
 
   // Rotary tables: angle(pos, i) = pos * base^(-2i / head_dim), i < head_dim / 2.
   const int64_t half = options_.head_dim() / 2;
@@ -159,11 +159,16 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
   }
   if (context.cache) context.cache->length += seq;
   x = ln_f(x);
-  return options_.tie_embeddings() ? F::linear(x, wte->weight) : lm_head(x);
+  auto logits = options_.tie_embeddings() ? F::linear(x, wte->weight) : lm_head(x);
+  // The GEMM runs over the padded rows; the padding columns are dropped here, so they take no
+  // part in the softmax, the loss or decoding, and their rows get no gradient from the output.
+  return options_.padded_vocab_size() == options_.vocab_size() ? logits
+                                                               : logits.narrow(-1, 0, options_.vocab_size());
 }
 
 at::Tensor GPTImpl::loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
-  return F::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}),
+  // fp32 first: for low-precision (or column-narrowed) logits that conversion is the one copy.
+  return F::cross_entropy(logits.to(at::kFloat).reshape({-1, logits.size(-1)}), targets.reshape({-1}),
                           F::CrossEntropyFuncOptions().ignore_index(ignore_index));
 }
 

@@ -6,6 +6,9 @@ namespace scaletrain::model {
 
 void GPTOptions::visit(core::FieldVisitor& v) {
   v.field("vocab_size", vocab_size(), "vocabulary size (258 for the byte tokenizer)", core::at_least(2));
+  v.field("pad_vocab_to", pad_vocab_to(),
+          "embedding and output rows padded to a multiple of this (faster GEMMs; never in the loss; 1: none)",
+          core::between(1, 1 << 16));
   v.field("block_size", block_size(), "longest sequence in tokens", core::between(2, 1 << 20));
   v.field("n_layer", n_layer(), "number of transformer blocks", core::between(1, 1024));
   v.field("n_head", n_head(), "attention heads per block", core::between(1, 1024));

@@ -18,7 +18,7 @@
 namespace scaletrain::plan {
 
 double gpt_parameter_count(const model::GPTOptions& options) {
-  const double vocab = static_cast<double>(options.vocab_size());
+  const double vocab = static_cast<double>(options.padded_vocab_size());
   const double width = static_cast<double>(options.n_embd());
   const double bias = options.bias() ? 1 : 0;
   const double layer_norm = width * (1 + bias);

@@ -442,9 +442,16 @@ void load_model_archive(model::GPT& model, const std::string& bytes, const std::
       throw core::IOError(origin + ": no tensor '" + name + "' (saved from another model?)");
     }
     if (saved.sizes() != target.sizes() || saved.scalar_type() != target.scalar_type()) {
-      throw core::IOError(fmt::format("{}: '{}' is {} {}, the model expects {} {} (trained with other model options?)",
-                                      origin, name, fmt::join(saved.sizes(), "x"), c10::toString(saved.scalar_type()),
-                                      fmt::join(target.sizes(), "x"), c10::toString(target.scalar_type())));
+      // Saved before the vocabulary was padded: its rows are exactly vocab_size.
+      const auto& options = model->options();
+      const bool unpadded = (name == "wte.weight" || name == "lm_head.weight") && saved.dim() == 2 &&
+                            saved.size(0) == options.vocab_size() && target.size(0) == options.padded_vocab_size();
+      throw core::IOError(fmt::format("{}: '{}' is {} {}, the model expects {} {} ({})", origin, name,
+                                      fmt::join(saved.sizes(), "x"), c10::toString(saved.scalar_type()),
+                                      fmt::join(target.sizes(), "x"), c10::toString(target.scalar_type()),
+                                      unpadded ? "saved without vocabulary padding: load it with --set "
+                                                 "model.pad_vocab_to=1"
+                                               : "trained with other model options?"));
     }
     target.copy_(saved);
   };

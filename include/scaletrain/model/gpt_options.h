@@ -17,6 +17,11 @@ enum class AttentionBackend { math, sdpa };
 struct GPTOptions {
   // Vocabulary size: 258 for the byte tokenizer (256 bytes, end of sequence, padding).
   TORCH_ARG(int64_t, vocab_size) = 258;
+  // The embedding and output layer get padded_vocab_size() rows, vocab_size rounded up to a
+  // multiple of this (64, as nanoGPT and llm.c: 50257 rows make GPT-2's output GEMMs slow, 50304
+  // do not). The padding rows never reach the loss or a generated token: the logits are the first
+  // vocab_size columns. 1: no padding.
+  TORCH_ARG(int64_t, pad_vocab_to) = 64;
   // Longest sequence the model accepts; rotary tables are precomputed for it.
   TORCH_ARG(int64_t, block_size) = 256;
   TORCH_ARG(int64_t, n_layer) = 4;
@@ -37,6 +42,7 @@ struct GPTOptions {
 
  public:  // TORCH_ARG leaves the section private
   int64_t head_dim() const { return n_embd_ / n_head_; }
+  int64_t padded_vocab_size() const { return (vocab_size_ + pad_vocab_to_ - 1) / pad_vocab_to_ * pad_vocab_to_; }
   void visit(core::FieldVisitor& v);
   // Cross-field checks (n_embd divisible by n_head, even head size); throws ConfigError.
   void validate() const;

@@ -24,15 +24,64 @@ GPTOptions small(AttentionBackend backend = AttentionBackend::sdpa) {
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
+// Reference: the same model without padding (pad_vocab_to 1), holding the padded model's real
+// rows, in fp64. The loss, every gradient and the real rows' gradients must agree; the padding
+// rows get no gradient and never win a decoding step even when their weights are large.
+TEST(GPT, PaddedVocabularyIsTheUnpaddedModel) {
+  for (bool tied : {true, false}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    torch::manual_seed(3);
+    GPT padded(small().tie_embeddings(tied).pad_vocab_to(64));
+    GPT plain(small().tie_embeddings(tied).pad_vocab_to(1));
+    padded->to(at::kDouble);
+    plain->to(at::kDouble);
+    ASSERT_EQ(padded->wte->weight.size(0), 320);
+    ASSERT_EQ(plain->wte->weight.size(0), 258);
+    {
+      torch::NoGradGuard no_grad;
+      auto from = padded->named_parameters();
+      for (auto& item : plain->named_parameters()) {
+        const at::Tensor& source = from[item.key()];
+        item.value().copy_(source.narrow(0, 0, item.value().size(0)));  // real rows (all rows elsewhere)
+      }
+      // Padding rows that would dominate the softmax if they reached it.
+      padded->wte->weight.narrow(0, 258, 62).fill_(50.0);
+      if (!tied) padded->lm_head->weight.narrow(0, 258, 62).fill_(50.0);
+    }
+    const auto tokens = at::randint(0, 258, {3, 17});
+    const auto targets = at::randint(0, 258, {3, 17});
+    auto padded_logits = padded->forward(tokens);
+    EXPECT_EQ(padded_logits.sizes(), (at::IntArrayRef{3, 17, 258}));
+    auto padded_loss = padded->loss(padded_logits, targets);
+    auto plain_loss = plain->loss(plain->forward(tokens), targets);
+    EXPECT_LT(std::abs(padded_loss.item<double>() - plain_loss.item<double>()), 1e-12);
+    padded_loss.backward();
+    plain_loss.backward();
+    auto padded_params = padded->named_parameters();
+    for (const auto& item : plain->named_parameters()) {
+      const at::Tensor grad = padded_params[item.key()].grad();
+      const int64_t rows = item.value().size(0);
+      EXPECT_LT(max_diff(grad.narrow(0, 0, rows), item.value().grad()), 1e-12) << item.key();
+      if (grad.size(0) > rows) EXPECT_EQ(grad.narrow(0, rows, grad.size(0) - rows).abs().max().item<double>(), 0.0) << item.key();
+    }
+    // Greedy decoding over the padded model picks only real tokens.
+    padded->eval();
+    EXPECT_LT(padded->forward(tokens).argmax(-1).max().item<int64_t>(), 258);
+  }
+}
+
 TEST(GPT, ShapesAndParameterCount) {
   GPT m(small());
   auto logits = m->forward(at::randint(0, 258, {3, 10}));
   EXPECT_EQ(logits.sizes(), (at::IntArrayRef{3, 10, 258}));
   // Per block: qkv (32*96+96), proj (32*32+32), fc (32*128+128), proj (128*32+32), 2 LayerNorms (2*64).
   const int64_t block = 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32 + 128;
-  EXPECT_EQ(m->num_parameters(), 258 * 32 + 2 * block + 64);  // tied output layer adds nothing
+  // The embedding has 320 rows: 258 padded to a multiple of 64 (model.pad_vocab_to).
+  EXPECT_EQ(m->num_parameters(), 320 * 32 + 2 * block + 64);  // tied output layer adds nothing
   GPT untied(small().tie_embeddings(false));
-  EXPECT_EQ(untied->num_parameters(), m->num_parameters() + 258 * 32);
+  EXPECT_EQ(untied->num_parameters(), m->num_parameters() + 320 * 32);
+  GPT unpadded(small().pad_vocab_to(1));
+  EXPECT_EQ(unpadded->num_parameters(), m->num_parameters() - 62 * 32);
   // Without biases: no linear biases (96 + 32 + 128 + 32 per block) and no LayerNorm biases (3 x 32).
   GPT no_bias(small().bias(false));
   EXPECT_EQ(no_bias->num_parameters(), m->num_parameters() - 2 * (96 + 32 + 128 + 32) - 5 * 32);

@@ -13,6 +13,7 @@
 
 #include "scaletrain/core/config.h"
 #include "scaletrain/train/checkpoint.h"
+#include "scaletrain/train/train_state.h"
 #include "scaletrain/train/trainer.h"
 #include "test_util.h"
 
@@ -54,6 +55,7 @@ std::vector<std::string> growing(std::vector<std::string> more = {}) {
 const std::vector<KeyCase>& key_cases() {
   static const std::vector<KeyCase> cases = {
       {"model.vocab_size", "300", {}, Effect::changes, ""},
+      {"model.pad_vocab_to", "1", {}, Effect::changes, ""},
       {"model.block_size", "256", {}, Effect::changes, ""},
       {"model.n_layer", "1", {}, Effect::changes, ""},
       {"model.n_head", "4", {}, Effect::changes, ""},
@@ -228,6 +230,39 @@ TEST_F(ConfigEffect, OptimizerKeysTakeEffectAfterAResume) {
   EXPECT_TRUE(model_archive(same.model()) == reference) << "the resumed run differs from the uninterrupted one";
   changed.fit(at3);
   EXPECT_TRUE(model_archive(changed.model()) != reference) << "optim.beta2 of the resumed run had no effect";
+}
+
+// The padding is part of the model: a checkpoint records it (config.yaml), and a model saved
+// without it loads only with pad_vocab_to 1, which the error names.
+TEST_F(ConfigEffect, VocabularyPaddingIsRecordedAndNamed) {
+  RunConfig config;
+  config.model.n_layer(1).n_head(2).n_embd(16).block_size(224).pad_vocab_to(1);
+  config.data.train_examples(64).val_examples(8);
+  config.train.max_steps(2).batch_size(2).out_dir(dir_.file("unpadded")).device(DeviceChoice::cpu);
+  config.eval.examples(0).before_training(false).loss_batches(1);
+  config.checkpoint.every(2);
+  Trainer(config).fit();
+  RunConfig padded = config;
+  padded.model.pad_vocab_to(64);
+  const Checkpoint at2 = CheckpointStore(dir_.file("unpadded/checkpoints")).load(2);
+  try {
+    check_resumable(at2, padded);
+    ADD_FAILURE() << "resumed with another padding";
+  } catch (const core::ConfigError& e) {
+    EXPECT_EQ(e.key(), "model.pad_vocab_to");
+  }
+  padded.train.out_dir("");
+  padded.checkpoint.every(0);
+  Trainer fresh(padded);
+  try {
+    load_model(fresh.model(), dir_.file("unpadded/model.pt"));
+    ADD_FAILURE() << "an unpadded model loaded into a padded one";
+  } catch (const core::IOError& e) {
+    EXPECT_NE(std::string(e.what()).find("'wte.weight' is 258x16 Float, the model expects 320x16 Float (saved without "
+                                         "vocabulary padding: load it with --set model.pad_vocab_to=1)"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace
