@@ -1,4 +1,4 @@
-"""GPT-2 124M training (configs/gpt2_124m_h100.yaml, batch 16 x 1024 tokens) with scaletrain's
+"""GPT-2 124M training (configs/gpt2_124m.yaml, batch 16 x 1024 tokens) with scaletrain's
 trainer (the `scaletrain train` executable) against the same model trained by plain PyTorch eager
 with torch.amp (benchmarks/python/torch_gpt.py), in one run of this script on one GPU: tokens per
 second and peak GPU memory for fp32, bf16 and fp16 with dynamic loss scaling. Both sides pad the
@@ -38,7 +38,7 @@ PADDED_VOCAB = (VOCAB + 63) // 64 * 64
 
 def ours(exe, tokens, precision, steps, work, checkpointing=False):
     out = Path(work) / f"ours_{precision}_{int(checkpointing)}"
-    cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m_h100.yaml"),
+    cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"),
            "--set", f"data.path={tokens}", "--set", f"amp.precision={precision}",
            "--set", f"train.max_steps={steps}", "--set", "train.grad_accum_steps=1", "--set", "train.log_every=10",
            "--set", f"train.out_dir={out}", "--set", "train.save_model=false", "--set", "eval.every=0",
