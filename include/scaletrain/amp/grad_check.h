@@ -31,8 +31,10 @@ struct GradCheckResult {
 // Unscales `grads` in place by `inv_scale` and, when `max_norm` > 0, clips their global norm to
 // `max_norm` (0 or +inf: no clipping; NaN or negative is an error). All tensors must be on one
 // device, floating point (fp32, bf16, fp16) and contiguous, and no two may share memory (the
-// same tensor twice, or overlapping views, would be unscaled twice). When an inf/NaN is found the step is to be skipped and the gradients are
-// unspecified (unchanged when clipping, multiplied by inv_scale otherwise, as torch's unscale_). Throws std::invalid_argument naming the offending gradient.
+// same tensor twice, or overlapping views, would be unscaled twice). When an inf/NaN is found
+// the step is to be skipped and the gradients are unspecified (unchanged when clipping,
+// multiplied by inv_scale otherwise, as torch's unscale_). Throws std::invalid_argument naming
+// the offending gradient or argument.
 GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm);
 
 // The gradients of `params` that are defined.
