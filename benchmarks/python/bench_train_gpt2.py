@@ -6,9 +6,16 @@ vocabulary of 50257 to 50304 rows.
 
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --out benchmarks/results/train_gpt2_h100.json
 
-Both sides: one micro-batch per optimizer step, AdamW (torch's default implementation, foreach in
-Python; LibTorch's in C++), gradient clipping at 1.0, no torch.compile, TF32 off. Data: random
-GPT-2 token ids in a uint16 file (throughput does not depend on the text).
+Both sides: one micro-batch per optimizer step, AdamW with gradient clipping at 1.0, TF32 off.
+Ours: scaletrain's fused AdamW (optim.fused auto = on CUDA). PyTorch: torch.optim.AdamW(fused=True),
+its fastest eager optimizer. Data: random GPT-2 token ids in a uint16 file (throughput does not
+depend on the text).
+
+Baselines of the bf16 rows (baseline_name says which):
+  (a) a nanoGPT-style model (benchmarks/python/nanogpt_ref.py: learned positions, no RoPE), eager;
+  (b) the twin (benchmarks/python/torch_gpt.py: scaletrain's architecture), eager;
+  (c) the twin under torch.compile (default mode; compile time excluded by the warm-up).
+fp32 and fp16 + GradScaler rows compare against the twin eager.
 """
 
 import argparse
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nanogpt_ref import NanoGPT  # noqa: E402
 from torch_gpt import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,15 +61,19 @@ def ours(exe, tokens, precision, steps, work, checkpointing=False):
     return statistics.median(rates[1:]), summary["peak_memory_bytes"], summary["parameters"], summary
 
 
-def theirs(tokens, precision, steps, warmup=10, checkpointing=False, foreach=None):
+def theirs(tokens, precision, steps, warmup=10, checkpointing=False, kind="twin", compiled=False):
     torch.manual_seed(0)
     data = np.memmap(tokens, dtype=np.uint16, mode="r")
-    model = GPT(vocab_size=PADDED_VOCAB, checkpointing=checkpointing).cuda()
+    if kind == "nanogpt":
+        model = NanoGPT(vocab_size=PADDED_VOCAB).cuda()
+    else:
+        model = GPT(vocab_size=PADDED_VOCAB, checkpointing=checkpointing).cuda()
+    forward = torch.compile(model) if compiled else model
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     rng = np.random.default_rng(0)
@@ -72,7 +84,7 @@ def theirs(tokens, precision, steps, warmup=10, checkpointing=False, foreach=Non
         batch = torch.from_numpy(np.stack([data[o:o + T + 1].astype(np.int64) for o in offsets])).cuda(non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            loss = model(batch[:, :-1], batch[:, 1:])
+            loss = forward(batch[:, :-1], batch[:, 1:])
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,6 +110,7 @@ def main():
     parser.add_argument("--out", help="JSON results file")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    parser.add_argument("--no-checkpointing", action="store_true", help="leave out the activation checkpointing rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_gpt2: needs a CUDA device")
@@ -112,43 +125,48 @@ def main():
             rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
                          "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
                          "baseline_name": baseline, "higher_is_better": False})
-        table.append((label, our_rate, torch_rate, our_peak / 2**30 if our_peak else float("nan"),
+        table.append((label, baseline, our_rate, torch_rate, our_peak / 2**30 if our_peak else float("nan"),
                       torch_peak / 2**30 if torch_peak else float("nan")))
 
     exe = Path(args.build) / "scaletrain"
     with tempfile.TemporaryDirectory() as work:
         tokens = Path(work) / "tokens.bin"
         np.random.default_rng(0).integers(0, VOCAB, 20_000_000, dtype=np.uint16).tofile(tokens)
-        our_bf16_rate = None
+        our_bf16_rate = our_bf16_peak = None
         for precision in args.precisions.split(","):
             our_rate, our_peak, our_params, _ = ours(exe, tokens, precision, args.steps, work)
             torch_rate, torch_peak, torch_params = theirs(tokens, precision, args.steps - 10)
             torch.cuda.empty_cache()
             if our_params != torch_params:
                 raise SystemExit(f"parameter counts differ: scaletrain {our_params}, PyTorch {torch_params}")
-            baseline = f"PyTorch eager (vocab padded to {PADDED_VOCAB})" + \
+            baseline = f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}), AdamW fused" + \
                 (" + torch.amp autocast" if precision != "fp32" else "") + \
                 (" + GradScaler" if precision == "fp16" else "")
             label = precision + (" + loss scaler" if precision == "fp16" else "")
             record(label, baseline, our_rate, torch_rate, our_peak, torch_peak)
             if precision == "bf16":
-                our_bf16_rate = our_rate
-        # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
-        # And a diagnostic baseline: PyTorch's AdamW without foreach (per parameter, as LibTorch's).
+                our_bf16_rate, our_bf16_peak = our_rate, our_peak
         if our_bf16_rate is not None:
+            # (a) nanoGPT-style eager and (c) the twin under torch.compile.
+            rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, kind="nanogpt")
+            torch.cuda.empty_cache()
+            record("bf16", f"nanoGPT-style eager (learned positions, vocab {PADDED_VOCAB}), AdamW fused + autocast",
+                   our_bf16_rate, rate, our_bf16_peak, peak)
+            rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, compiled=True, warmup=15)
+            torch.cuda.empty_cache()
+            record("bf16", f"PyTorch twin under torch.compile (vocab {PADDED_VOCAB}), AdamW fused + autocast",
+                   our_bf16_rate, rate, our_bf16_peak, peak)
+        # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
+        if our_bf16_rate is not None and not args.no_checkpointing:
             our_rate, our_peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, checkpointing=True)
             torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True)
             torch.cuda.empty_cache()
             record("bf16 + activation checkpointing",
-                   f"PyTorch eager (vocab padded to {PADDED_VOCAB}) + torch.amp autocast + torch.utils.checkpoint per block",
+                   f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}) + autocast + torch.utils.checkpoint per block",
                    our_rate, torch_rate, our_peak, torch_peak)
-            plain_rate, _, _ = theirs(tokens, "bf16", args.steps - 10, foreach=False)
-            torch.cuda.empty_cache()
-            record("bf16", f"PyTorch eager (vocab padded to {PADDED_VOCAB}) + torch.amp autocast, AdamW foreach=False",
-                   our_bf16_rate, plain_rate)
-    print(f"{'precision':<20}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ours GiB':>10}{'torch GiB':>11}")
-    for label, a, b, m, n in table:
-        print(f"{label:<20}{a:>12,.0f}{b:>13,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>11.2f}")
+    print(f"{'case':<32}{'baseline':<44}{'ours tok/s':>12}{'base tok/s':>12}{'ratio':>7}{'ours GiB':>10}{'base GiB':>10}")
+    for label, baseline, a, b, m, n in table:
+        print(f"{label:<32}{baseline[:42]:<44}{a:>12,.0f}{b:>12,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>10.2f}")
     if args.out:
         commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

@@ -20,6 +20,16 @@ void bind_amp(py::module_& parent) {
       py::arg("grads"), py::arg("inv_scale"), py::arg("max_norm") = 0.0,
       "Unscale gradients in place, detect inf/NaN and clip the global norm (max_norm > 0) in one fused pass. "
       "Returns a float tensor [found_inf, norm] on the gradients' device without synchronising.");
+  m.def(
+      "gradient_factor",
+      [](const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
+        const auto r = amp::gradient_factor(grads, inv_scale, max_norm);
+        return py::make_tuple(r.values, r.factor);
+      },
+      py::arg("grads"), py::arg("inv_scale"), py::arg("max_norm") = 0.0,
+      "The checks of unscale_check_clip_ without writing the gradients (one read-only pass). Returns "
+      "([found_inf, norm], factor): device tensors; factor = inv_scale * clip coefficient, for a fused optimizer "
+      "to apply (scaletrain._C.optim.adamw_step_).");
 
   py::class_<amp::LossScaler>(m, "LossScalerCore",
                               "Scale bookkeeping of a dynamic loss scaler (scaletrain.amp.LossScaler wraps it).")

@@ -62,8 +62,9 @@ constexpr int64_t kCpuChunk = 32768;
 
 // The CPU path: chunked sums of squares in double, added in chunk order (deterministic for any
 // thread count), then the same factor and second pass as on CUDA.
-GradCheckResult unscale_check_clip_cpu(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
-  const bool write_in_first_pass = max_norm <= 0;
+GradCheckResult unscale_check_clip_cpu(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm,
+                                       bool apply) {
+  const bool write_in_first_pass = apply && max_norm <= 0;
   double squares = 0;
   bool found_inf = false;
   const float inv = static_cast<float>(inv_scale);
@@ -97,7 +98,7 @@ GradCheckResult unscale_check_clip_cpu(const std::vector<at::Tensor>& grads, dou
   const float norm = static_cast<float>(std::sqrt(squares));
   const float coef = max_norm > 0 ? std::min(1.f, static_cast<float>(max_norm) / (norm + 1e-6f)) : 1.f;
   const float factor = inv * coef;
-  if (!write_in_first_pass && !found_inf && factor != 1.f) {
+  if (apply && !write_in_first_pass && !found_inf && factor != 1.f) {
     // In fp32 arithmetic: ATen would round a scalar factor to the tensor's dtype first (for
     // fp16 that loses digits once the factor is subnormal).
     for (const auto& g : grads) {
@@ -109,10 +110,11 @@ GradCheckResult unscale_check_clip_cpu(const std::vector<at::Tensor>& grads, dou
       });
     }
   }
-  auto values = at::empty({2}, at::kFloat);
+  auto values = at::empty({3}, at::kFloat);
   values[0] = found_inf ? 1.f : 0.f;
   values[1] = norm;
-  return {values};
+  values[2] = factor;
+  return {values.narrow(0, 0, 2), values.narrow(0, 2, 1)};
 }
 
 #ifdef SCALETRAIN_WITH_CUDA
@@ -120,7 +122,8 @@ void cuda_check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
-GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
+GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm,
+                                        bool apply) {
   const c10::cuda::CUDAGuard guard(grads.front().device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // Grouped by dtype: one set of launches per group, chunks numbered across groups.
@@ -135,7 +138,7 @@ GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, do
   const cuda::GradType types[3] = {cuda::GradType::f32, cuda::GradType::f16, cuda::GradType::bf16};
   auto workspace = at::empty({cuda::kWorkspaceHeader + chunks}, grads.front().options().dtype(at::kFloat));
   cuda_check(cudaMemsetAsync(workspace.data_ptr<float>(), 0, sizeof(float), stream), "unscale_check_clip_");
-  const bool write_in_first_pass = max_norm <= 0;
+  const bool write_in_first_pass = apply && max_norm <= 0;
   const float inv = static_cast<float>(inv_scale);
   int64_t first_chunk = 0;
   for (int t = 0; t < 3; ++t) {
@@ -147,14 +150,14 @@ GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, do
   }
   cuda_check(cuda::launch_finalize(workspace.data_ptr<float>(), chunks, inv, static_cast<float>(max_norm), stream),
              "unscale_check_clip_ (norm)");
-  if (!write_in_first_pass) {
+  if (apply && !write_in_first_pass) {
     for (int t = 0; t < 3; ++t) {
       cuda_check(cuda::launch_scale(groups[t].data(), static_cast<int64_t>(groups[t].size()), types[t],
                                     workspace.data_ptr<float>(), stream),
                  "unscale_check_clip_ (scale pass)");
     }
   }
-  return {workspace.narrow(0, 0, 2)};
+  return {workspace.narrow(0, 0, 2), workspace.narrow(0, 2, 1)};
 }
 #endif
 
@@ -163,18 +166,20 @@ GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, do
 bool GradCheckResult::found_inf() const { return values[0].item<float>() != 0.f; }
 double GradCheckResult::norm() const { return values[1].item<float>(); }
 
-GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
+namespace {
+
+GradCheckResult check_clip(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm, bool apply) {
   if (!(inv_scale > 0) || !std::isfinite(inv_scale))
     throw std::invalid_argument("inv_scale: got " + std::to_string(inv_scale) + ", expected a finite number > 0");
   if (std::isnan(max_norm) || max_norm < 0)
     throw std::invalid_argument("max_norm: got " + std::to_string(max_norm) +
                                 ", expected a number >= 0 (0 or inf: no clipping)");
   if (std::isinf(max_norm)) max_norm = 0;
-  if (grads.empty()) return {at::zeros({2}, at::kFloat)};
+  if (grads.empty()) return {at::zeros({2}, at::kFloat), at::full({1}, inv_scale, at::kFloat)};
   check_inputs(grads);
-  if (grads.front().is_cpu()) return unscale_check_clip_cpu(grads, inv_scale, max_norm);
+  if (grads.front().is_cpu()) return unscale_check_clip_cpu(grads, inv_scale, max_norm, apply);
 #ifdef SCALETRAIN_WITH_CUDA
-  if (grads.front().is_cuda()) return unscale_check_clip_cuda(grads, inv_scale, max_norm);
+  if (grads.front().is_cuda()) return unscale_check_clip_cuda(grads, inv_scale, max_norm, apply);
 #endif
   throw std::invalid_argument("grads: on " + grads.front().device().str() +
                               ", expected CPU or CUDA (this build has " +
@@ -184,6 +189,16 @@ GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double
                               "no CUDA"
 #endif
                               ")");
+}
+
+}  // namespace
+
+GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
+  return check_clip(grads, inv_scale, max_norm, /*apply=*/true);
+}
+
+GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
+  return check_clip(grads, inv_scale, max_norm, /*apply=*/false);
 }
 
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& params) {

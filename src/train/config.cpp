@@ -13,6 +13,7 @@ void OptimizerOptions::visit(core::FieldVisitor& v) {
   v.field("beta2", beta2(), "AdamW second-moment decay", core::half_open(0, 1));
   v.field("eps", eps(), "AdamW denominator epsilon", core::greater_than(0));
   v.field("grad_clip", grad_clip(), "largest global gradient norm (0: no clipping)", core::at_least(0));
+  v.choice("fused", fused(), "auto (fused AdamW on CUDA, LibTorch's on the CPU), on or off");
 }
 
 void TrainerOptions::visit(core::FieldVisitor& v) {

@@ -15,6 +15,7 @@
 #include "scaletrain/core/config.h"
 #include "scaletrain/core/error.h"
 #include "scaletrain/core/logging.h"
+#include "scaletrain/optim/adamw.h"
 #include "scaletrain/train/trainer.h"
 
 namespace scaletrain::train {
@@ -215,10 +216,11 @@ TrainProgress TrainState::restore(const Checkpoint& checkpoint) const {
     for (const auto& param : group.params()) {
       auto state = optimizer_->state().find(param.unsafeGetTensorImpl());
       if (state == optimizer_->state().end()) continue;
-      if (auto* adamw = dynamic_cast<torch::optim::AdamWParamState*>(state->second.get())) {
-        if (adamw->exp_avg().sizes() != param.sizes())
-          fail(kOptimizer, "moments of another shape than the parameters (saved from another model?)");
-      }
+      at::Tensor moment;
+      if (auto* adamw = dynamic_cast<torch::optim::AdamWParamState*>(state->second.get())) moment = adamw->exp_avg();
+      if (auto* fused = dynamic_cast<optim::AdamWParamState*>(state->second.get())) moment = fused->exp_avg();
+      if (moment.defined() && moment.sizes() != param.sizes())
+        fail(kOptimizer, "moments of another shape than the parameters (saved from another model?)");
     }
   }
 

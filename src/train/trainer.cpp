@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <sstream>
+#include <unordered_map>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,7 @@
 #include "scaletrain/core/version.h"
 #include "scaletrain/core/logging.h"
 #include "scaletrain/data/dsl.h"
+#include "scaletrain/optim/adamw.h"
 #include "scaletrain/plan/memory.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/metrics.h"
@@ -150,13 +152,34 @@ void Trainer::backward(const at::Tensor& loss) {
   if (master_ && config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
 }
 
-double Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
+at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
   const double clip = config_.optim.grad_clip();
-  if (!scaler_ && config_.amp.precision() == amp::Precision::fp32) {
+  if (!scaler_ && config_.amp.precision() == amp::Precision::fp32 && !fused_) {
     // fp32: torch's clip_grad_norm_, so that the loop is bit for bit a plain PyTorch loop.
-    const double norm = clip > 0 ? torch::nn::utils::clip_grad_norm_(model_->parameters(), clip) : NAN;
+    at::Tensor norm;
+    if (clip > 0) norm = at::scalar_tensor(torch::nn::utils::clip_grad_norm_(model_->parameters(), clip));
     optimizer.step();
     return norm;
+  }
+  if (fused_) {
+    // One read-only pass (inf/NaN flag, norm, unscale x clip factor), then the fused AdamW reads
+    // the factor and the flag on the device: no host read, unless a loss scaler must adapt.
+    auto& adamw = dynamic_cast<optim::AdamW&>(optimizer);
+    // The gradients the optimizer reads: fp32 master gradients, or the model's own (its copies').
+    std::vector<at::Tensor> params = trainable_parameters();
+    if (master_ && !config_.amp.fp32_grad_accum()) params = master_->model_params();
+    const auto grads = amp::gradients_of(params);
+    const double inv_scale = scaler_ ? 1.0 / scaler_->get_scale() : 1.0;
+    const amp::GradCheckResult check = amp::gradient_factor(grads, inv_scale, clip);
+    adamw.step(optim::StepScale{check.factor, check.found_inf_flag()});
+    if (scaler_) {
+      const bool found_inf = check.found_inf();
+      if (found_inf) ++skipped_steps_;
+      scaler_->update(found_inf);
+    } else {
+      skipped_on_device_.add_(check.found_inf_flag().reshape({}));
+    }
+    return check.values[1];
   }
   if (master_ && !config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
   // One fused pass: unscale, inf/NaN check, norm, clip; then one small device-to-host read.
@@ -172,7 +195,30 @@ double Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
     if (master_) master_->copy_to_model();
   }
   if (scaler_) scaler_->update(found_inf);
-  return host[1].item<float>();
+  return host[1];
+}
+
+std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
+  const auto& optim = config_.optim;
+  fused_ = optim.fused() == FusedChoice::on || (optim.fused() == FusedChoice::automatic && device_.is_cuda());
+  auto groups = parameter_groups(trainable_parameters(), optim);
+  if (!fused_) return std::make_unique<torch::optim::AdamW>(groups, adamw_options(optim));
+  auto adamw = std::make_unique<optim::AdamW>(groups, adamw_options(optim));
+  if (master_) {
+    // The model's bf16/fp16 weights, in the optimizer's parameter order (the groups reorder).
+    std::unordered_map<const void*, size_t> index;
+    for (size_t i = 0; i < master_->master().size(); ++i) index[master_->master()[i].unsafeGetTensorImpl()] = i;
+    std::vector<at::Tensor> copies;
+    for (const auto& group : adamw->param_groups())
+      for (const auto& p : group.params()) copies.push_back(master_->model_params().at(index.at(p.unsafeGetTensorImpl())));
+    adamw->set_model_copies(copies);
+  }
+  skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
+  return adamw;
+}
+
+int64_t Trainer::skipped_steps() const {
+  return skipped_steps_ + (skipped_on_device_.defined() ? static_cast<int64_t>(skipped_on_device_.item<float>()) : 0);
 }
 
 void Trainer::report(const std::string& line) {
@@ -199,8 +245,13 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     target_tokens.push_back(micro.back().target_tokens);
     tokens += micro.back().tokens;
   }
+  // Through pinned memory, so that the copy is asynchronous: from pageable memory the host would
+  // wait for the copy, and with it for the previous step's kernels, every micro-batch.
+  const auto to_device = [this](const at::Tensor& t) {
+    return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true) : t;
+  };
   if (k == 1) {  // the mean loss directly: bit-identical to a plain training loop
-    auto loss = model_->loss(model_->forward(micro[0].inputs.to(device_, true)), micro[0].targets.to(device_, true));
+    auto loss = model_->loss(model_->forward(to_device(micro[0].inputs)), to_device(micro[0].targets));
     backward(loss);
     return loss.detach();
   }
@@ -208,8 +259,8 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
   for (int64_t i = 0; i < k; ++i) {
     const auto& batch = micro[static_cast<size_t>(i)];
-    auto logits = model_->forward(batch.inputs.to(device_, true));
-    auto part = accumulator.normalize(accum::summed_cross_entropy(logits, batch.targets.to(device_, true)), i);
+    auto logits = model_->forward(to_device(batch.inputs));
+    auto part = accumulator.normalize(accum::summed_cross_entropy(logits, to_device(batch.targets)), i);
     backward(part);
     total += part.detach();
   }
@@ -217,7 +268,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
 }
 
 std::string Trainer::amp_state_json() const {
-  nlohmann::ordered_json j{{"skipped_steps", skipped_steps_}};
+  nlohmann::ordered_json j{{"skipped_steps", skipped_steps()}};
   if (scaler_) {
     const auto st = scaler_->state_dict();
     j["loss_scaler"] = {{"scale", st.scale},
@@ -232,6 +283,7 @@ void Trainer::restore_amp_state(const std::string& json) {
   try {
     const auto j = nlohmann::json::parse(json);
     skipped_steps_ = j.at("skipped_steps").get<int64_t>();
+    if (skipped_on_device_.defined()) skipped_on_device_.zero_();
     // A run that switches precision (fp16 -> bf16, say) starts without the scaler, or a fresh one.
     if (scaler_ && j.contains("loss_scaler")) {
       const auto& s = j["loss_scaler"];
@@ -285,7 +337,8 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     metrics.write(eval_record(0, *summary.before));
   }
 
-  torch::optim::AdamW optimizer(parameter_groups(trainable_parameters(), optim), adamw_options(optim));
+  const std::unique_ptr<torch::optim::Optimizer> owned_optimizer = make_optimizer();
+  torch::optim::Optimizer& optimizer = *owned_optimizer;
   // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
   // register here, one line each: state.add_json(...) / state.add_tensors(...), see train_state.h.
   TrainState state(model_, optimizer);
@@ -325,6 +378,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
       at::full({}, from.interval_loss_sum, at::TensorOptions().dtype(at::kDouble).device(device_));
   int64_t interval_steps = from.interval_steps, interval_tokens = from.interval_tokens;
   double last_loss = from.last_loss, grad_norm = NAN;
+  at::Tensor step_grad_norm;  // on the device until a log line reads it
   summary.tokens = from.tokens;
   // Where the run stands after `done` steps, for a checkpoint.
   auto progress_after = [&](int64_t done) {
@@ -345,9 +399,10 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   for (int64_t step = from.step; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
     optimizer.zero_grad();
+    if (master_) model_->zero_grad();  // the fused step reads the model's gradients
     int64_t step_input_tokens = 0;
     at::Tensor loss = accumulate_gradients(step, accumulator, step_input_tokens);
-    grad_norm = clip_and_step(optimizer);
+    step_grad_norm = clip_and_step(optimizer);
 
     interval_loss += loss.to(at::kDouble);
     ++interval_steps;
@@ -356,12 +411,13 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     const bool last = step + 1 == options.max_steps();
     if ((step + 1) % options.log_every() == 0 || last) {
       last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
+      grad_norm = step_grad_norm.defined() ? step_grad_norm.item<double>() : NAN;
       const double rate = static_cast<double>(interval_tokens) /
                           std::max(1e-9, seconds_since(interval_start) - interval_eval_seconds);
       MetricsRecord record{{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
                            {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}};
       if (scaler_ || config_.amp.precision() != amp::Precision::fp32) {
-        record.emplace_back("skipped_steps", skipped_steps_);
+        record.emplace_back("skipped_steps", skipped_steps());
         if (scaler_) record.emplace_back("loss_scale", scaler_->get_scale());
       }
       metrics.write(record);
@@ -393,7 +449,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   summary.steps = options.max_steps();
   summary.final_loss = last_loss;
   summary.tokens_per_second = static_cast<double>(summary.tokens - from.tokens) / std::max(1e-9, summary.seconds);
-  summary.skipped_steps = skipped_steps_;
+  summary.skipped_steps = skipped_steps();
   if (scaler_) summary.loss_scale = scaler_->get_scale();
   summary.peak_memory_bytes = peak_memory(device_);
 

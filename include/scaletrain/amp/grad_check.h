@@ -23,6 +23,11 @@ struct GradCheckResult {
   // Two-element float tensor on the gradients' device: {found_inf (0 or 1), norm}. Reading it
   // (found_inf(), norm()) synchronises with the device; the tensor itself does not.
   at::Tensor values;
+  // One float element on the same device: inv_scale * clip_coef, what the gradients were (or,
+  // after gradient_factor, are to be) multiplied by.
+  at::Tensor factor;
+  // values[0] as a one-element tensor (no sync): the found-inf flag a fused optimizer reads.
+  at::Tensor found_inf_flag() const { return values.narrow(0, 0, 1); }
   bool found_inf() const;
   // L2 norm of the unscaled gradients before clipping; inf or NaN when found_inf().
   double norm() const;
@@ -36,6 +41,12 @@ struct GradCheckResult {
 // multiplied by inv_scale otherwise, as torch's unscale_). Throws std::invalid_argument naming
 // the offending gradient or argument.
 GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm);
+
+// The same checks, norm and factor, without writing the gradients: one read-only pass. A fused
+// optimizer (optim::AdamW::step(StepScale)) then multiplies each gradient by `factor` as it reads
+// it and skips the step on the device when the flag is set, so the step needs no host read and
+// the gradients are read twice and written never.
+GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm);
 
 // The gradients of `params` that are defined.
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& params);

@@ -13,6 +13,10 @@
 namespace scaletrain::train {
 
 enum class DeviceChoice { automatic, cpu, cuda };
+// Which AdamW steps the parameters: scaletrain's fused one (optim/adamw.h), or LibTorch's
+// torch::optim::AdamW (separate ATen ops per parameter). auto: fused on CUDA, LibTorch's on the
+// CPU (where an fp32 run is then bit for bit a plain LibTorch loop).
+enum class FusedChoice { automatic, on, off };
 
 // AdamW with linear warmup and cosine decay to min_lr, and global gradient-norm clipping.
 struct OptimizerOptions {
@@ -26,6 +30,7 @@ struct OptimizerOptions {
   TORCH_ARG(double, eps) = 1e-8;
   // Largest global L2 norm of the gradients; 0 turns clipping off.
   TORCH_ARG(double, grad_clip) = 1.0;
+  TORCH_ARG(FusedChoice, fused) = FusedChoice::automatic;
 
  public:  // TORCH_ARG leaves the section private
   void visit(core::FieldVisitor& v);
@@ -86,6 +91,14 @@ struct CheckpointOptions {
 };
 
 }  // namespace scaletrain::train
+
+template <>
+struct scaletrain::core::EnumNames<scaletrain::train::FusedChoice> {
+  static constexpr std::array<std::pair<scaletrain::train::FusedChoice, const char*>, 3> values = {
+      {{scaletrain::train::FusedChoice::automatic, "auto"},
+       {scaletrain::train::FusedChoice::on, "on"},
+       {scaletrain::train::FusedChoice::off, "off"}}};
+};
 
 template <>
 struct scaletrain::core::EnumNames<scaletrain::train::DeviceChoice> {

@@ -76,8 +76,15 @@ class Trainer {
   // The parameters the optimizer updates: the fp32 master copies, or the model's own.
   std::vector<at::Tensor> trainable_parameters();
   // Clipping and the optimizer step, through the loss scaler's fused pass under mixed precision.
-  // Returns the gradient norm before clipping (NaN when clipping is off in fp32).
-  double clip_and_step(torch::optim::Optimizer& optimizer);
+  // Returns the gradient norm before clipping as a tensor on the device (undefined when clipping
+  // is off in fp32): the fused path neither reads it nor the skip decision on the host.
+  at::Tensor clip_and_step(torch::optim::Optimizer& optimizer);
+  // AdamW per optim.fused: scaletrain's fused one (writing the model's low-precision copy in its
+  // pass when there are master weights) or LibTorch's.
+  std::unique_ptr<torch::optim::Optimizer> make_optimizer();
+  // Steps skipped for inf/NaN gradients: those counted on the host plus those counted on the
+  // device by the fused path (reads the device counter).
+  int64_t skipped_steps() const;
   // The mixed-precision part of a checkpoint: skipped steps and the loss scaler's state (JSON).
   std::string amp_state_json() const;
   void restore_amp_state(const std::string& json);
@@ -88,6 +95,8 @@ class Trainer {
   std::optional<amp::LossScaler> scaler_;
   std::unique_ptr<amp::MasterWeights> master_;  // with amp.low_precision_params
   int64_t skipped_steps_ = 0;
+  at::Tensor skipped_on_device_;  // float count on the device (fused path), added to skipped_steps_
+  bool fused_ = false;            // the optimizer is optim::AdamW
   ProgressBar* progress_ = nullptr;  // set while fit() runs
 };
 

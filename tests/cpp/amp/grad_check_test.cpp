@@ -171,5 +171,37 @@ TEST(GradCheck, CudaNormIsDeterministic) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(unscale_check_clip_(grads, 1.0, 0.0).values[1].item<float>(), first);
 }
 
+// gradient_factor: the same flag, norm and factor as unscale_check_clip_, the gradients untouched;
+// g * factor is what unscale_check_clip_ writes.
+void check_gradient_factor(const at::TensorOptions& options) {
+  for (const double max_norm : {0.0, 1.0}) {
+    auto grads = make_grads(options, 60, true, 1024.0);
+    std::vector<at::Tensor> before, applied;
+    for (const auto& g : grads) before.push_back(g.clone()), applied.push_back(g.clone());
+    GradCheckResult deferred = gradient_factor(grads, 1.0 / 1024, max_norm);
+    GradCheckResult direct = unscale_check_clip_(applied, 1.0 / 1024, max_norm);
+    EXPECT_FALSE(deferred.found_inf());
+    EXPECT_EQ(deferred.norm(), direct.norm());
+    const Expected want = reference(before, 1.0 / 1024, max_norm);
+    EXPECT_NEAR(deferred.factor.item<double>(), want.factor, 1e-6 * want.factor);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_TRUE(at::equal(grads[i], before[i])) << "gradient " << i << " was written";
+      EXPECT_TRUE(at::equal(grads[i] * deferred.factor, applied[i])) << "gradient " << i << ", max_norm " << max_norm;
+    }
+  }
+  auto grads = make_grads(options, 5, false, 1.0);
+  grads[2].view(-1)[0] = INFINITY;
+  GradCheckResult result = gradient_factor(grads, 1.0, 1.0);
+  EXPECT_TRUE(result.found_inf());
+  EXPECT_EQ(result.found_inf_flag().item<float>(), 1.f);
+}
+
+TEST(GradCheck, CpuGradientFactorWritesNothingAndMatchesUnscale) { check_gradient_factor(at::TensorOptions()); }
+
+TEST(GradCheck, CudaGradientFactorWritesNothingAndMatchesUnscale) {
+  SCALETRAIN_REQUIRE_CUDA();
+  check_gradient_factor(at::TensorOptions().device(at::kCUDA));
+}
+
 }  // namespace
 }  // namespace scaletrain::amp

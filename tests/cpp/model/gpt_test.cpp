@@ -62,7 +62,9 @@ TEST(GPT, PaddedVocabularyIsTheUnpaddedModel) {
       const at::Tensor grad = padded_params[item.key()].grad();
       const int64_t rows = item.value().size(0);
       EXPECT_LT(max_diff(grad.narrow(0, 0, rows), item.value().grad()), 1e-12) << item.key();
-      if (grad.size(0) > rows) EXPECT_EQ(grad.narrow(0, rows, grad.size(0) - rows).abs().max().item<double>(), 0.0) << item.key();
+      if (grad.size(0) > rows) {
+        EXPECT_EQ(grad.narrow(0, rows, grad.size(0) - rows).abs().max().item<double>(), 0.0) << item.key();
+      }
     }
     // Greedy decoding over the padded model picks only real tokens.
     padded->eval();

@@ -15,6 +15,7 @@
 
 #include "scaletrain/core/error.h"
 #include "scaletrain/core/fs.h"
+#include "scaletrain/optim/adamw.h"
 #include "scaletrain/train/checkpoint.h"
 #include "scaletrain/train/train_state.h"
 #include "scaletrain/train/trainer.h"
@@ -258,15 +259,27 @@ OptimizerTensors optimizer_state(const RunConfig& config, const Checkpoint& chec
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>());
   groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>());
-  torch::optim::AdamW adamw(groups, torch::optim::AdamWOptions());
-  TrainState(m, adamw).restore(checkpoint);
+  const bool fused = config.optim.fused() == FusedChoice::on ||
+                     (config.optim.fused() == FusedChoice::automatic && config.train.device() == DeviceChoice::cuda);
+  std::unique_ptr<torch::optim::Optimizer> adamw;
+  if (fused) adamw = std::make_unique<optim::AdamW>(groups, torch::optim::AdamWOptions());
+  else adamw = std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions());
+  TrainState(m, *adamw).restore(checkpoint);
   OptimizerTensors out;
-  for (const auto& group : adamw.param_groups()) {
+  for (const auto& group : adamw->param_groups()) {
     for (const auto& p : group.params()) {
-      auto& state = static_cast<torch::optim::AdamWParamState&>(*adamw.state().at(p.unsafeGetTensorImpl()));
-      out.steps.push_back(state.step());
-      out.tensors.push_back(state.exp_avg());
-      out.tensors.push_back(state.exp_avg_sq());
+      auto& state = *adamw->state().at(p.unsafeGetTensorImpl());
+      if (fused) {
+        auto& s = dynamic_cast<optim::AdamWParamState&>(state);
+        out.steps.push_back(static_cast<int64_t>(s.step().item<float>()));
+        out.tensors.push_back(s.exp_avg());
+        out.tensors.push_back(s.exp_avg_sq());
+      } else {
+        auto& s = dynamic_cast<torch::optim::AdamWParamState&>(state);
+        out.steps.push_back(s.step());
+        out.tensors.push_back(s.exp_avg());
+        out.tensors.push_back(s.exp_avg_sq());
+      }
     }
   }
   return out;
@@ -350,6 +363,33 @@ TEST_F(Resume, BitExactWithFp16LossScaling) {
   const auto& amp_state = trainer_json["components"]["amp"];
   EXPECT_GT(amp_state["skipped_steps"].get<int64_t>(), 0);
   EXPECT_LT(amp_state["loss_scaler"]["scale"].get<double>(), 1048576.0);
+}
+
+// The fused AdamW (step counts on the device, no host read of the skip decision): fp32, and fp16
+// loss scaling with overflowing first steps.
+TEST_F(Resume, BitExactWithFusedAdamW) {
+  testing::TempDir dir;
+  RunConfig config = resumable(dir.file("run"));
+  config.optim.fused(FusedChoice::on);
+  expect_bit_exact_resume(config, 4);
+  RunConfig fp16 = resumable(dir.file("fp16"));
+  fp16.optim.fused(FusedChoice::on);
+  fp16.amp.precision(amp::Precision::fp16).emulated_fp16(true);
+  fp16.amp.scaler().init_scale(1048576.0).growth_interval(3);
+  expect_bit_exact_resume(fp16, 8);
+}
+
+// On the GPU: dropout draws from the CUDA generator, whose state the checkpoint must restore.
+TEST_F(Resume, BitExactOnCudaWithDropout) {
+  SCALETRAIN_REQUIRE_CUDA();
+  testing::TempDir dir;
+  RunConfig config = resumable(dir.file("run"));
+  config.train.device(DeviceChoice::cuda);
+  expect_bit_exact_resume(config, 8);
+  RunConfig master = resumable(dir.file("master"));
+  master.train.device(DeviceChoice::cuda).grad_accum_steps(2).batch_size(4);
+  master.amp.precision(amp::Precision::bf16).low_precision_params(true);
+  expect_bit_exact_resume(master, 4);
 }
 
 TEST_F(Resume, BitExactWithBf16ParametersAndMasterWeights) {
