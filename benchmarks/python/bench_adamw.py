@@ -181,7 +181,9 @@ def case_master_copy(iters, warmup):
     ours.step()
     torch_step()
     agree(ours.params, ps, "master copy")
-    agree(ours.copies, model, "master copy (bf16 model)")
+    # The bf16 copy is our fp32 result rounded (torch's may round the other way where fp32 differs).
+    for c, p in zip(ours.copies, ours.params):
+        torch.testing.assert_close(c, p.to(torch.bfloat16), rtol=0, atol=0)
     times_ours, times_theirs = [], []
     for _ in range(3):
         times_ours.append(timed(ours.step, iters, warmup))
