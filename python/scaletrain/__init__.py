@@ -18,6 +18,7 @@ from scaletrain._C import (
     load_config,
     mean_rouge_l,
     rouge_l,
+    train,
 )
 
 __version__ = _C.version()
@@ -35,5 +36,6 @@ __all__ = [
     "load_config",
     "mean_rouge_l",
     "rouge_l",
+    "train",
     "__version__",
 ]
