@@ -120,13 +120,8 @@ PYBIND11_MODULE(_C, m) {
       "train",
       [](const std::optional<std::string>& path, const std::vector<std::string>& overrides) {
         auto config = load(path, overrides);
-        std::string summary;
-        {
-          py::gil_scoped_release release;  // the run holds no Python objects
-          train::Trainer trainer(config);
-          summary = train::summary_json(trainer.fit());
-        }
-        return py::module_::import("json").attr("loads")(summary);
+        train::Trainer trainer(config);
+        return py::module_::import("json").attr("loads")(train::summary_json(trainer.fit()));
       },
       py::arg("path") = py::none(), py::arg("overrides") = std::vector<std::string>{},
       "Train in this process as `scaletrain train --config PATH --set KEY=VALUE ...` does (run folder, metrics, "
