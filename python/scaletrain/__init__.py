@@ -18,7 +18,6 @@ from scaletrain._C import (
     load_config,
     mean_rouge_l,
     rouge_l,
-    train,
 )
 
 __version__ = _C.version()
@@ -36,6 +35,5 @@ __all__ = [
     "load_config",
     "mean_rouge_l",
     "rouge_l",
-    "train",
     "__version__",
 ]

@@ -7,7 +7,6 @@
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/train/config.h"
 #include "scaletrain/train/text_metrics.h"
-#include "scaletrain/train/trainer.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -116,16 +115,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("path") = py::none(), py::arg("overrides") = std::vector<std::string>{},
       "Load and validate a run configuration (YAML file, then 'key.path=value' overrides) as nested dicts. "
       "Raises ConfigError (a ValueError with .key) naming the key, the value and what was expected.");
-  m.def(
-      "train",
-      [](const std::optional<std::string>& path, const std::vector<std::string>& overrides) {
-        auto config = load(path, overrides);
-        train::Trainer trainer(config);
-        return py::module_::import("json").attr("loads")(train::summary_json(trainer.fit()));
-      },
-      py::arg("path") = py::none(), py::arg("overrides") = std::vector<std::string>{},
-      "Train in this process as `scaletrain train --config PATH --set KEY=VALUE ...` does (run folder, metrics, "
-      "summary.json) and return the summary as a dict. Raises ConfigError or InputError.");
   m.def(
       "config_yaml",
       [](const std::optional<std::string>& path, const std::vector<std::string>& overrides) {
