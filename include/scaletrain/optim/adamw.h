@@ -11,7 +11,7 @@
 //
 //   optim::AdamW adamw(groups, torch::optim::AdamWOptions(6e-4).betas({0.9, 0.95}));
 //   auto check = amp::gradient_factor(grads, 1.0 / scale, /*max_norm=*/1.0);  // no gradient write
-//   adamw.step({check.factor(), check.found_inf_flag()});                    // no host sync
+//   adamw.step(optim::StepScale{check.factor, check.found_inf_flag()});      // no host sync
 //
 // Options are torch::optim::AdamWOptions (lr, betas, eps, weight_decay per param group; amsgrad
 // is not supported and is refused). Parameters must be fp32 and contiguous; gradients fp32,
