@@ -37,24 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 from scaletrain._C import amp as _amp  # noqa: E402
 from scaletrain._C import optim as _optim  # noqa: E402
 
-from bench_grad_pass import SHAPES  # noqa: E402
+from bench_grad_pass import SHAPES, timed  # noqa: E402
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
 
-def timed(fn, iters, warmup, restore=None):
-    times = []
-    for i in range(warmup + iters):
-        if restore:
-            restore()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def nothing():
+    pass
 
 
 class Ours:
@@ -88,7 +77,7 @@ def agree(ours, theirs, what):
 def copy_bandwidth(iters, warmup):
     x = torch.empty(256 * 2**20, device="cuda")
     y = torch.empty_like(x)
-    ms = timed(lambda: y.copy_(x), iters, warmup)
+    ms = timed(lambda: y.copy_(x), nothing, iters, warmup)
     return 2 * x.numel() * 4 / ms / 1e6  # GB/s
 
 
@@ -109,8 +98,8 @@ def case_1b(iters, warmup, bandwidth):
         del ps
         times_ours, times_theirs = [], []
         for _ in range(3):
-            times_ours.append(timed(ours.step, iters, warmup))
-            times_theirs.append(timed(opt.step, iters, warmup))
+            times_ours.append(timed(ours.step, nothing, iters, warmup))
+            times_theirs.append(timed(opt.step, nothing, iters, warmup))
         del ours, opt
         torch.cuda.empty_cache()
         results[mode] = (statistics.median(times_ours), statistics.median(times_theirs))
@@ -154,8 +143,8 @@ def case_amp_step(iters, warmup):
     agree(ours.params, ps, "amp step")
     times_ours, times_theirs = [], []
     for _ in range(3):
-        times_ours.append(timed(ours_step, iters, warmup, restore))
-        times_theirs.append(timed(torch_step, iters, warmup, restore))
+        times_ours.append(timed(ours_step, restore, iters, warmup))
+        times_theirs.append(timed(torch_step, restore, iters, warmup))
     n = sum(p.numel() for p in params)
     return [{"name": "amp step unscale+check+clip+adamw 124M params fp32 grads", "unit": "ms",
              "ours": round(statistics.median(times_ours), 4), "baseline": round(statistics.median(times_theirs), 4),
@@ -186,8 +175,8 @@ def case_master_copy(iters, warmup):
         torch.testing.assert_close(c, p.to(torch.bfloat16), rtol=0, atol=0)
     times_ours, times_theirs = [], []
     for _ in range(3):
-        times_ours.append(timed(ours.step, iters, warmup))
-        times_theirs.append(timed(torch_step, iters, warmup))
+        times_ours.append(timed(ours.step, nothing, iters, warmup))
+        times_theirs.append(timed(torch_step, nothing, iters, warmup))
     n = sum(p.numel() for p in params)
     return [{"name": "adamw gpu bf16 grads + bf16 model copy 124M params", "unit": "ms",
              "ours": round(statistics.median(times_ours), 4), "baseline": round(statistics.median(times_theirs), 4),
