@@ -68,6 +68,13 @@ int run_train(const TrainArgs& args) {
   const auto resume = train::find_resume_checkpoint(config, args.resume);
   train::prepare_run_folders(config, resume ? resume->step : 0);  // before the dataset and model are built
   train::Trainer trainer(std::move(config));
+  if (!args.profile.empty()) {
+    try {
+      trainer.profile({args.profile_steps.at(0), args.profile_steps.at(1), args.profile});
+    } catch (const std::invalid_argument& e) {
+      throw core::UsageError(e.what());
+    }
+  }
   auto summary = trainer.fit(resume);
   fmt::print("{}", train::format_summary(summary));
   if (!out_dir.empty()) fmt::print("\nrun folder: {} (config.yaml, metrics.jsonl, summary.json, model.pt)\n", out_dir);

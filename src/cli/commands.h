@@ -15,6 +15,8 @@ struct TrainArgs {
   ConfigArgs config;
   bool print_config = false;
   std::string resume = "none";  // --resume: none | auto | a checkpoint folder
+  std::string profile;                          // --profile: JSON path ("" = off)
+  std::vector<int64_t> profile_steps = {5, 10};  // --profile-steps FIRST,COUNT
 };
 int run_train(const TrainArgs& args);
 

@@ -63,6 +63,14 @@ int run(int argc, char** argv) {
                         "none, auto (the newest valid checkpoint in checkpoint.dir) or a checkpoint folder")
       ->type_name("auto|none|PATH")
       ->capture_default_str();
+  train_cmd->add_option("--profile", train.profile,
+                        "write a kernel profile (CUDA kernels by name: count, total ms) of --profile-steps to this JSON file")
+      ->type_name("PATH");
+  train_cmd->add_option("--profile-steps", train.profile_steps, "first step and number of steps profiled")
+      ->delimiter(',')
+      ->expected(2)
+      ->type_name("FIRST,COUNT")
+      ->capture_default_str();
   train_cmd->footer("Example: scaletrain train --config configs/tiny_cpu.yaml --set train.max_steps=100\n"
                     "         scaletrain train --config run.yaml --set checkpoint.every=100 --resume auto");
 

@@ -312,6 +312,13 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   const auto& optim = config_.optim;
   if (resume) check_resumable(*resume, config_);
   prepare_run_folders(config_, resume ? resume->step : 0);  // a blocked path fails now, not at the first save
+  if (profiler_) {
+    try {
+      profiler_->check(resume ? resume->step : 0, config_.train.max_steps());
+    } catch (const std::invalid_argument& e) {
+      throw core::UsageError(e.what());
+    }
+  }
   TrainSummary summary;
   summary.parameters = model_->num_parameters();
   summary.device = device_.str();
@@ -398,11 +405,13 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   double eval_seconds = 0, interval_eval_seconds = 0;
   for (int64_t step = from.step; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
+    if (profiler_) profiler_->before_step(step);
     optimizer.zero_grad();
     if (master_) model_->zero_grad();  // the fused step reads the model's gradients
     int64_t step_input_tokens = 0;
     at::Tensor loss = accumulate_gradients(step, accumulator, step_input_tokens);
     step_grad_norm = clip_and_step(optimizer);
+    if (profiler_) profiler_->after_step(step);
 
     interval_loss += loss.to(at::kDouble);
     ++interval_steps;

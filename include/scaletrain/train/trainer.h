@@ -18,6 +18,7 @@
 #include "scaletrain/train/checkpoint.h"
 #include "scaletrain/train/config.h"
 #include "scaletrain/train/eval.h"
+#include "scaletrain/train/profile.h"
 #include "scaletrain/train/progress.h"
 
 namespace scaletrain::train {
@@ -57,6 +58,8 @@ class Trainer {
   TrainSummary fit(const std::optional<Checkpoint>& resume = std::nullopt);
   // Validation loss, plus generation metrics when `generate`.
   EvalResult evaluate(bool generate);
+  // Profiles a window of the next fit()'s steps (see profile.h). Throws std::invalid_argument.
+  void profile(ProfileWindow window) { profiler_.emplace(std::move(window)); }
 
   model::GPT& model() { return model_; }
   const data::Dataset& dataset() const { return *dataset_; }
@@ -98,6 +101,7 @@ class Trainer {
   at::Tensor skipped_on_device_;  // float count on the device (fused path), added to skipped_steps_
   bool fused_ = false;            // the optimizer is optim::AdamW
   ProgressBar* progress_ = nullptr;  // set while fit() runs
+  std::optional<StepProfiler> profiler_;
 };
 
 // Writes the model's parameters and buffers atomically; throws IOError.
