@@ -37,11 +37,11 @@ B, T, VOCAB, PADDED = 16, 1024, 50257, 50304
 KINDS = [  # first match wins, on the lower-cased kernel name
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("optimizer", ("adam", "increment_steps")),
+    ("LayerNorm", ("layer_norm", "layernorm", "gammabeta")),
     ("gradient pass (inf check, norm, clip)",
      ("check_kernel", "finalize_kernel", "scale_kernel", "non_finite", "norm", "unscale")),
     ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "splitk")),
     ("cross-entropy / softmax", ("softmax", "nll", "cross_entropy", "logsumexp")),
-    ("LayerNorm", ("layer_norm", "layernorm")),
     ("embedding", ("embedding", "index_put", "indexing_backward", "index_select", "gather", "scatter")),
     ("memset / copy", ("memset", "memcpy", "copy_kernel", "fill")),
     ("reduction", ("reduce_kernel", "sum_kernel")),
@@ -56,14 +56,14 @@ def kind_of(name):
     return "elementwise / other"
 
 
-def ours(exe, tokens, first, count, work):
+def ours(exe, tokens, first, count, work, extra=()):
     out = Path(work) / "ours"
     prof = Path(work) / "ours_profile.json"
     cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"), "--set", f"data.path={tokens}",
            "--set", "amp.precision=bf16", "--set", f"train.max_steps={first + count}", "--set",
            "train.grad_accum_steps=1", "--set", "train.log_every=1000", "--set", f"train.out_dir={out}", "--set",
            "train.save_model=false", "--set", "eval.every=0", "--set", "eval.loss_batches=1",
-           "--profile", str(prof), "--profile-steps", f"{first},{count}"]
+           "--profile", str(prof), "--profile-steps", f"{first},{count}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"scaletrain train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -114,6 +114,8 @@ def main():
     parser.add_argument("--out", help="JSON file")
     parser.add_argument("--first", type=int, default=10, help="first profiled step (after warm-up)")
     parser.add_argument("--count", type=int, default=10, help="profiled steps")
+    parser.add_argument("--ours-variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="also profile ours with this --set (repeatable)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_gpt2_step: needs a CUDA device")
@@ -124,6 +126,9 @@ def main():
         tokens = Path(work) / "tokens.bin"
         np.random.default_rng(0).integers(0, VOCAB, 5_000_000, dtype=np.uint16).tofile(tokens)
         sides["scaletrain"] = ours(Path(args.build) / "scaletrain", tokens, args.first, args.count, work)
+        for extra in args.ours_variant:
+            sides[f"scaletrain {extra}"] = ours(Path(args.build) / "scaletrain", tokens, args.first, args.count, work,
+                                                 ("--set", extra))
         sides["PyTorch twin eager"] = theirs(tokens, "twin", args.first, args.count)
         torch.cuda.empty_cache()
         sides["nanoGPT-style eager"] = theirs(tokens, "nanogpt", args.first, args.count)
@@ -134,7 +139,7 @@ def main():
             kinds[kind_of(name)] += ms
         by_kind[label] = kinds
     order = sorted({k for ks in by_kind.values() for k in ks}, key=lambda k: -by_kind["scaletrain"].get(k, 0.0))
-    print(f"{'ms per step':<42}" + "".join(f"{label:>22}" for label in sides))
+    print(f"{'ms per step':<42}" + "".join(f"{label[-21:]:>22}" for label in sides))
     for k in order:
         print(f"{k:<42}" + "".join(f"{by_kind[label].get(k, 0.0):>22.3f}" for label in sides))
     busy = {label: sum(by_kind[label].values()) for label in sides}
@@ -150,7 +155,7 @@ def main():
         rows.append({"side": label, "wall_ms": round(wall, 3), "gpu_busy_ms": round(busy[label], 3),
                      "host_gaps_ms": round(wall - busy[label], 3),
                      "kinds_ms": {k: round(v, 3) for k, v in sorted(by_kind[label].items(), key=lambda kv: -kv[1])},
-                     "top_kernels_ms": [[n, round(ms, 3)] for n, ms in top]})
+                     "kernels_ms": [[n, round(ms, 4)] for n, ms in sorted(names.items(), key=lambda kv: -kv[1])]})
     if args.out:
         commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
