@@ -45,7 +45,9 @@ at::Tensor CausalSelfAttentionImpl::forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& sin, const ForwardContext& context,
                                             int64_t layer) {
   const int64_t batch = x.size(0), seq = x.size(1), heads = options_.n_head();
-  auto qkv_heads = qkv(x).view({batch, seq, 3, heads, options_.head_dim()}).permute({2, 0, 3, 1, 4});
+  // unbind, not three selects: its backward stacks the three gradients in one pass, where each
+  // select's backward would zero-fill a gradient of the whole qkv output and copy into it.
+  const auto qkv_heads = qkv(x).view({batch, seq, 3, heads, options_.head_dim()}).permute({2, 0, 3, 1, 4}).unbind(0);
   auto q = apply_rope(qkv_heads[0], cos, sin);
   auto k = apply_rope(qkv_heads[1], cos, sin);
   auto v = qkv_heads[2];
