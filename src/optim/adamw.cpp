@@ -270,38 +270,39 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
   const c10::Device device = params.front().device();
   std::vector<Work> work;
   for (size_t i = 0; i < n; ++i) {
-    const std::string at_index = "[" + std::to_string(i) + "]";
+    // Built only for an error message: this loop runs for every parameter of every step.
+    const auto at_index = [i] { return "[" + std::to_string(i) + "]"; };
     const at::Tensor& p = params[i];
     if (!p.defined() || p.scalar_type() != at::kFloat || !p.is_contiguous())
-      throw std::invalid_argument("params" + at_index + ": expected a contiguous float32 tensor" +
+      throw std::invalid_argument("params" + at_index() + ": expected a contiguous float32 tensor" +
                                   (p.defined() ? ", got " + tensor_type(p) + (p.is_contiguous() ? "" : " (not contiguous)")
                                                : ""));
     if (p.device() != device)
-      throw std::invalid_argument("params" + at_index + ": on " + p.device().str() + ", params[0] is on " +
+      throw std::invalid_argument("params" + at_index() + ": on " + p.device().str() + ", params[0] is on " +
                                   device.str() + " (expected one device)");
     const at::Tensor& g = grads[i];
     if (!g.defined() || g.is_sparse() || g.sizes() != p.sizes() || !g.is_contiguous() || g.device() != device)
-      throw std::invalid_argument("grads" + at_index + ": expected a dense contiguous tensor of the parameter's shape on " +
+      throw std::invalid_argument("grads" + at_index() + ": expected a dense contiguous tensor of the parameter's shape on " +
                                   device.str());
     if (g.scalar_type() != at::kFloat && g.scalar_type() != at::kHalf && g.scalar_type() != at::kBFloat16)
-      throw std::invalid_argument("grads" + at_index + ": dtype " + tensor_type(g) +
+      throw std::invalid_argument("grads" + at_index() + ": dtype " + tensor_type(g) +
                                   ", expected float32, bfloat16 or float16");
     for (const auto& [list, name] : {std::pair{&exp_avgs, "exp_avgs"}, std::pair{&exp_avg_sqs, "exp_avg_sqs"}}) {
       const at::Tensor& t = (*list)[i];
       if (!t.defined() || t.sizes() != p.sizes() || !t.is_contiguous() || t.device() != device ||
           t.scalar_type() != at::kFloat)
-        throw std::invalid_argument(std::string(name) + at_index +
+        throw std::invalid_argument(std::string(name) + at_index() +
                                     ": expected a contiguous float32 tensor of the parameter's shape on " +
                                     device.str() + " (a saved state from another model?)");
     }
     const at::Tensor& s = steps[i];
     if (!s.defined() || s.numel() != 1 || s.scalar_type() != at::kFloat || s.device() != device)
-      throw std::invalid_argument("steps" + at_index + ": expected one float32 element on " + device.str());
+      throw std::invalid_argument("steps" + at_index() + ": expected one float32 element on " + device.str());
     at::Tensor copy = copies.empty() ? at::Tensor() : copies[i];
     if (copy.defined()) {
       if (copy.sizes() != p.sizes() || !copy.is_contiguous() || copy.device() != device ||
           (copy.scalar_type() != at::kBFloat16 && copy.scalar_type() != at::kHalf && copy.scalar_type() != at::kFloat))
-        throw std::invalid_argument("copies" + at_index +
+        throw std::invalid_argument("copies" + at_index() +
                                     ": expected a contiguous bfloat16, float16 or float32 tensor of the parameter's "
                                     "shape on " + device.str());
       if (copy.data_ptr() == p.data_ptr()) copy = at::Tensor();  // the parameter itself

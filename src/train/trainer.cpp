@@ -200,7 +200,7 @@ at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
 
 std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
   const auto& optim = config_.optim;
-  fused_ = optim.fused() == FusedChoice::on || (optim.fused() == FusedChoice::automatic && device_.is_cuda());
+  fused_ = uses_fused_adamw(optim.fused(), device_);
   auto groups = parameter_groups(trainable_parameters(), optim);
   if (!fused_) return std::make_unique<torch::optim::AdamW>(groups, adamw_options(optim));
   auto adamw = std::make_unique<optim::AdamW>(groups, adamw_options(optim));
@@ -215,6 +215,10 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
   }
   skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
   return adamw;
+}
+
+bool uses_fused_adamw(FusedChoice choice, const c10::Device& device) {
+  return choice == FusedChoice::on || (choice == FusedChoice::automatic && device.is_cuda());
 }
 
 int64_t Trainer::skipped_steps() const {

@@ -44,6 +44,8 @@ struct TrainSummary {
 
 // "cpu" or "cuda"; throws ConfigError (train.device) when CUDA is asked for but absent.
 c10::Device resolve_device(DeviceChoice choice);
+// Whether optim.fused picks scaletrain's fused AdamW on `device` (on; or auto and CUDA).
+bool uses_fused_adamw(FusedChoice choice, const c10::Device& device);
 
 class Trainer {
  public:

@@ -259,8 +259,7 @@ OptimizerTensors optimizer_state(const RunConfig& config, const Checkpoint& chec
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>());
   groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>());
-  const bool fused = config.optim.fused() == FusedChoice::on ||
-                     (config.optim.fused() == FusedChoice::automatic && config.train.device() == DeviceChoice::cuda);
+  const bool fused = uses_fused_adamw(config.optim.fused(), fresh.device());
   std::unique_ptr<torch::optim::Optimizer> adamw;
   if (fused) adamw = std::make_unique<optim::AdamW>(groups, torch::optim::AdamWOptions());
   else adamw = std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions());
