@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "grad_check_cuda.h"
+#include "core/cuda_convert.cuh"
 
 namespace scaletrain::amp::cuda {
 namespace {
@@ -26,17 +27,8 @@ struct TensorBatch {
   int count;
 };
 
-__device__ __forceinline__ float load_float(float x) { return x; }
-__device__ __forceinline__ float load_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float load_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T store_float(float x);
-template <>
-__device__ __forceinline__ float store_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half store_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using core::cuda::from_float;
+using core::cuda::to_float;
 
 // The tensor and the element range of this block's chunk.
 template <typename T>
@@ -72,13 +64,13 @@ __device__ __forceinline__ void for_each_element(Chunk<T> chunk, F f) {
       uint4 raw = vec[i];
       T* values = reinterpret_cast<T*>(&raw);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) values[j] = store_float<T>(f(load_float(values[j])));
+      for (int j = 0; j < kVec; ++j) values[j] = from_float<T>(f(to_float(values[j])));
       if (kWrite) vec[i] = raw;
     }
   }
   for (int64_t i = vectors * kVec + threadIdx.x; i < chunk.size; i += kThreads) {
-    float out = f(load_float(chunk.data[i]));
-    if (kWrite) chunk.data[i] = store_float<T>(out);
+    float out = f(to_float(chunk.data[i]));
+    if (kWrite) chunk.data[i] = from_float<T>(out);
   }
 }
 

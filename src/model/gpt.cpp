@@ -3,25 +3,15 @@
 #include <cmath>
 
 #include <torch/nn/functional/linear.h>
-#include <torch/nn/functional/loss.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/init.h>
 
 #include "scaletrain/model/activation_checkpoint.h"
 #include "scaletrain/model/attention.h"
+#include "scaletrain/model/fused_ops.h"
 
 namespace scaletrain::model {
-namespace F = torch::nn::functional;
 namespace {
-
-// Rotates pairs (x[i], x[i + half]) of each head by the position's angles (GPT-NeoX layout).
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  // In the tables' precision (fp32), rounded back to x's (bf16/fp16 under autocast) at the end.
-  const int64_t half = x.size(-1) / 2;
-  auto x1 = x.narrow(-1, 0, half).to(cos.scalar_type());
-  auto x2 = x.narrow(-1, half, half).to(cos.scalar_type());
-  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
-}
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
@@ -53,12 +43,9 @@ at::Tensor CausalSelfAttentionImpl::forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& sin, const ForwardContext& context,
                                             int64_t layer) {
   const int64_t batch = x.size(0), seq = x.size(1), heads = options_.n_head();
-  // unbind, not three selects: its backward stacks the three gradients in one pass, where each
-  // select's backward would zero-fill a gradient of the whole qkv output and copy into it.
-  const auto qkv_heads = apply_linear(qkv, x).view({batch, seq, 3, heads, options_.head_dim()}).permute({2, 0, 3, 1, 4}).unbind(0);
-  auto q = apply_rope(qkv_heads[0], cos, sin);
-  auto k = apply_rope(qkv_heads[1], cos, sin);
-  auto v = qkv_heads[2];
+  const auto projected = apply_linear(qkv, x);
+  auto [q, k, v] = options_.fused_ops() ? rope_qkv(projected, cos, sin, heads)
+                                         : rope_qkv_reference(projected, cos, sin, heads);
   if (context.cache != nullptr) {
     KVCache& cache = *context.cache;
     cache.keys[layer].narrow(2, cache.length, seq).copy_(k);
@@ -127,6 +114,14 @@ void GPTImpl::init_weights() {
 }
 
 at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& context) {
+  auto logits = padded_logits(tokens, context);
+  // The GEMM runs over the padded rows; the padding columns are dropped here, so they take no
+  // part in the softmax, the loss or decoding, and their rows get no gradient from the output.
+  return options_.padded_vocab_size() == options_.vocab_size() ? logits
+                                                               : logits.narrow(-1, 0, options_.vocab_size());
+}
+
+at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext& context) {
   TORCH_CHECK(tokens.dim() == 2, "GPT: tokens must be (batch, seq), got ", tokens.sizes());
   const int64_t batch = tokens.size(0), seq = tokens.size(1);
   const int64_t offset = context.cache ? context.cache->length : 0;
@@ -144,13 +139,13 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
     TORCH_CHECK(context.positions.sizes() == tokens.sizes(), "GPT: positions ", context.positions.sizes(),
                 " do not match tokens ", tokens.sizes());
     auto flat = context.positions.reshape({-1});
-    cos = rope_cos_.index_select(0, flat).view({batch, 1, seq, half});
-    sin = rope_sin_.index_select(0, flat).view({batch, 1, seq, half});
+    cos = rope_cos_.index_select(0, flat).view({batch, seq, half});
+    sin = rope_sin_.index_select(0, flat).view({batch, seq, half});
   } else {
-    cos = rope_cos_.narrow(0, offset, seq).view({1, 1, seq, half});
-    sin = rope_sin_.narrow(0, offset, seq).view({1, 1, seq, half});
+    cos = rope_cos_.narrow(0, offset, seq).view({1, seq, half});
+    sin = rope_sin_.narrow(0, offset, seq).view({1, seq, half});
   }
-  // cos/sin stay in the tables' precision: apply_rope rotates in it and rounds to q/k's dtype.
+  // (1 or batch, seq, half), in the tables' precision: the rotation runs in it and rounds to q/k's dtype.
   auto x = embedding_dropout(wte(tokens));
   // Checkpointing pays off only when backward will run; a cache would be appended to twice.
   const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
@@ -169,17 +164,25 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
   }
   if (context.cache) context.cache->length += seq;
   x = ln_f(x);
-  auto logits = options_.tie_embeddings() ? at::linear(x, wte->weight) : apply_linear(lm_head, x);
-  // The GEMM runs over the padded rows; the padding columns are dropped here, so they take no
-  // part in the softmax, the loss or decoding, and their rows get no gradient from the output.
-  return options_.padded_vocab_size() == options_.vocab_size() ? logits
-                                                               : logits.narrow(-1, 0, options_.vocab_size());
+  return options_.tie_embeddings() ? at::linear(x, wte->weight) : apply_linear(lm_head, x);
 }
 
 at::Tensor GPTImpl::loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
-  // fp32 first: for low-precision (or column-narrowed) logits that conversion is the one copy.
-  return F::cross_entropy(logits.to(at::kFloat).reshape({-1, logits.size(-1)}), targets.reshape({-1}),
-                          F::CrossEntropyFuncOptions().ignore_index(ignore_index));
+  const int64_t classes = logits.size(-1);
+  return options_.fused_ops() ? cross_entropy(logits, targets, classes, ignore_index)
+                              : cross_entropy_reference(logits, targets, classes, ignore_index);
+}
+
+at::Tensor GPTImpl::forward_loss(const at::Tensor& tokens, const at::Tensor& targets, LossReduction reduction,
+                                 int64_t ignore_index) {
+  TORCH_CHECK(targets.sizes() == tokens.sizes(), "GPT: targets ", targets.sizes(), " do not match tokens ",
+              tokens.sizes());
+  // Over the padded logits: the loss takes the first vocab_size columns (fused: in the kernels,
+  // the padding columns get zero gradient and nothing is copied).
+  const auto logits = padded_logits(tokens, {});
+  const int64_t classes = options_.vocab_size();
+  return options_.fused_ops() ? cross_entropy(logits, targets, classes, ignore_index, reduction)
+                              : cross_entropy_reference(logits, targets, classes, ignore_index, reduction);
 }
 
 KVCache GPTImpl::make_cache(int64_t batch, int64_t capacity) const {

@@ -21,6 +21,8 @@ void GPTOptions::visit(core::FieldVisitor& v) {
   v.field("rope_base", rope_base(), "base of the rotary position encoding", core::greater_than(1));
   v.field("activation_checkpointing", activation_checkpointing(),
           "recompute each block's activations in backward (less memory, ~1/3 more compute)");
+  v.field("fused_ops", fused_ops(),
+          "fused RoPE and cross-entropy kernels (false: the unfused reference expressions)");
 }
 
 void GPTOptions::validate() const {

@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "adamw_cuda.h"
+#include "core/tensor_dtype.h"
 #endif
 
 namespace scaletrain::optim {
@@ -108,16 +109,6 @@ void step_cpu(const std::vector<Work>& work, const torch::optim::AdamWOptions& o
 }
 
 #ifdef SCALETRAIN_WITH_CUDA
-cuda::DType cuda_type(const at::Tensor& t) {
-  if (!t.defined()) return cuda::DType::none;
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::f32;
-    case at::kHalf: return cuda::DType::f16;
-    case at::kBFloat16: return cuda::DType::bf16;
-    default: return cuda::DType::none;
-  }
-}
-
 void step_cuda(const std::vector<Work>& work, const torch::optim::AdamWOptions& o, const StepScale& scale) {
   const c10::cuda::CUDAGuard guard(work.front().param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -128,7 +119,7 @@ void step_cuda(const std::vector<Work>& work, const torch::optim::AdamWOptions& 
   // One launch sequence per (gradient dtype, copy dtype) present, in first-seen order.
   std::vector<std::tuple<cuda::DType, cuda::DType, std::vector<cuda::ParamSpan>>> sets;
   for (const auto& w : work) {
-    const auto grad_type = cuda_type(w.grad), copy_type = cuda_type(w.copy);
+    const auto grad_type = core::cuda::dtype_of(w.grad), copy_type = core::cuda::dtype_of(w.copy);
     auto it = sets.begin();
     while (it != sets.end() && !(std::get<0>(*it) == grad_type && std::get<1>(*it) == copy_type)) ++it;
     if (it == sets.end()) it = sets.insert(sets.end(), {grad_type, copy_type, {}});

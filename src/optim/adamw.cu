@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include "adamw_cuda.h"
+#include "core/cuda_convert.cuh"
 
 namespace scaletrain::optim::cuda {
 namespace {
@@ -31,15 +32,8 @@ struct Batch {
 
 struct NoCopy {};
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using core::cuda::from_float;
+using core::cuda::to_float;
 
 // Four consecutive elements as floats; `p` is aligned to 4 elements.
 template <typename T>

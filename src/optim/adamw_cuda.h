@@ -5,9 +5,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include "core/cuda_dtype.h"
+
 namespace scaletrain::optim::cuda {
 
-enum class DType { none, f32, f16, bf16 };
+using core::cuda::DType;
 
 // One parameter's step: fp32 value and moments (updated in place), its gradient (`grad_type`,
 // read), an optional low-precision copy (`copy_type`, written) and its step count (a float on

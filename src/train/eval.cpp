@@ -4,7 +4,6 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
-#include <torch/nn/functional/loss.h>
 
 #include "scaletrain/data/tokenizer.h"
 #include "scaletrain/model/generate.h"
@@ -19,10 +18,7 @@ double validation_loss(model::GPT& model, const data::Dataset& dataset, const Ev
   double total = 0;
   int64_t counted = 0;
   for (const auto& batch : dataset.validation_batches(options.batch_size(), options.loss_batches())) {
-    auto logits = model->forward(batch.inputs.to(device));
-    auto summed = torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(at::kFloat), batch.targets.to(device).reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+    auto summed = model->forward_loss(batch.inputs.to(device), batch.targets.to(device), model::LossReduction::sum);
     total += summed.item<double>();
     counted += batch.target_tokens;
   }

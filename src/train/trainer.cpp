@@ -255,7 +255,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true) : t;
   };
   if (k == 1) {  // the mean loss directly: bit-identical to a plain training loop
-    auto loss = model_->loss(model_->forward(to_device(micro[0].inputs)), to_device(micro[0].targets));
+    auto loss = model_->forward_loss(to_device(micro[0].inputs), to_device(micro[0].targets));
     backward(loss);
     return loss.detach();
   }
@@ -263,8 +263,8 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
   for (int64_t i = 0; i < k; ++i) {
     const auto& batch = micro[static_cast<size_t>(i)];
-    auto logits = model_->forward(to_device(batch.inputs));
-    auto part = accumulator.normalize(accum::summed_cross_entropy(logits, to_device(batch.targets)), i);
+    auto summed = model_->forward_loss(to_device(batch.inputs), to_device(batch.targets), model::LossReduction::sum);
+    auto part = accumulator.normalize(summed, i);
     backward(part);
     total += part.detach();
   }

@@ -11,6 +11,7 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
+#include "scaletrain/model/fused_ops.h"
 #include "scaletrain/model/gpt_options.h"
 
 namespace scaletrain::model {
@@ -104,6 +105,11 @@ class GPTImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& tokens, const ForwardContext& context = {});
   // Mean cross-entropy over targets that are not `ignore_index`.
   at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = -100);
+  // The training loss of `tokens` against `targets` (batch, seq): forward and cross-entropy in one,
+  // over the padded output rows (with fused_ops no copy of the logits is made). Mean over the
+  // targets that are not `ignore_index`, or their sum.
+  at::Tensor forward_loss(const at::Tensor& tokens, const at::Tensor& targets,
+                          LossReduction reduction = LossReduction::mean, int64_t ignore_index = -100);
   // A cache for `batch` sequences of up to `capacity` tokens, on the model's device and dtype.
   KVCache make_cache(int64_t batch, int64_t capacity) const;
 
@@ -118,6 +124,8 @@ class GPTImpl : public torch::nn::Module {
 
  private:
   void init_weights();
+  // (batch, seq, padded_vocab_size()) logits: padding columns included.
+  at::Tensor padded_logits(const at::Tensor& tokens, const ForwardContext& context);
   GPTOptions options_;
   at::Tensor rope_cos_, rope_sin_;  // (block_size, head_dim / 2)
 };

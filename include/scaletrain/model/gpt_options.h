@@ -39,6 +39,10 @@ struct GPTOptions {
   // in training with grad enabled and no KV cache, memory for activations drops to one tensor per block
   // at the price of about one more forward pass.
   TORCH_ARG(bool, activation_checkpointing) = false;
+  // The fused kernels of model/fused_ops.h: RoPE on the qkv projection (rope_qkv) and
+  // cross-entropy over the padded low-precision logits (cross_entropy). false: the unfused ATen
+  // expressions they replace (the reference; the same arithmetic, more passes and memory).
+  TORCH_ARG(bool, fused_ops) = true;
 
  public:  // TORCH_ARG leaves the section private
   int64_t head_dim() const { return n_embd_ / n_head_; }

@@ -68,6 +68,9 @@ const std::vector<KeyCase>& key_cases() {
       {"model.rope_base", "500.0", {}, Effect::changes, ""},
       {"model.activation_checkpointing", "true", {}, Effect::none,
        "recomputes activations in backward: bit-identical gradients by design"},
+      {"model.fused_ops", "false", {}, Effect::unchecked,
+       "the same RoPE and cross-entropy by the unfused expressions: RoPE bit-identical, the loss equal up to "
+       "rounding (FusedOps tests the agreement)"},
       {"data.source", "text", {"data.path=@text"}, Effect::changes, ""},
       {"data.tasks", "[flowroll]", {}, Effect::changes, ""},
       {"data.seed", "7", {}, Effect::changes, ""},

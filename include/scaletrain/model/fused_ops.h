@@ -1,0 +1,52 @@
+#pragma once
+// Fused kernels of the GPT step, each with a CPU and a CUDA implementation and an autograd
+// backward, and each the same arithmetic as the unfused ATen expression it replaces:
+//
+//   rope_qkv       splits the qkv projection into q, k and v in the attention layout and rotates
+//                  q and k (one read of qkv, one write of q, k, v; backward: one pass that writes
+//                  the qkv gradient). Replaces view/permute/unbind + apply_rope.
+//   cross_entropy  softmax cross-entropy over the first `classes` columns of low- or full-precision
+//                  logits, fp32 inside, without an fp32 copy of the logits: forward keeps one
+//                  log-sum-exp per row, backward writes the logits' gradient in their dtype in one
+//                  pass (zeros in the padding columns). Replaces narrow + to(fp32) + cross_entropy.
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace scaletrain::model {
+
+struct QKV {
+  at::Tensor q, k, v;  // (batch, heads, seq, head_dim), views of (batch, seq, heads, head_dim) storage
+};
+
+// The unfused reference: rotates pairs (x[i], x[i + half]) of the last dimension of `x`
+// (GPT-NeoX layout) by angles whose cos and sin broadcast against x's (..., seq, half); in the
+// tables' precision, rounded to x's dtype at the end.
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// qkv: (batch, seq, 3 * heads * head_dim), q then k then v, each heads x head_dim (a linear
+// layer's output). cos, sin: (seq, head_dim / 2) or (batch, seq, head_dim / 2), fp32 tables of the
+// positions' angles. Returns q and k rotated as apply_rope rotates them (fp32 math, the same
+// rounding), and v. Differentiable in qkv (the tables get no gradient).
+// fp64 qkv takes rope_qkv_reference (the kernels compute in fp32).
+QKV rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
+// The unfused reference of rope_qkv: view, permute, unbind and apply_rope (q and k dense in
+// (batch, heads, seq, head_dim), v a view of qkv).
+QKV rope_qkv_reference(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
+
+enum class LossReduction { mean, sum };
+
+// Cross-entropy of `logits` (rows, columns) or (..., columns), any float dtype, against `targets`
+// (rows) int64, over the first `classes` columns (classes <= columns; the rest, such as padding
+// rows of an output layer, take no part and get zero gradient). Rows whose target is ignore_index
+// count for nothing; mean divides by the rows that count (NaN when none do, as torch). A target
+// outside [0, classes) is an error on the CPU and gives a NaN loss on CUDA (checked without
+// synchronising with the host). Returns an fp32 scalar (fp64 logits: cross_entropy_reference).
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
+                         int64_t ignore_index = -100, LossReduction reduction = LossReduction::mean);
+// The unfused reference: narrow to `classes` columns, convert to (at least) fp32, ATen's
+// cross_entropy (log_softmax + nll_loss).
+at::Tensor cross_entropy_reference(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
+                                   int64_t ignore_index = -100, LossReduction reduction = LossReduction::mean);
+
+}  // namespace scaletrain::model
