@@ -1,10 +1,10 @@
 #pragma once
-// A tensor's element type for the torch-free CUDA launchers (core/cuda_dtype.h).
+// A tensor's element type for the torch-free kernel launchers (core/kernel_dtype.h).
 #include <ATen/core/Tensor.h>
 
-#include "cuda_dtype.h"
+#include "kernel_dtype.h"
 
-namespace scaletrain::core::cuda {
+namespace scaletrain::core {
 
 // none for an undefined tensor or a type the kernels do not take.
 inline DType dtype_of(const at::Tensor& t) {
@@ -17,4 +17,4 @@ inline DType dtype_of(const at::Tensor& t) {
   }
 }
 
-}  // namespace scaletrain::core::cuda
+}  // namespace scaletrain::core

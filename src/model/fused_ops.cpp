@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -31,7 +32,7 @@ void check_launch(cudaError_t status, const char* what) {
 }
 
 cuda::DType kernel_dtype(const at::Tensor& t, const char* what) {
-  const auto type = core::cuda::dtype_of(t);
+  const auto type = core::dtype_of(t);
   TORCH_CHECK(type != cuda::DType::none, what, ": CUDA tensors must be float32, float16 or bfloat16, got ",
               t.scalar_type());
   return type;
@@ -240,7 +241,9 @@ void cross_entropy_forward_cpu(const at::Tensor& logits, const int64_t* targets,
       const T* row = base + r * d.row_stride;
       OnlineSum acc;
       for (int64_t c = 0; c < d.classes; ++c) acc.add(static_cast<float>(row[c]));
-      lse[r] = acc.m + std::log(acc.sum);
+      // NaN for a +inf maximum, as ATen's log_softmax (inf - inf).
+      lse[r] = acc.m == std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::quiet_NaN()
+                                                                : acc.m + std::log(acc.sum);
       const int64_t t = targets[r];
       loss[r] = t == d.ignore_index ? 0.f : lse[r] - static_cast<float>(row[t]);
     }
@@ -406,6 +409,8 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
   check_cuda_built(logits, "cross_entropy");
   auto rows = logits.reshape({-1, columns});
   if (rows.stride(1) != 1) rows = rows.contiguous();
+  TORCH_CHECK(rows.size(0) <= std::numeric_limits<int32_t>::max(), "cross_entropy: ", rows.size(0),
+              " rows, at most 2^31 - 1 (one CUDA block each)");
   return CrossEntropyFunction::apply(rows, targets.reshape({-1}).contiguous(), classes, ignore_index,
                                      reduction == LossReduction::mean);
 }

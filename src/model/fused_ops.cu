@@ -191,14 +191,21 @@ __device__ __forceinline__ void online_add(float& m, float& sum, float x) {
   }
 }
 
+// Merges another thread's pair. A pair that saw only NaN and -inf has max -inf and sum NaN: the
+// products with 0 below keep that NaN (0 * NaN = NaN, 0 * 0 = 0) instead of dropping it.
 __device__ __forceinline__ void online_combine(float& m, float& sum, float m2, float sum2) {
   if (m2 > m) {
-    sum = (m == -INFINITY ? 0.f : sum * expf(m - m2)) + sum2;
+    sum = (m == -INFINITY ? sum * 0.f : sum * expf(m - m2)) + sum2;
     m = m2;
   } else if (m2 != -INFINITY) {
     sum += sum2 * expf(m2 - m);
+  } else {
+    sum += sum2 * 0.f;
   }
 }
+
+// log(sum(exp(x))) from the pair; NaN for a +inf maximum, as ATen's log_softmax (inf - inf).
+__device__ __forceinline__ float log_sum_exp(float m, float sum) { return m == INFINITY ? NAN : m + logf(sum); }
 
 template <typename T>
 __global__ void cross_entropy_forward(const T* __restrict__ logits, const int64_t* __restrict__ targets,
@@ -224,7 +231,7 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const int64_
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < kThreads / 32; ++w) online_combine(m, sum, shared_m[w], shared_s[w]);
-    const float row_lse = m + logf(sum);
+    const float row_lse = log_sum_exp(m, sum);
     const int64_t t = targets[r];
     float value;
     if (t == s.ignore_index) value = 0.f;

@@ -5,11 +5,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include "core/cuda_dtype.h"
+#include "core/kernel_dtype.h"
 
 namespace scaletrain::model::cuda {
 
-using core::cuda::DType;
+using core::DType;
 
 // Strides (in elements) of a (batch, heads, seq, head_dim) tensor whose last dimension is dense.
 struct HeadStrides {

@@ -6,18 +6,18 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/serialize/archive.h>
 
 #include "scaletrain/core/version.h"
+#include "adamw_cpu.h"
+#include "core/tensor_dtype.h"
 
 #ifdef SCALETRAIN_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "adamw_cuda.h"
-#include "core/tensor_dtype.h"
 #endif
 
 namespace scaletrain::optim {
@@ -57,14 +57,10 @@ struct Work {
   at::Tensor param, grad, exp_avg, exp_avg_sq, step, copy;
 };
 
-// torch.optim.AdamW's element update, in the order of operations of the CUDA kernel.
-struct Coeffs {
-  float factor, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
-};
-
-Coeffs coefficients(const torch::optim::AdamWOptions& o, double step, float factor) {
+// torch.optim.AdamW's per-parameter constants, in the order of operations of the CUDA kernel.
+cpu::Coeffs coefficients(const torch::optim::AdamWOptions& o, double step, float factor) {
   const auto [beta1, beta2] = o.betas();
-  Coeffs c;
+  cpu::Coeffs c;
   c.factor = factor;
   c.decay = static_cast<float>(1.0 - o.lr() * o.weight_decay());
   c.beta1 = static_cast<float>(beta1);
@@ -77,34 +73,25 @@ Coeffs coefficients(const torch::optim::AdamWOptions& o, double step, float fact
   return c;
 }
 
-inline void adamw_element(float& p, float& m, float& v, float g, const Coeffs& c) {
-  g *= c.factor;
-  p *= c.decay;
-  m = m * c.beta1 + g * c.one_minus_beta1;
-  v = v * c.beta2 + c.one_minus_beta2 * (g * g);
-  const float denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
-  p = p + (-c.step_size) * (m / denom);
-}
-
-constexpr int64_t kCpuGrain = 16384;
+// Elements per task of ATen's thread pool: large enough that a task streams for tens of
+// microseconds, small enough to balance a few large tensors over the threads.
+constexpr int64_t kCpuGrain = 1 << 16;
 
 void step_cpu(const std::vector<Work>& work, const torch::optim::AdamWOptions& o, float factor) {
   for (const auto& w : work) {
     w.step.add_(1);
-    const Coeffs c = coefficients(o, w.step.item<float>(), factor);
+    const cpu::Coeffs c = coefficients(o, w.step.item<float>(), factor);
     float* p = w.param.data_ptr<float>();
     float* m = w.exp_avg.data_ptr<float>();
     float* v = w.exp_avg_sq.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.grad.scalar_type(), "adamw_cpu", [&] {
-      const scalar_t* g = w.grad.const_data_ptr<scalar_t>();
-      at::parallel_for(0, w.param.numel(), kCpuGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) adamw_element(p[i], m[i], v[i], static_cast<float>(g[i]), c);
-      });
+    const auto grad_type = core::dtype_of(w.grad), copy_type = core::dtype_of(w.copy);
+    const size_t grad_size = w.grad.element_size(), copy_size = w.copy.defined() ? w.copy.element_size() : 0;
+    const auto* g = static_cast<const char*>(w.grad.const_data_ptr());
+    auto* copy = w.copy.defined() ? static_cast<char*>(w.copy.data_ptr()) : nullptr;
+    at::parallel_for(0, w.param.numel(), kCpuGrain, [&](int64_t begin, int64_t end) {
+      cpu::adamw_span(c, p + begin, m + begin, v + begin, g + begin * grad_size, grad_type,
+                      copy ? copy + begin * copy_size : nullptr, copy_type, end - begin);
     });
-    if (w.copy.defined()) {
-      torch::NoGradGuard no_grad;
-      w.copy.copy_(w.param);
-    }
   }
 }
 
@@ -119,7 +106,7 @@ void step_cuda(const std::vector<Work>& work, const torch::optim::AdamWOptions& 
   // One launch sequence per (gradient dtype, copy dtype) present, in first-seen order.
   std::vector<std::tuple<cuda::DType, cuda::DType, std::vector<cuda::ParamSpan>>> sets;
   for (const auto& w : work) {
-    const auto grad_type = core::cuda::dtype_of(w.grad), copy_type = core::cuda::dtype_of(w.copy);
+    const auto grad_type = core::dtype_of(w.grad), copy_type = core::dtype_of(w.copy);
     auto it = sets.begin();
     while (it != sets.end() && !(std::get<0>(*it) == grad_type && std::get<1>(*it) == copy_type)) ++it;
     if (it == sets.end()) it = sets.insert(sets.end(), {grad_type, copy_type, {}});

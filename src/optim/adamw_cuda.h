@@ -5,11 +5,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include "core/cuda_dtype.h"
+#include "core/kernel_dtype.h"
 
 namespace scaletrain::optim::cuda {
 
-using core::cuda::DType;
+using core::DType;
 
 // One parameter's step: fp32 value and moments (updated in place), its gradient (`grad_type`,
 // read), an optional low-precision copy (`copy_type`, written) and its step count (a float on

@@ -159,23 +159,59 @@ TEST(FusedOps, CrossEntropyCpuMatchesFp64OverTheFirstClassesColumns) {
   check_cross_entropy(at::TensorOptions().dtype(at::kBFloat16), 37, 70, 61, 1e-6, 1.0 / 128);
 }
 
-TEST(FusedOps, CrossEntropyTakesStridedRowsAndBatchedLogits) {
-  const auto padded = at::randn({2, 6, 80});
-  const auto targets = at::randint(64, {2, 6}, at::kLong);
-  const auto view = run_loss(cross_entropy, padded.narrow(-1, 0, 64), targets, 64, LossReduction::mean);
-  const auto whole = run_loss(cross_entropy, padded, targets, 64, LossReduction::mean);
-  const auto exact = run_loss(cross_entropy_reference, padded.to(at::kDouble), targets, 64, LossReduction::mean);
-  EXPECT_TRUE(at::equal(view.loss, whole.loss));
-  EXPECT_TRUE(at::equal(view.grad, whole.grad.narrow(-1, 0, 64)));
-  EXPECT_NEAR(whole.loss.item<double>(), exact.loss.item<double>(), 1e-6 * exact.loss.item<double>());
+// A narrowed view (rows strided past the classes) gives what the whole padded tensor gives, with
+// 64 or 258 classes (aligned and unaligned rows: vector and scalar loads on CUDA).
+void check_strided_rows(at::TensorOptions options) {
+  for (int64_t classes : {64, 258}) {
+    SCOPED_TRACE("classes " + std::to_string(classes));
+    const auto padded = at::randn({2, 6, 320}, options.dtype(at::kFloat)).to(options.dtype());
+    const auto targets = at::randint(classes, {2, 6}, options.dtype(at::kLong));
+    const auto view = run_loss(cross_entropy, padded.narrow(-1, 0, classes), targets, classes, LossReduction::mean);
+    const auto whole = run_loss(cross_entropy, padded, targets, classes, LossReduction::mean);
+    const auto exact =
+        run_loss(cross_entropy_reference, padded.to(at::kDouble), targets, classes, LossReduction::mean);
+    EXPECT_TRUE(at::equal(view.loss, whole.loss));
+    EXPECT_TRUE(at::equal(view.grad, whole.grad.narrow(-1, 0, classes)));
+    EXPECT_NEAR(whole.loss.item<double>(), exact.loss.item<double>(), 1e-5 * exact.loss.item<double>());
+  }
 }
 
-TEST(FusedOps, CrossEntropyAllIgnoredIsNanForMeanAndZeroForSum) {
-  const auto logits = at::randn({4, 10});
-  const auto targets = at::full({4}, -100, at::kLong);
+void check_all_ignored(at::TensorOptions options) {
+  const auto logits = at::randn({4, 10}, options);
+  const auto targets = at::full({4}, -100, options.dtype(at::kLong));
   EXPECT_TRUE(std::isnan(cross_entropy(logits, targets, 10).item<double>()));
   EXPECT_EQ(cross_entropy(logits, targets, 10, -100, LossReduction::sum).item<double>(), 0.0);
+  EXPECT_EQ(cross_entropy(logits.narrow(0, 0, 0), targets.narrow(0, 0, 0), 10, -100, LossReduction::sum)
+                .item<double>(),
+            0.0);
 }
+
+// Non-finite logits give what ATen gives: NaN anywhere in a row -> NaN loss (wherever it sits among
+// the threads' elements), +inf -> NaN (inf - inf), -inf outside the target -> a finite loss.
+void check_non_finite(at::TensorOptions options) {
+  const int64_t classes = 300;
+  for (int64_t column : {0, 1, 37, 255, 299}) {
+    for (float value : {NAN, INFINITY, -INFINITY}) {
+      SCOPED_TRACE("column " + std::to_string(column) + " value " + std::to_string(value));
+      auto logits = at::randn({3, classes}, options.dtype(at::kFloat));
+      logits.index_put_({1, column}, value);
+      logits = logits.to(options.dtype());
+      auto targets = at::full({3}, column == 5 ? 6 : 5, options.dtype(at::kLong));
+      const double ours = cross_entropy(logits, targets, classes).item<double>();
+      const double ref = cross_entropy_reference(logits, targets, classes).item<double>();
+      EXPECT_EQ(std::isnan(ours), std::isnan(ref)) << ours << " vs ATen " << ref;
+      if (!std::isnan(ref)) {
+        EXPECT_NEAR(ours, ref, 1e-5 * std::abs(ref));
+      }
+    }
+  }
+}
+
+TEST(FusedOps, CrossEntropyTakesStridedRowsAndBatchedLogits) { check_strided_rows(at::TensorOptions()); }
+
+TEST(FusedOps, CrossEntropyAllIgnoredIsNanForMeanAndZeroForSum) { check_all_ignored(at::TensorOptions()); }
+
+TEST(FusedOps, CrossEntropyNonFiniteLogitsAsATen) { check_non_finite(at::TensorOptions()); }
 
 TEST(FusedOps, CrossEntropyRejectsBadInputsByName) {
   const auto logits = at::randn({4, 10});
@@ -268,6 +304,17 @@ TEST(FusedOps, CudaCrossEntropyMatchesFp64) {
   check_cross_entropy(cuda.dtype(at::kBFloat16), 64, 50304, 50257, 1e-5, 1.0 / 128);
   check_cross_entropy(cuda.dtype(at::kFloat), 33, 1001, 1000, 1e-5, 1e-5);
   check_cross_entropy(cuda.dtype(at::kHalf), 17, 328, 300, 1e-5, 1.0 / 512);
+}
+
+TEST(FusedOps, CudaCrossEntropyEdgeCases) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (auto dtype : {at::kBFloat16, at::kFloat}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    check_strided_rows(cuda.dtype(dtype));
+    check_all_ignored(cuda.dtype(dtype));
+    check_non_finite(cuda.dtype(dtype));
+  }
 }
 
 TEST(FusedOps, CudaCrossEntropyInvalidTargetIsNanWithoutError) {
