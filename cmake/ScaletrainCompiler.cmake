@@ -24,9 +24,11 @@ function(scaletrain_warnings target)
 endfunction()
 
 # Executables reuse the library's precompiled header; GCC accepts it only when the code model
-# flags match, so they are compiled as PIC (not PIE) like the shared library.
+# flags match, so they are compiled as PIC (not PIE) like the shared library, and with OpenMP
+# like it (see the top-level CMakeLists.txt).
 function(scaletrain_reuse_pch target)
   target_precompile_headers(${target} REUSE_FROM scaletrain)
+  target_link_libraries(${target} PRIVATE scaletrain_openmp)
   set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE OFF)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fPIC>)
 endfunction()
