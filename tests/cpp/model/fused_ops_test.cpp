@@ -75,6 +75,21 @@ void check_rope(at::TensorOptions options, int64_t dim, bool per_sequence_tables
   EXPECT_TRUE(at::equal(fused.k, unfused.k)) << max_diff(fused.k, unfused.k);
   EXPECT_TRUE(at::equal(fused.v, unfused.v));
   EXPECT_TRUE(at::equal(fused.grad, unfused.grad)) << max_diff(fused.grad, unfused.grad);
+  // Upstream gradients with odd strides (views into wider buffers): the backward's strided path.
+  {
+    auto qkv = c.qkv.detach().clone().requires_grad_(true);
+    auto ref_qkv = c.qkv.detach().clone().requires_grad_(true);
+    const QKV a = rope_qkv(qkv, c.cos, c.sin, heads), b = rope_qkv_reference(ref_qkv, c.cos, c.sin, heads);
+    std::vector<at::Tensor> upstream;
+    for (const auto& u : c.upstream) {
+      auto wide = at::zeros({batch, heads, seq, dim + 3}, c.qkv.options());
+      wide.narrow(-1, 0, dim).copy_(u);
+      upstream.push_back(wide.narrow(-1, 0, dim));
+    }
+    const auto ga = torch::autograd::grad({a.q, a.k, a.v}, {qkv}, upstream)[0];
+    const auto gb = torch::autograd::grad({b.q, b.k, b.v}, {ref_qkv}, upstream)[0];
+    EXPECT_TRUE(at::equal(ga, gb)) << max_diff(ga, gb);
+  }
   EXPECT_LE(max_diff(fused.q, exact.q), fp64_tolerance * max_abs(exact.q));
   EXPECT_LE(max_diff(fused.k, exact.k), fp64_tolerance * max_abs(exact.k));
   EXPECT_LE(max_diff(fused.grad, exact.grad), fp64_tolerance * max_abs(exact.grad));
