@@ -199,8 +199,9 @@ class RopeQKVFunction : public torch::autograd::Function<RopeQKVFunction> {
   }
 };
 
-// (seq, half) or (batch, seq, half) -> (1 or batch, seq, half) fp32, dense.
-at::Tensor rope_table(const at::Tensor& table, const char* name, const at::Tensor& qkv, int64_t half) {
+// (seq, half) or (batch, seq, half) -> (1 or batch, seq, half) in `dtype`, dense.
+at::Tensor rope_table(const at::Tensor& table, const char* name, const at::Tensor& qkv, int64_t half,
+                      at::ScalarType dtype) {
   TORCH_CHECK(table.defined() && (table.dim() == 2 || table.dim() == 3), "rope_qkv: ", name,
               " must be (seq, head_dim / 2) or (batch, seq, head_dim / 2), got ",
               table.defined() ? table.sizes() : at::IntArrayRef{});
@@ -210,7 +211,7 @@ at::Tensor rope_table(const at::Tensor& table, const char* name, const at::Tenso
               ", seq ", qkv.size(1), ", head_dim / 2 = ", half, ")");
   TORCH_CHECK(table.device() == qkv.device(), "rope_qkv: ", name, " is on ", table.device(), ", qkv on ",
               qkv.device());
-  return t3.to(at::kFloat).contiguous();
+  return t3.to(dtype).contiguous();
 }
 
 // ---- cross-entropy ----
@@ -374,9 +375,11 @@ QKV rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
               "rope_qkv: qkv's last dimension ", qkv.size(2), " is not 3 x heads (", heads, ") x an even head_dim");
   TORCH_CHECK(at::isFloatingType(qkv.scalar_type()), "rope_qkv: qkv must be floating point, got ", qkv.scalar_type());
   const int64_t half = qkv.size(2) / (3 * heads) / 2;
-  const auto c = rope_table(cos, "cos", qkv, half), s = rope_table(sin, "sin", qkv, half);
   // fp64 (reference models in tests) keeps the expression: it is exact enough, the kernels are fp32 inside.
-  if (qkv.scalar_type() == at::kDouble) return rope_qkv_reference(qkv, cos.to(at::kDouble), sin.to(at::kDouble), heads);
+  const bool fp64 = qkv.scalar_type() == at::kDouble;
+  const auto table_type = fp64 ? at::kDouble : at::kFloat;
+  const auto c = rope_table(cos, "cos", qkv, half, table_type), s = rope_table(sin, "sin", qkv, half, table_type);
+  if (fp64) return rope_qkv_reference(qkv, c, s, heads);
   check_cuda_built(qkv, "rope_qkv");
   const auto out = RopeQKVFunction::apply(qkv.contiguous(), c, s, heads);
   return {out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)};

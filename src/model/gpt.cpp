@@ -168,9 +168,13 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
 }
 
 at::Tensor GPTImpl::loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
-  const int64_t classes = logits.size(-1);
-  return options_.fused_ops() ? cross_entropy(logits, targets, classes, ignore_index)
-                              : cross_entropy_reference(logits, targets, classes, ignore_index);
+  return loss_over(logits, targets, logits.size(-1), ignore_index, LossReduction::mean);
+}
+
+at::Tensor GPTImpl::loss_over(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
+                              int64_t ignore_index, LossReduction reduction) const {
+  return options_.fused_ops() ? cross_entropy(logits, targets, classes, ignore_index, reduction)
+                              : cross_entropy_reference(logits, targets, classes, ignore_index, reduction);
 }
 
 at::Tensor GPTImpl::forward_loss(const at::Tensor& tokens, const at::Tensor& targets, LossReduction reduction,
@@ -179,10 +183,7 @@ at::Tensor GPTImpl::forward_loss(const at::Tensor& tokens, const at::Tensor& tar
               tokens.sizes());
   // Over the padded logits: the loss takes the first vocab_size columns (fused: in the kernels,
   // the padding columns get zero gradient and nothing is copied).
-  const auto logits = padded_logits(tokens, {});
-  const int64_t classes = options_.vocab_size();
-  return options_.fused_ops() ? cross_entropy(logits, targets, classes, ignore_index, reduction)
-                              : cross_entropy_reference(logits, targets, classes, ignore_index, reduction);
+  return loss_over(padded_logits(tokens, {}), targets, options_.vocab_size(), ignore_index, reduction);
 }
 
 KVCache GPTImpl::make_cache(int64_t batch, int64_t capacity) const {

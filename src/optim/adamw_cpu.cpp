@@ -103,11 +103,6 @@ SCALETRAIN_WITH_GRAD(f32)
 SCALETRAIN_WITH_GRAD(bf16)
 SCALETRAIN_WITH_GRAD(f16)
 
-// Which clone the loader picked: the same rule over the same levels as the spans'.
-__attribute__((target("arch=x86-64-v4"))) const char* isa_name() { return "x86-64-v4"; }
-__attribute__((target("arch=x86-64-v3"))) const char* isa_name() { return "x86-64-v3"; }
-__attribute__((target("default"))) const char* isa_name() { return "baseline"; }
-
 }  // namespace
 
 void adamw_span(const Coeffs& c, float* param, float* exp_avg, float* exp_avg_sq, const void* grad,
@@ -122,7 +117,5 @@ void adamw_span(const Coeffs& c, float* param, float* exp_avg, float* exp_avg_sq
     case core::DType::none: break;
   }
 }
-
-const char* adamw_span_isa() { return isa_name(); }
 
 }  // namespace scaletrain::optim::cpu

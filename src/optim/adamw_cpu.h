@@ -20,7 +20,4 @@ struct Coeffs {
 void adamw_span(const Coeffs& c, float* param, float* exp_avg, float* exp_avg_sq, const void* grad,
                 core::DType grad_type, void* copy, core::DType copy_type, int64_t n);
 
-// The instruction-set level adamw_span runs with on this CPU ("x86-64-v4", "x86-64-v3" or "baseline").
-const char* adamw_span_isa();
-
 }  // namespace scaletrain::optim::cpu

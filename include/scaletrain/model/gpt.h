@@ -126,6 +126,9 @@ class GPTImpl : public torch::nn::Module {
   void init_weights();
   // (batch, seq, padded_vocab_size()) logits: padding columns included.
   at::Tensor padded_logits(const at::Tensor& tokens, const ForwardContext& context);
+  // Cross-entropy over the first `classes` columns: the fused kernel or the reference (fused_ops).
+  at::Tensor loss_over(const at::Tensor& logits, const at::Tensor& targets, int64_t classes, int64_t ignore_index,
+                       LossReduction reduction) const;
   GPTOptions options_;
   at::Tensor rope_cos_, rope_sin_;  // (block_size, head_dim / 2)
 };
