@@ -168,8 +168,10 @@ void check_cross_entropy(at::TensorOptions options, int64_t rows, int64_t column
 }
 
 TEST(FusedOps, CrossEntropyCpuMatchesFp64OverTheFirstClassesColumns) {
-  check_cross_entropy(at::TensorOptions().dtype(at::kFloat), 37, 70, 61, 1e-6, 1e-6);
-  check_cross_entropy(at::TensorOptions().dtype(at::kFloat), 9, 40, 40, 1e-6, 1e-6);
+  // fp32 gradients: exp(x - lse) carries the fp32 error of the row's sum over ~classes terms
+  // (a few 1e-6 relative), so 1e-5 of the largest gradient; the loss averages it out (1e-6).
+  check_cross_entropy(at::TensorOptions().dtype(at::kFloat), 37, 70, 61, 1e-6, 1e-5);
+  check_cross_entropy(at::TensorOptions().dtype(at::kFloat), 9, 40, 40, 1e-6, 1e-5);
   // bf16 logits: the loss is fp32 arithmetic on the same values; the gradient is rounded to bf16.
   check_cross_entropy(at::TensorOptions().dtype(at::kBFloat16), 37, 70, 61, 1e-6, 1.0 / 128);
 }
