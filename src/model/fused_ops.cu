@@ -215,10 +215,18 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const int64_
   const int64_t r = blockIdx.x;
   const T* row = logits + r * s.row_stride;
   float m = -INFINITY, sum = 0.f;
-  const int64_t vectors = aligned16(row) ? s.classes / V : 0;
+  // Thread i sums the groups of V elements i, i + blockDim, ... then the tail, whether the row is
+  // aligned for vector loads or not: the same order, so a row's lse does not depend on its address.
+  const int64_t vectors = s.classes / V;
+  const bool aligned = aligned16(row);
   for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
     float x[V];
-    load<T, V>(row + i * V, x);
+    if (aligned) {
+      load<T, V>(row + i * V, x);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = to_float(row[i * V + e]);
+    }
 #pragma unroll
     for (int e = 0; e < V; ++e) online_add(m, sum, x[e]);
   }
