@@ -1,10 +1,15 @@
-"""GPT-2 124M training (configs/gpt2_124m.yaml, batch 16 x 1024 tokens) with scaletrain's
+"""GPT-2 124M (and 355M) training (configs/gpt2_124m.yaml, batch 16 x 1024 tokens) with scaletrain's
 trainer (the `scaletrain train` executable) against the same model trained by plain PyTorch eager
 with torch.amp (benchmarks/python/torch_gpt.py), in one run of this script on one GPU: tokens per
 second and peak GPU memory for fp32, bf16 and fp16 with dynamic loss scaling. Both sides pad the
 vocabulary of 50257 to 50304 rows.
 
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --out benchmarks/results/train_gpt2_h100.json
+    python benchmarks/python/bench_train_gpt2.py --build build-gpu --models 124m,355m --out ...
+
+Ours runs with its defaults, which capture the step in a CUDA graph (train.cuda_graph auto); the
+"cuda graph on vs off" row sets train.cuda_graph=off for the other side. GPT-2 355M (24 layers,
+16 heads, width 1024) gets the bf16 rows (a), (b), (c) only.
 
 Both sides: one micro-batch per optimizer step, AdamW with gradient clipping at 1.0, TF32 off.
 Ours: scaletrain's fused AdamW (optim.fused auto = on CUDA). PyTorch: torch.optim.AdamW(fused=True),
@@ -42,11 +47,15 @@ B, T = 16, 1024
 # PyTorch twin gets the same rows, as nanoGPT pads its vocabulary, so both sides run the same GEMMs.
 VOCAB = 50257
 PADDED_VOCAB = (VOCAB + 63) // 64 * 64
+# n_layer, n_head, n_embd
+MODELS = {"124m": (12, 12, 768), "355m": (24, 16, 1024)}
 
 
-def ours(exe, tokens, precision, steps, work, checkpointing=False):
-    out = Path(work) / f"ours_{precision}_{int(checkpointing)}"
-    cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"),
+def ours(exe, tokens, precision, steps, work, checkpointing=False, model="124m", extra=()):
+    out = Path(work) / f"ours_{model}_{precision}_{int(checkpointing)}_{len(extra)}"
+    n_layer, n_head, n_embd = MODELS[model]
+    sets = [f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}", *extra]
+    cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"), *[a for x in sets for a in ("--set", x)],
            "--set", f"data.path={tokens}", "--set", f"amp.precision={precision}",
            "--set", f"train.max_steps={steps}", "--set", "train.grad_accum_steps=1", "--set", "train.log_every=10",
            "--set", f"train.out_dir={out}", "--set", "train.save_model=false", "--set", "eval.every=0",
@@ -61,13 +70,15 @@ def ours(exe, tokens, precision, steps, work, checkpointing=False):
     return statistics.median(rates[1:]), summary["peak_memory_bytes"], summary["parameters"], summary
 
 
-def theirs(tokens, precision, steps, warmup=10, checkpointing=False, kind="twin", compiled=False):
+def theirs(tokens, precision, steps, warmup=10, checkpointing=False, kind="twin", compiled=False, size="124m"):
     torch.manual_seed(0)
     data = np.memmap(tokens, dtype=np.uint16, mode="r")
+    n_layer, n_head, n_embd = MODELS[size]
     if kind == "nanogpt":
-        model = NanoGPT(vocab_size=PADDED_VOCAB).cuda()
+        model = NanoGPT(vocab_size=PADDED_VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd).cuda()
     else:
-        model = GPT(vocab_size=PADDED_VOCAB, checkpointing=checkpointing).cuda()
+        model = GPT(vocab_size=PADDED_VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                    checkpointing=checkpointing).cuda()
     forward = torch.compile(model) if compiled else model
     params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -111,6 +122,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
     parser.add_argument("--no-checkpointing", action="store_true", help="leave out the activation checkpointing rows")
+    parser.add_argument("--models", default="124m", help="comma-separated: 124m, 355m (355m: bf16 rows only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_gpt2: needs a CUDA device")
@@ -118,55 +130,64 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     rows, table = [], []
 
-    def record(label, baseline, our_rate, torch_rate, our_peak=None, torch_peak=None):
-        rows.append({"name": f"train gpt2-124m {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
+    def record(model, label, baseline, our_rate, torch_rate, our_peak=None, torch_peak=None):
+        rows.append({"name": f"train gpt2-{model} {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
                      "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
         if our_peak is not None:
-            rows.append({"name": f"train gpt2-124m {label} peak memory", "unit": "GiB",
+            rows.append({"name": f"train gpt2-{model} {label} peak memory", "unit": "GiB",
                          "ours": round(our_peak / 2**30, 2), "baseline": round(torch_peak / 2**30, 2),
                          "baseline_name": baseline, "higher_is_better": False})
-        table.append((label, baseline, our_rate, torch_rate, our_peak / 2**30 if our_peak else float("nan"),
-                      torch_peak / 2**30 if torch_peak else float("nan")))
+        table.append((f"{model} {label}", baseline, our_rate, torch_rate,
+                      our_peak / 2**30 if our_peak else float("nan"), torch_peak / 2**30 if torch_peak else float("nan")))
 
     exe = Path(args.build) / "scaletrain"
     with tempfile.TemporaryDirectory() as work:
         tokens = Path(work) / "tokens.bin"
         np.random.default_rng(0).integers(0, VOCAB, 20_000_000, dtype=np.uint16).tofile(tokens)
-        our_bf16_rate = our_bf16_peak = None
-        for precision in args.precisions.split(","):
-            our_rate, our_peak, our_params, _ = ours(exe, tokens, precision, args.steps, work)
-            torch_rate, torch_peak, torch_params = theirs(tokens, precision, args.steps - 10)
-            torch.cuda.empty_cache()
-            if our_params != torch_params:
-                raise SystemExit(f"parameter counts differ: scaletrain {our_params}, PyTorch {torch_params}")
-            baseline = f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}), AdamW fused" + \
-                (" + torch.amp autocast" if precision != "fp32" else "") + \
-                (" + GradScaler" if precision == "fp16" else "")
-            label = precision + (" + loss scaler" if precision == "fp16" else "")
-            record(label, baseline, our_rate, torch_rate, our_peak, torch_peak)
-            if precision == "bf16":
-                our_bf16_rate, our_bf16_peak = our_rate, our_peak
-        if our_bf16_rate is not None:
-            # (a) nanoGPT-style eager and (c) the twin under torch.compile.
-            rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, kind="nanogpt")
-            torch.cuda.empty_cache()
-            record("bf16", f"nanoGPT-style eager (learned positions, vocab {PADDED_VOCAB}), AdamW fused + autocast",
-                   our_bf16_rate, rate, our_bf16_peak, peak)
-            rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, compiled=True, warmup=15)
-            torch.cuda.empty_cache()
-            record("bf16", f"PyTorch twin under torch.compile (vocab {PADDED_VOCAB}), AdamW fused + autocast",
-                   our_bf16_rate, rate, our_bf16_peak, peak)
-        # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
-        if our_bf16_rate is not None and not args.no_checkpointing:
-            our_rate, our_peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, checkpointing=True)
-            torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True)
-            torch.cuda.empty_cache()
-            record("bf16 + activation checkpointing",
-                   f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}) + autocast + torch.utils.checkpoint per block",
-                   our_rate, torch_rate, our_peak, torch_peak)
-    print(f"{'case':<32}{'baseline':<44}{'ours tok/s':>12}{'base tok/s':>12}{'ratio':>7}{'ours GiB':>10}{'base GiB':>10}")
+        for model in args.models.split(","):
+            if model not in MODELS:
+                raise SystemExit(f"--models: unknown model '{model}', expected one of {', '.join(MODELS)}")
+            precisions = args.precisions.split(",") if model == "124m" else ["bf16"]
+            our_bf16_rate = our_bf16_peak = None
+            for precision in precisions:
+                our_rate, our_peak, our_params, summary = ours(exe, tokens, precision, args.steps, work, model=model)
+                torch_rate, torch_peak, torch_params = theirs(tokens, precision, args.steps - 10, size=model)
+                torch.cuda.empty_cache()
+                if our_params != torch_params:
+                    raise SystemExit(f"parameter counts differ: scaletrain {our_params}, PyTorch {torch_params}")
+                baseline = f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}), AdamW fused" + \
+                    (" + torch.amp autocast" if precision != "fp32" else "") + \
+                    (" + GradScaler" if precision == "fp16" else "")
+                label = precision + (" + loss scaler" if precision == "fp16" else "")
+                record(model, label, baseline, our_rate, torch_rate, our_peak, torch_peak)
+                if precision == "bf16":
+                    our_bf16_rate, our_bf16_peak = our_rate, our_peak
+                    if summary.get("cuda_graph"):  # what the graph buys: the same run with it off
+                        rate, peak, _, _ = ours(exe, tokens, precision, args.steps, work, model=model,
+                                                extra=["train.cuda_graph=off"])
+                        record(model, "bf16 cuda graph on vs off", "scaletrain with train.cuda_graph=off",
+                               our_rate, rate, our_peak, peak)
+            if our_bf16_rate is not None:
+                # (a) nanoGPT-style eager and (c) the twin under torch.compile.
+                rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, kind="nanogpt", size=model)
+                torch.cuda.empty_cache()
+                record(model, "bf16", f"nanoGPT-style eager (learned positions, vocab {PADDED_VOCAB}), AdamW fused + autocast",
+                       our_bf16_rate, rate, our_bf16_peak, peak)
+                rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, compiled=True, warmup=15, size=model)
+                torch.cuda.empty_cache()
+                record(model, "bf16", f"PyTorch twin under torch.compile (vocab {PADDED_VOCAB}), AdamW fused + autocast",
+                       our_bf16_rate, rate, our_bf16_peak, peak)
+            # Activation checkpointing (bf16): ours per block against torch.utils.checkpoint per block.
+            if model == "124m" and our_bf16_rate is not None and not args.no_checkpointing:
+                our_rate, our_peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, checkpointing=True, model=model)
+                torch_rate, torch_peak, _ = theirs(tokens, "bf16", args.steps - 10, checkpointing=True, size=model)
+                torch.cuda.empty_cache()
+                record(model, "bf16 + activation checkpointing",
+                       f"PyTorch twin eager (vocab padded to {PADDED_VOCAB}) + autocast + torch.utils.checkpoint per block",
+                       our_rate, torch_rate, our_peak, torch_peak)
+    print(f"{'case':<37}{'baseline':<44}{'ours tok/s':>12}{'base tok/s':>12}{'ratio':>7}{'ours GiB':>10}{'base GiB':>10}")
     for label, baseline, a, b, m, n in table:
-        print(f"{label:<32}{baseline[:42]:<44}{a:>12,.0f}{b:>12,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>10.2f}")
+        print(f"{label:<37}{baseline[:42]:<44}{a:>12,.0f}{b:>12,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>10.2f}")
     if args.out:
         commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

@@ -41,12 +41,14 @@ const torch::optim::AdamWOptions& options_of(const torch::optim::OptimizerParamG
   return static_cast<const torch::optim::AdamWOptions&>(group.options());
 }
 
-// A device scalar of StepScale: one float32 element on `device`, or undefined.
-void check_scale_tensor(const at::Tensor& t, const char* name, const c10::Device& device) {
+// A device scalar of StepScale: one element of `type` on `device`, or undefined.
+void check_scale_tensor(const at::Tensor& t, const char* name, const c10::Device& device,
+                        at::ScalarType type = at::kFloat) {
   if (!t.defined()) return;
-  if (t.numel() != 1 || t.scalar_type() != at::kFloat)
-    throw std::invalid_argument(std::string("StepScale.") + name + ": expected one float32 element, got " +
-                                std::to_string(t.numel()) + " of " + std::string(c10::toString(t.scalar_type())));
+  if (t.numel() != 1 || t.scalar_type() != type)
+    throw std::invalid_argument(std::string("StepScale.") + name + ": expected one " +
+                                (type == at::kDouble ? "float64" : "float32") + " element, got " + std::to_string(t.numel()) + " of " +
+                                std::string(c10::toString(t.scalar_type())));
   if (t.device() != device)
     throw std::invalid_argument(std::string("StepScale.") + name + ": on " + t.device().str() +
                                 ", the parameters are on " + device.str());
@@ -102,6 +104,7 @@ void step_cuda(const std::vector<Work>& work, const torch::optim::AdamWOptions& 
   const auto [beta1, beta2] = o.betas();
   const cuda::Hyper hyper{o.lr(), beta1, beta2, o.eps(), o.weight_decay()};
   const float* factor = scale.factor.defined() ? scale.factor.data_ptr<float>() : nullptr;
+  const double* lr = scale.lr.defined() ? scale.lr.const_data_ptr<double>() : nullptr;
   const float* found_inf = scale.found_inf.defined() ? scale.found_inf.data_ptr<float>() : nullptr;
   // One launch sequence per (gradient dtype, copy dtype) present, in first-seen order.
   std::vector<std::tuple<cuda::DType, cuda::DType, std::vector<cuda::ParamSpan>>> sets;
@@ -116,7 +119,7 @@ void step_cuda(const std::vector<Work>& work, const torch::optim::AdamWOptions& 
   }
   for (const auto& [grad_type, copy_type, spans] : sets) {
     const cudaError_t status = cuda::launch_adamw(spans.data(), static_cast<int64_t>(spans.size()), grad_type,
-                                                  copy_type, hyper, factor, found_inf, stream);
+                                                  copy_type, hyper, lr, factor, found_inf, stream);
     if (status != cudaSuccess)
       throw std::runtime_error(std::string("scaletrain::optim::AdamW::step: ") + cudaGetErrorString(status));
   }
@@ -196,9 +199,15 @@ void AdamW::step(const StepScale& scale) {
   if (!copies_.empty() && copies_.size() != total)
     throw std::invalid_argument("model copies: " + std::to_string(copies_.size()) + " for " + std::to_string(total) +
                                 " parameters (param groups changed after set_model_copies)");
+  const auto groups = static_cast<int64_t>(param_groups().size());
+  if (scale.lr.defined() && scale.lr.numel() != 1 && scale.lr.numel() != groups)
+    throw std::invalid_argument("StepScale.lr: " + std::to_string(scale.lr.numel()) + " elements for " +
+                                std::to_string(groups) + " param groups (expected one per group, or one)");
   size_t index = 0;
   for (size_t gi = 0; gi < param_groups().size(); ++gi) {
     auto& group = param_groups()[gi];
+    StepScale group_scale = scale;
+    if (scale.lr.defined()) group_scale.lr = scale.lr.reshape({-1}).narrow(0, scale.lr.numel() == 1 ? 0 : gi, 1);
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps, copies;
     for (auto& p : group.params()) {
       at::Tensor copy = copies_.empty() ? at::Tensor() : copies_[index];
@@ -221,7 +230,7 @@ void AdamW::step(const StepScale& scale) {
     }
     if (params.empty()) continue;
     try {
-      adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, copies, options_of(group), scale);
+      adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, copies, options_of(group), group_scale);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument("param_groups[" + std::to_string(gi) + "]: " + e.what());
     }
@@ -289,9 +298,13 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
   }
   check_scale_tensor(scale.factor, "factor", device);
   check_scale_tensor(scale.found_inf, "found_inf", device);
+  check_scale_tensor(scale.lr, "lr", device, at::kDouble);
   if (device.is_cpu()) {
     if (scale.found_inf.defined() && scale.found_inf.item<float>() != 0.f) return;
-    step_cpu(work, options, scale.factor.defined() ? scale.factor.item<float>() : 1.f);
+    torch::optim::AdamWOptions o = options;
+    if (scale.lr.defined()) o.lr(scale.lr.item<double>());
+    check_options(o, "");
+    step_cpu(work, o, scale.factor.defined() ? scale.factor.item<float>() : 1.f);
     return;
   }
 #ifdef SCALETRAIN_WITH_CUDA

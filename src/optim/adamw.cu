@@ -87,8 +87,8 @@ __global__ void increment_steps(Batch batch, const float* found_inf) {
 }
 
 template <typename G, typename C>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(Batch batch, Hyper hyper, const float* factor,
-                                                         const float* found_inf) {
+__global__ void __launch_bounds__(kThreads) adamw_kernel(Batch batch, Hyper hyper, const double* lr_on_device,
+                                                         const float* factor, const float* found_inf) {
   if (skipped(found_inf)) return;
   const int64_t chunk = blockIdx.x;
   int lo = 0, hi = batch.count - 1;
@@ -103,14 +103,15 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(Batch batch, Hyper hype
   if (size > kChunkElements) size = kChunkElements;
 
   const double step = *span.step;
+  const double lr = lr_on_device ? *lr_on_device : hyper.lr;
   Coeffs c;
   c.factor = factor ? *factor : 1.f;
-  c.decay = static_cast<float>(1.0 - hyper.lr * hyper.weight_decay);
+  c.decay = static_cast<float>(1.0 - lr * hyper.weight_decay);
   c.beta1 = static_cast<float>(hyper.beta1);
   c.one_minus_beta1 = static_cast<float>(1.0 - hyper.beta1);
   c.beta2 = static_cast<float>(hyper.beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - hyper.beta2);
-  c.step_size = static_cast<float>(hyper.lr / (1.0 - pow(hyper.beta1, step)));
+  c.step_size = static_cast<float>(lr / (1.0 - pow(hyper.beta1, step)));
   c.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(hyper.beta2, step)));
   c.eps = static_cast<float>(hyper.eps);
 
@@ -160,8 +161,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(Batch batch, Hyper hype
 }
 
 template <typename G, typename C>
-cudaError_t launch_typed(const ParamSpan* spans, int64_t count, const Hyper& hyper, const float* factor,
-                         const float* found_inf, cudaStream_t stream) {
+cudaError_t launch_typed(const ParamSpan* spans, int64_t count, const Hyper& hyper, const double* lr,
+                         const float* factor, const float* found_inf, cudaStream_t stream) {
   for (int64_t first = 0; first < count; first += kMaxTensors) {
     Batch batch{};
     batch.count = static_cast<int>(count - first < kMaxTensors ? count - first : kMaxTensors);
@@ -174,7 +175,7 @@ cudaError_t launch_typed(const ParamSpan* spans, int64_t count, const Hyper& hyp
     batch.chunk_begin[batch.count] = chunks;
     increment_steps<<<1, 64, 0, stream>>>(batch, found_inf);
     if (chunks > 0)
-      adamw_kernel<G, C><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(batch, hyper, factor, found_inf);
+      adamw_kernel<G, C><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(batch, hyper, lr, factor, found_inf);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
@@ -183,11 +184,11 @@ cudaError_t launch_typed(const ParamSpan* spans, int64_t count, const Hyper& hyp
 
 template <typename G>
 cudaError_t launch_with_grad(const ParamSpan* spans, int64_t count, DType copy_type, const Hyper& hyper,
-                             const float* factor, const float* found_inf, cudaStream_t stream) {
+                             const double* lr, const float* factor, const float* found_inf, cudaStream_t stream) {
   switch (copy_type) {
-    case DType::none: return launch_typed<G, NoCopy>(spans, count, hyper, factor, found_inf, stream);
-    case DType::f16: return launch_typed<G, __half>(spans, count, hyper, factor, found_inf, stream);
-    case DType::bf16: return launch_typed<G, __nv_bfloat16>(spans, count, hyper, factor, found_inf, stream);
+    case DType::none: return launch_typed<G, NoCopy>(spans, count, hyper, lr, factor, found_inf, stream);
+    case DType::f16: return launch_typed<G, __half>(spans, count, hyper, lr, factor, found_inf, stream);
+    case DType::bf16: return launch_typed<G, __nv_bfloat16>(spans, count, hyper, lr, factor, found_inf, stream);
     case DType::f32: break;
   }
   return cudaErrorInvalidValue;
@@ -196,11 +197,11 @@ cudaError_t launch_with_grad(const ParamSpan* spans, int64_t count, DType copy_t
 }  // namespace
 
 cudaError_t launch_adamw(const ParamSpan* spans, int64_t count, DType grad_type, DType copy_type, const Hyper& hyper,
-                         const float* factor, const float* found_inf, cudaStream_t stream) {
+                         const double* lr, const float* factor, const float* found_inf, cudaStream_t stream) {
   switch (grad_type) {
-    case DType::f32: return launch_with_grad<float>(spans, count, copy_type, hyper, factor, found_inf, stream);
-    case DType::f16: return launch_with_grad<__half>(spans, count, copy_type, hyper, factor, found_inf, stream);
-    case DType::bf16: return launch_with_grad<__nv_bfloat16>(spans, count, copy_type, hyper, factor, found_inf, stream);
+    case DType::f32: return launch_with_grad<float>(spans, count, copy_type, hyper, lr, factor, found_inf, stream);
+    case DType::f16: return launch_with_grad<__half>(spans, count, copy_type, hyper, lr, factor, found_inf, stream);
+    case DType::bf16: return launch_with_grad<__nv_bfloat16>(spans, count, copy_type, hyper, lr, factor, found_inf, stream);
     case DType::none: break;
   }
   return cudaErrorInvalidValue;

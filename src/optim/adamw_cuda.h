@@ -40,8 +40,9 @@ inline int64_t chunks_of(int64_t numel) { return (numel + kChunkElements - 1) / 
 // One AdamW step (torch.optim.AdamW's arithmetic, bias corrections in double) over `count`
 // tensors whose gradients all have `grad_type` and copies `copy_type`. Each gradient is
 // multiplied by *factor when factor is not null; when found_inf is not null and *found_inf != 0
-// nothing is written, step counts included. Both pointers are read on the device.
+// nothing is written, step counts included. When lr is not null, *lr replaces hyper.lr. The
+// three pointers are read on the device.
 cudaError_t launch_adamw(const ParamSpan* spans, int64_t count, DType grad_type, DType copy_type, const Hyper& hyper,
-                         const float* factor, const float* found_inf, cudaStream_t stream);
+                         const double* lr, const float* factor, const float* found_inf, cudaStream_t stream);
 
 }  // namespace scaletrain::optim::cuda

@@ -26,6 +26,7 @@ void TrainerOptions::visit(core::FieldVisitor& v) {
   v.field("log_every", log_every(), "steps between metric lines", core::at_least(1));
   v.field("out_dir", out_dir(), "folder for config, metrics, summary and model (\"\": none)");
   v.field("save_model", save_model(), "write out_dir/model.pt at the end");
+  v.choice("cuda_graph", cuda_graph(), "auto (capture the step in a CUDA graph when the run allows it), on or off");
 }
 
 void EvalOptions::visit(core::FieldVisitor& v) {

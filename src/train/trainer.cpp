@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/StreamGuard.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
@@ -141,6 +142,27 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
     for (auto& p : model_->parameters()) p.set_data(p.data().to(amp::compute_dtype(config_.amp.precision())));
     master_ = std::make_unique<amp::MasterWeights>(model_->parameters());
   }
+  if (config_.train.cuda_graph() == GraphChoice::on) {
+    if (const std::string blocker = cuda_graph_blocker(); !blocker.empty())
+      throw core::ConfigError("train.cuda_graph", "train.cuda_graph: got 'on', but " + blocker +
+                                                      " (expected auto or off for this run)");
+  }
+}
+
+std::string Trainer::cuda_graph_blocker() const {
+  const auto& c = config_;
+  if (!device_.is_cuda()) return "the run is on the CPU";
+  if (!uses_fused_adamw(c.optim.fused(), device_))
+    return "optim.fused is off (the captured step needs the fused AdamW, which reads the learning rate on the device)";
+  if (scaler_) return "fp16 with dynamic loss scaling adjusts the scale on the host";
+  if (c.train.grad_accum_steps() > 1)
+    return "train.grad_accum_steps is " + std::to_string(c.train.grad_accum_steps()) +
+           " (the captured step holds one micro-batch)";
+  if (c.model.activation_checkpointing())
+    return "model.activation_checkpointing is on (its recomputation sets the CUDA generator's state)";
+  if (!dataset_->fixed_batch_shape())
+    return std::string("data.source ") + core::enum_name(c.data.source()) + " gives batches of varying length";
+  return "";
 }
 
 std::vector<at::Tensor> Trainer::trainable_parameters() {
@@ -171,7 +193,7 @@ at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
     const auto grads = amp::gradients_of(params);
     const double inv_scale = scaler_ ? 1.0 / scaler_->get_scale() : 1.0;
     const amp::GradCheckResult check = amp::gradient_factor(grads, inv_scale, clip);
-    adamw.step(optim::StepScale{check.factor, check.found_inf_flag()});
+    adamw.step(optim::StepScale{check.factor, check.found_inf_flag(), lr_on_device_});
     if (scaler_) {
       const bool found_inf = check.found_inf();
       if (found_inf) ++skipped_steps_;
@@ -237,13 +259,19 @@ EvalResult Trainer::evaluate(bool generate) {
   return train::evaluate(model_, *dataset_, config_.eval, device_, generate, checker);
 }
 
+at::Tensor Trainer::forward_backward(const at::Tensor& inputs, const at::Tensor& targets) {
+  const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
+  auto loss = model_->forward_loss(inputs, targets);
+  backward(loss);
+  return loss.detach();
+}
+
 at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens) {
   // Micro-batch i of step s is batch s * k + i of the dataset: a pure function of the step, and
   // with k = 1 the same batches as without accumulation.
   const int64_t k = accumulator.micro_steps();
   std::vector<data::Batch> micro;
   std::vector<int64_t> target_tokens;
-  const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
   for (int64_t i = 0; i < k; ++i) {
     micro.push_back(dataset_->train_batch(step * k + i, config_.train.batch_size()));
     target_tokens.push_back(micro.back().target_tokens);
@@ -254,11 +282,9 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
   const auto to_device = [this](const at::Tensor& t) {
     return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true) : t;
   };
-  if (k == 1) {  // the mean loss directly: bit-identical to a plain training loop
-    auto loss = model_->forward_loss(to_device(micro[0].inputs), to_device(micro[0].targets));
-    backward(loss);
-    return loss.detach();
-  }
+  // The mean loss directly: bit-identical to a plain training loop.
+  if (k == 1) return forward_backward(to_device(micro[0].inputs), to_device(micro[0].targets));
+  const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
   accumulator.begin_step(target_tokens);
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
   for (int64_t i = 0; i < k; ++i) {
@@ -269,6 +295,41 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     total += part.detach();
   }
   return total;
+}
+
+at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGraph& graph,
+                                 torch::optim::Optimizer& optimizer, int64_t& tokens, at::Tensor& grad_norm) {
+  // Eager steps first: the optimizer creates its state, cuBLAS and the autograd engine their
+  // per-stream workspaces, outside the capture.
+  constexpr int64_t kGraphWarmupSteps = 3;
+  const data::Batch batch = dataset_->train_batch(step, config_.train.batch_size());
+  tokens += batch.tokens;
+  if (!graph_inputs_.defined()) {
+    graph_inputs_ = at::empty(batch.inputs.sizes(), batch.inputs.options().device(device_));
+    graph_targets_ = at::empty(batch.targets.sizes(), batch.targets.options().device(device_));
+  }
+  if (batch.inputs.sizes() != graph_inputs_.sizes() || batch.targets.sizes() != graph_targets_.sizes())
+    throw std::logic_error("cuda graph: batch " + std::to_string(step) + " has another shape than the captured one");
+  graph_inputs_.copy_(batch.inputs.pin_memory(), /*non_blocking=*/true);
+  graph_targets_.copy_(batch.targets.pin_memory(), /*non_blocking=*/true);
+  lr_on_device_.fill_(lr);
+  if (!graph.captured()) {
+    optimizer.zero_grad();  // gradients are created by the step (in the graph's pool once captured)
+    if (master_) model_->zero_grad();
+    const auto eager = [&] {
+      graph_loss_ = forward_backward(graph_inputs_, graph_targets_);
+      graph_norm_ = clip_and_step(optimizer);
+    };
+    if (done < kGraphWarmupSteps) {
+      eager();
+    } else {
+      graph.capture(eager);
+      report(fmt::format("step {}: the training step is captured in a CUDA graph and replayed from here on", step + 1));
+    }
+  }
+  if (graph.captured()) graph.replay();
+  grad_norm = graph_norm_;
+  return graph_loss_;
 }
 
 std::string Trainer::amp_state_json() const {
@@ -405,16 +466,35 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     p.last_loss = last_loss;
     return p;
   };
+  // A CUDA graph replays the step when the run allows it (train.cuda_graph); warm-up steps, the
+  // capture and the replays run on the graph's own stream.
+  std::unique_ptr<StepGraph> graph;
+  std::optional<c10::StreamGuard> on_graph_stream;
+  lr_on_device_ = at::Tensor();
+  if (device_.is_cuda() && config_.train.cuda_graph() != GraphChoice::off) {
+    if (const std::string blocker = cuda_graph_blocker(); blocker.empty()) {
+      graph = std::make_unique<StepGraph>(device_);
+      on_graph_stream.emplace(graph->stream());
+      lr_on_device_ = at::empty({1}, at::TensorOptions().dtype(at::kDouble).device(device_));
+    } else {
+      report("cuda graph: off, " + blocker);
+    }
+  }
   // Periodic evaluations and checkpoints are left out of the training time and of tokens/s.
   double eval_seconds = 0, interval_eval_seconds = 0;
   for (int64_t step = from.step; step < options.max_steps(); ++step) {
     const double lr = schedule.apply(optimizer, step);
     if (profiler_) profiler_->before_step(step);
-    optimizer.zero_grad();
-    if (master_) model_->zero_grad();  // the fused step reads the model's gradients
     int64_t step_input_tokens = 0;
-    at::Tensor loss = accumulate_gradients(step, accumulator, step_input_tokens);
-    step_grad_norm = clip_and_step(optimizer);
+    at::Tensor loss;
+    if (graph) {
+      loss = graphed_step(step, step - from.step, lr, *graph, optimizer, step_input_tokens, step_grad_norm);
+    } else {
+      optimizer.zero_grad();
+      if (master_) model_->zero_grad();  // the fused step reads the model's gradients
+      loss = accumulate_gradients(step, accumulator, step_input_tokens);
+      step_grad_norm = clip_and_step(optimizer);
+    }
     if (profiler_) profiler_->after_step(step);
 
     interval_loss += loss.to(at::kDouble);
@@ -457,6 +537,11 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
       interval_eval_seconds += spent;
     }
   }
+  if (graph) {
+    graph->synchronize();  // the default stream, on which what follows runs, sees the last step
+    summary.cuda_graph = graph->captured();
+  }
+  on_graph_stream.reset();
   summary.seconds = seconds_since(start) - eval_seconds;
   progress.finish();
   summary.steps = options.max_steps();
@@ -577,6 +662,7 @@ std::string summary_json(const TrainSummary& s) {
                            {"loss_scale", std::isfinite(s.loss_scale) ? nlohmann::ordered_json(s.loss_scale)
                                                                       : nlohmann::ordered_json(nullptr)},
                            {"peak_memory_bytes", s.peak_memory_bytes},
+                           {"cuda_graph", s.cuda_graph},
                            {"tokens", s.tokens},
                            {"seconds", s.seconds},
                            {"tokens_per_second", s.tokens_per_second},

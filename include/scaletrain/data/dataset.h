@@ -43,6 +43,9 @@ class Dataset {
   virtual int64_t vocab_size() const = 0;
   // Longest sequence (inputs) a batch can have.
   virtual int64_t max_sequence_length() const = 0;
+  // Whether every training batch of one batch size has the same shape and counts every target
+  // (what a step captured once in a CUDA graph needs).
+  virtual bool fixed_batch_shape() const { return false; }
   virtual std::string describe() const = 0;
 };
 
@@ -93,6 +96,7 @@ class TokenStreamDataset : public Dataset {
   std::vector<Batch> validation_batches(int64_t batch_size, int64_t max_batches) const override;
   int64_t vocab_size() const override { return vocab_size_; }
   int64_t max_sequence_length() const override { return block_size_; }
+  bool fixed_batch_shape() const override { return true; }
   std::string describe() const override { return description_; }
 
  private:

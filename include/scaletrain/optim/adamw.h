@@ -38,8 +38,12 @@ struct AdamWParamState : public torch::optim::OptimizerCloneableParamState<AdamW
 
 // What a step reads from device memory instead of the host. Either may be undefined.
 struct StepScale {
-  at::Tensor factor;     // one float32 element: every gradient is multiplied by it (unscale x clip)
-  at::Tensor found_inf;  // one float32 element: nonzero skips the step (nothing changes, counts included)
+  at::Tensor factor = {};     // one float32 element: every gradient is multiplied by it (unscale x clip)
+  at::Tensor found_inf = {};  // one float32 element: nonzero skips the step (nothing changes, counts included)
+  // float64, one element per param group (or one for all groups): the learning rate, read on the
+  // device in place of each group's lr option, so that a step captured in a CUDA graph follows
+  // a schedule (the trainer fills it before each replay). The arithmetic is the option's.
+  at::Tensor lr = {};
 };
 
 // The fused step without an optimizer object (what AdamW::step calls per param group, and what a

@@ -17,6 +17,11 @@ enum class DeviceChoice { automatic, cpu, cuda };
 // torch::optim::AdamW (separate ATen ops per parameter). auto: fused on CUDA, LibTorch's on the
 // CPU (where an fp32 run is then bit for bit a plain LibTorch loop).
 enum class FusedChoice { automatic, on, off };
+// Whether the training step is captured once in a CUDA graph and replayed (step_graph.h). auto:
+// when the run allows it (CUDA, fused AdamW, no loss scaler, one micro-batch per step, no
+// activation checkpointing, batches of one shape); on: the same, and an error naming what stands
+// in the way; off: every step launched from the host.
+enum class GraphChoice { automatic, on, off };
 
 // AdamW with linear warmup and cosine decay to min_lr, and global gradient-norm clipping.
 struct OptimizerOptions {
@@ -52,6 +57,7 @@ struct TrainerOptions {
   // Where config.yaml, metrics.jsonl, summary.json and model.pt go; "" writes nothing.
   TORCH_ARG(std::string, out_dir) = "runs/default";
   TORCH_ARG(bool, save_model) = true;
+  TORCH_ARG(GraphChoice, cuda_graph) = GraphChoice::automatic;
 
  public:  // TORCH_ARG leaves the section private
   void visit(core::FieldVisitor& v);
@@ -98,6 +104,14 @@ struct scaletrain::core::EnumNames<scaletrain::train::FusedChoice> {
       {{scaletrain::train::FusedChoice::automatic, "auto"},
        {scaletrain::train::FusedChoice::on, "on"},
        {scaletrain::train::FusedChoice::off, "off"}}};
+};
+
+template <>
+struct scaletrain::core::EnumNames<scaletrain::train::GraphChoice> {
+  static constexpr std::array<std::pair<scaletrain::train::GraphChoice, const char*>, 3> values = {
+      {{scaletrain::train::GraphChoice::automatic, "auto"},
+       {scaletrain::train::GraphChoice::on, "on"},
+       {scaletrain::train::GraphChoice::off, "off"}}};
 };
 
 template <>

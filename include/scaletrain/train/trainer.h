@@ -20,6 +20,7 @@
 #include "scaletrain/train/eval.h"
 #include "scaletrain/train/profile.h"
 #include "scaletrain/train/progress.h"
+#include "scaletrain/train/step_graph.h"
 
 namespace scaletrain::train {
 
@@ -38,6 +39,7 @@ struct TrainSummary {
   int64_t skipped_steps = 0;     // optimizer steps skipped for inf/NaN gradients
   double loss_scale = NAN;       // at the end (NaN without a loss scaler)
   int64_t peak_memory_bytes = 0;  // CUDA: most memory allocated at once; 0 on the CPU
+  bool cuda_graph = false;        // the steps after the warm-up were replays of one CUDA graph
   std::optional<EvalResult> before;
   EvalResult after;
 };
@@ -63,6 +65,9 @@ class Trainer {
   // Profiles a window of the next fit()'s steps (see profile.h). Throws std::invalid_argument.
   void profile(ProfileWindow window) { profiler_.emplace(std::move(window)); }
 
+  // Why this run's step cannot be captured in a CUDA graph (train.cuda_graph), "" when it can.
+  std::string cuda_graph_blocker() const;
+
   model::GPT& model() { return model_; }
   const data::Dataset& dataset() const { return *dataset_; }
   const c10::Device& device() const { return device_; }
@@ -75,6 +80,14 @@ class Trainer {
   // Forward and backward over the micro-batches of optimizer step `step`; returns the step's
   // mean token loss (detached) and adds the step's non-padding input tokens to `tokens`.
   at::Tensor accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens);
+  // Forward and backward of one micro-batch already on the device, with its mean token loss.
+  at::Tensor forward_backward(const at::Tensor& inputs, const at::Tensor& targets);
+  // Step `step` through `graph`: its batch copied into the tensors the capture reads, the
+  // learning rate into device memory; eager for the first kGraphWarmupSteps steps of the run
+  // (`done` counts them), then captured once and replayed. Returns the loss (device) and sets
+  // `grad_norm` and adds the batch's tokens to `tokens`.
+  at::Tensor graphed_step(int64_t step, int64_t done, double lr, StepGraph& graph, torch::optim::Optimizer& optimizer,
+                          int64_t& tokens, at::Tensor& grad_norm);
   // Backward of one micro-batch's loss: scaled when there is a loss scaler, then gradients moved
   // into fp32 master gradients when accumulating in fp32.
   void backward(const at::Tensor& loss);
@@ -102,6 +115,8 @@ class Trainer {
   int64_t skipped_steps_ = 0;
   at::Tensor skipped_on_device_;  // float count on the device (fused path), added to skipped_steps_
   bool fused_ = false;            // the optimizer is optim::AdamW
+  // CUDA-graph steps: what the capture reads (batch, learning rate) and what it leaves (loss, norm).
+  at::Tensor lr_on_device_, graph_inputs_, graph_targets_, graph_loss_, graph_norm_;
   ProgressBar* progress_ = nullptr;  // set while fit() runs
   std::optional<StepProfiler> profiler_;
 };

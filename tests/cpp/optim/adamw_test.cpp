@@ -135,6 +135,7 @@ void check_step_scale(const at::TensorOptions& options) {
 
 TEST(AdamW, CpuStepScaleFactorAndFoundInf) { check_step_scale(at::TensorOptions()); }
 
+
 // bf16 model weights with fp32 masters: the gradient is read from the copy, the copy written.
 void check_model_copies(const at::TensorOptions& options, at::ScalarType low) {
   auto master = make_params(options, false);
@@ -257,6 +258,48 @@ TEST(AdamW, RejectsBadOptionsAndTensorsByName) {
   }
 }
 
+// StepScale.lr: the learning rate read from device memory (one per group, or one for all) in
+// place of the group options', as a CUDA-graph replay needs. Reference: torch's AdamW with the
+// same schedule in its options; and bit for bit our own step with the lr in the options.
+void check_lr_on_device(const at::TensorOptions& options) {
+  auto ours_params = make_params(options, true);
+  auto host_params = clones(ours_params), ref_params = clones(ours_params);
+  AdamW ours(two_groups(ours_params)), host(two_groups(host_params));
+  torch::optim::AdamW reference(two_groups(ref_params));
+  for (auto& group : ours.param_groups()) group.options().set_lr(0.5);  // ignored: the device lr wins
+  at::Tensor lr = at::empty({2}, options.dtype(at::kDouble));
+  for (int step = 0; step < 8; ++step) {
+    const double first = 3e-3 / (step + 1), second = step < 4 ? 1e-3 : first;  // step 4 on: one for all
+    for (auto* opt : std::initializer_list<torch::optim::Optimizer*>{&host, &reference}) {
+      opt->param_groups()[0].options().set_lr(first);
+      opt->param_groups()[1].options().set_lr(second);
+    }
+    set_grads(ours_params, ref_params, 0.1);
+    for (size_t i = 0; i < ours_params.size(); ++i) host_params[i].mutable_grad() = ours_params[i].grad().clone();
+    if (step < 4) {
+      lr[0].fill_(first), lr[1].fill_(second);
+      ours.step(StepScale{{}, {}, lr});
+    } else {
+      ours.step(StepScale{{}, {}, at::full({1}, first, options.dtype(at::kDouble))});
+    }
+    host.step();
+    reference.step();
+  }
+  expect_state_close(ours, reference, ours_params, ref_params, 1e-6);
+  for (size_t i = 0; i < ours_params.size(); ++i) {
+    auto& a = dynamic_cast<AdamWParamState&>(*ours.state().at(ours_params[i].unsafeGetTensorImpl()));
+    auto& b = dynamic_cast<AdamWParamState&>(*host.state().at(host_params[i].unsafeGetTensorImpl()));
+    EXPECT_TRUE(at::equal(ours_params[i].detach(), host_params[i].detach())) << "parameter " << i;
+    EXPECT_TRUE(at::equal(a.exp_avg(), b.exp_avg()) && at::equal(a.exp_avg_sq(), b.exp_avg_sq())) << "parameter " << i;
+  }
+  expect_invalid([&] { ours.step(StepScale{{}, {}, at::ones({3}, options.dtype(at::kDouble))}); },
+                 "StepScale.lr: 3 elements for 2 param groups");
+  expect_invalid([&] { ours.step(StepScale{{}, {}, at::ones({1}, options.dtype(at::kFloat))}); },
+                 "StepScale.lr: expected one float64 element");
+}
+
+TEST(AdamW, CpuLearningRateFromATensor) { check_lr_on_device(at::TensorOptions()); }
+
 TEST(AdamW, CudaMatchesTorchAdamWOverTenStepsAndTwoGroups) {
   SCALETRAIN_REQUIRE_CUDA();
   check_matches_torch(at::TensorOptions().device(at::kCUDA), true);
@@ -265,6 +308,11 @@ TEST(AdamW, CudaMatchesTorchAdamWOverTenStepsAndTwoGroups) {
 TEST(AdamW, CudaStepScaleFactorAndFoundInfWithoutHostRead) {
   SCALETRAIN_REQUIRE_CUDA();
   check_step_scale(at::TensorOptions().device(at::kCUDA));
+}
+
+TEST(AdamW, CudaLearningRateFromDeviceMemory) {
+  SCALETRAIN_REQUIRE_CUDA();
+  check_lr_on_device(at::TensorOptions().device(at::kCUDA));
 }
 
 TEST(AdamW, CudaBf16AndFp16ModelCopies) {

@@ -99,6 +99,8 @@ const std::vector<KeyCase>& key_cases() {
       {"train.log_every", "1", {}, Effect::none, "logging only"},
       {"train.out_dir", "@run2", {}, Effect::none, "a path"},
       {"train.save_model", "false", {}, Effect::none, "whether model.pt is written"},
+      {"train.cuda_graph", "off", {}, Effect::none,
+       "whether the same kernels are replayed from a CUDA graph (CudaGraph tests bit-identity on the GPU)"},
       {"amp.precision", "bf16", {}, Effect::changes, ""},
       {"amp.loss_scale", "none", kFp16, Effect::changes, ""},
       {"amp.low_precision_params", "true", {"amp.precision=bf16"}, Effect::changes, ""},
