@@ -130,6 +130,17 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     rows, table = [], []
 
+    def save():  # after every row: a run cut short keeps what it measured
+        if not args.out:
+            return
+        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
+                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
+                  "batch": B, "sequence": T, "steps": args.steps, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
     def record(model, label, baseline, our_rate, torch_rate, our_peak=None, torch_peak=None):
         rows.append({"name": f"train gpt2-{model} {label} tok/s", "unit": "tok/s", "ours": round(our_rate),
                      "baseline": round(torch_rate), "baseline_name": baseline, "higher_is_better": True})
@@ -139,6 +150,9 @@ def main():
                          "baseline_name": baseline, "higher_is_better": False})
         table.append((f"{model} {label}", baseline, our_rate, torch_rate,
                       our_peak / 2**30 if our_peak else float("nan"), torch_peak / 2**30 if torch_peak else float("nan")))
+        label_, base_, a, b, m, n = table[-1]
+        print(f"{label_:<37}{base_[:42]:<44}{a:>12,.0f}{b:>12,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>10.2f}", flush=True)
+        save()
 
     exe = Path(args.build) / "scaletrain"
     with tempfile.TemporaryDirectory() as work:
@@ -188,14 +202,6 @@ def main():
     print(f"{'case':<37}{'baseline':<44}{'ours tok/s':>12}{'base tok/s':>12}{'ratio':>7}{'ours GiB':>10}{'base GiB':>10}")
     for label, baseline, a, b, m, n in table:
         print(f"{label:<37}{baseline[:42]:<44}{a:>12,.0f}{b:>12,.0f}{a / b:>6.2f}x{m:>10.2f}{n:>10.2f}")
-    if args.out:
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
-                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-                  "batch": B, "sequence": T, "steps": args.steps, "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

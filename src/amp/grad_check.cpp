@@ -122,8 +122,8 @@ void cuda_check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
-GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm,
-                                        bool apply) {
+GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, double inv_scale,
+                                        const at::Tensor& inv_scale_tensor, double max_norm, bool apply) {
   const c10::cuda::CUDAGuard guard(grads.front().device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // Grouped by dtype: one set of launches per group, chunks numbered across groups.
@@ -139,7 +139,8 @@ GradCheckResult unscale_check_clip_cuda(const std::vector<at::Tensor>& grads, do
   auto workspace = at::empty({cuda::kWorkspaceHeader + chunks}, grads.front().options().dtype(at::kFloat));
   cuda_check(cudaMemsetAsync(workspace.data_ptr<float>(), 0, sizeof(float), stream), "unscale_check_clip_");
   const bool write_in_first_pass = apply && max_norm <= 0;
-  const float inv = static_cast<float>(inv_scale);
+  const cuda::InvScale inv{static_cast<float>(inv_scale),
+                           inv_scale_tensor.defined() ? inv_scale_tensor.const_data_ptr<float>() : nullptr};
   int64_t first_chunk = 0;
   for (int t = 0; t < 3; ++t) {
     const auto& spans = groups[t];
@@ -168,18 +169,34 @@ double GradCheckResult::norm() const { return values[1].item<float>(); }
 
 namespace {
 
-GradCheckResult check_clip(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm, bool apply) {
-  if (!(inv_scale > 0) || !std::isfinite(inv_scale))
+// inv_scale_tensor, when defined, replaces inv_scale (read on the device on CUDA).
+GradCheckResult check_clip(const std::vector<at::Tensor>& grads, double inv_scale, const at::Tensor& inv_scale_tensor,
+                           double max_norm, bool apply) {
+  if (inv_scale_tensor.defined()) {
+    if (inv_scale_tensor.numel() != 1 || inv_scale_tensor.scalar_type() != at::kFloat)
+      throw std::invalid_argument("inv_scale: expected one float32 element, got " +
+                                  std::to_string(inv_scale_tensor.numel()) + " of " +
+                                  std::string(c10::toString(inv_scale_tensor.scalar_type())));
+    if (!grads.empty() && inv_scale_tensor.device() != grads.front().device())
+      throw std::invalid_argument("inv_scale: on " + inv_scale_tensor.device().str() + ", the gradients are on " +
+                                  grads.front().device().str());
+  } else if (!(inv_scale > 0) || !std::isfinite(inv_scale)) {
     throw std::invalid_argument("inv_scale: got " + std::to_string(inv_scale) + ", expected a finite number > 0");
+  }
   if (std::isnan(max_norm) || max_norm < 0)
     throw std::invalid_argument("max_norm: got " + std::to_string(max_norm) +
                                 ", expected a number >= 0 (0 or inf: no clipping)");
   if (std::isinf(max_norm)) max_norm = 0;
-  if (grads.empty()) return {at::zeros({2}, at::kFloat), at::full({1}, inv_scale, at::kFloat)};
+  if (grads.empty())
+    return {at::zeros({2}, at::kFloat),
+            inv_scale_tensor.defined() ? inv_scale_tensor.reshape({1}).clone() : at::full({1}, inv_scale, at::kFloat)};
   check_inputs(grads);
-  if (grads.front().is_cpu()) return unscale_check_clip_cpu(grads, inv_scale, max_norm, apply);
+  if (grads.front().is_cpu()) {
+    if (inv_scale_tensor.defined()) inv_scale = inv_scale_tensor.item<float>();
+    return unscale_check_clip_cpu(grads, inv_scale, max_norm, apply);
+  }
 #ifdef SCALETRAIN_WITH_CUDA
-  if (grads.front().is_cuda()) return unscale_check_clip_cuda(grads, inv_scale, max_norm, apply);
+  if (grads.front().is_cuda()) return unscale_check_clip_cuda(grads, inv_scale, inv_scale_tensor, max_norm, apply);
 #endif
   throw std::invalid_argument("grads: on " + grads.front().device().str() +
                               ", expected CPU or CUDA (this build has " +
@@ -194,11 +211,16 @@ GradCheckResult check_clip(const std::vector<at::Tensor>& grads, double inv_scal
 }  // namespace
 
 GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
-  return check_clip(grads, inv_scale, max_norm, /*apply=*/true);
+  return check_clip(grads, inv_scale, at::Tensor(), max_norm, /*apply=*/true);
 }
 
 GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm) {
-  return check_clip(grads, inv_scale, max_norm, /*apply=*/false);
+  return check_clip(grads, inv_scale, at::Tensor(), max_norm, /*apply=*/false);
+}
+
+GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, const at::Tensor& inv_scale, double max_norm) {
+  if (!inv_scale.defined()) throw std::invalid_argument("inv_scale: undefined tensor (expected one float32 element)");
+  return check_clip(grads, 1.0, inv_scale, max_norm, /*apply=*/false);
 }
 
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& params) {

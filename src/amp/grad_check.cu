@@ -89,8 +89,9 @@ __device__ __forceinline__ Acc block_sum(Acc value) {
 
 // Pass 1: inf/NaN flag and sum of squares of g * inv_scale; with kWrite also g = g * inv_scale.
 template <typename T, bool kWrite>
-__global__ void __launch_bounds__(kThreads) check_kernel(TensorBatch batch, float inv_scale, float* workspace,
+__global__ void __launch_bounds__(kThreads) check_kernel(TensorBatch batch, InvScale inv, float* workspace,
                                                          int64_t first_chunk) {
+  const float inv_scale = inv.device ? *inv.device : inv.value;
   const Chunk<T> chunk = locate_chunk<T>(batch);
   float squares = 0.f;
   bool bad = false;
@@ -108,8 +109,9 @@ __global__ void __launch_bounds__(kThreads) check_kernel(TensorBatch batch, floa
   }
 }
 
-__global__ void __launch_bounds__(1024) finalize_kernel(float* workspace, int64_t chunks, float inv_scale,
+__global__ void __launch_bounds__(1024) finalize_kernel(float* workspace, int64_t chunks, InvScale inv,
                                                         float max_norm) {
+  const float inv_scale = inv.device ? *inv.device : inv.value;
   double sum = 0;
   for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) sum += workspace[kWorkspaceHeader + i];
   sum = block_sum(sum);
@@ -154,7 +156,7 @@ cudaError_t for_each_batch(const GradSpan* spans, int64_t count, Launch launch) 
 }
 
 template <typename T>
-cudaError_t launch_check_typed(const GradSpan* spans, int64_t count, float inv_scale, bool write, float* workspace,
+cudaError_t launch_check_typed(const GradSpan* spans, int64_t count, InvScale inv_scale, bool write, float* workspace,
                                int64_t first_chunk, cudaStream_t stream) {
   return for_each_batch(spans, count, [&](const TensorBatch& batch, int64_t blocks, int64_t offset) {
     auto kernel = write ? check_kernel<T, true> : check_kernel<T, false>;
@@ -171,7 +173,7 @@ cudaError_t launch_scale_typed(const GradSpan* spans, int64_t count, const float
 
 }  // namespace
 
-cudaError_t launch_check(const GradSpan* spans, int64_t count, GradType type, float inv_scale, bool write,
+cudaError_t launch_check(const GradSpan* spans, int64_t count, GradType type, InvScale inv_scale, bool write,
                          float* workspace, int64_t first_chunk, cudaStream_t stream) {
   switch (type) {
     case GradType::f32: return launch_check_typed<float>(spans, count, inv_scale, write, workspace, first_chunk, stream);
@@ -182,7 +184,7 @@ cudaError_t launch_check(const GradSpan* spans, int64_t count, GradType type, fl
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_finalize(float* workspace, int64_t chunks, float inv_scale, float max_norm, cudaStream_t stream) {
+cudaError_t launch_finalize(float* workspace, int64_t chunks, InvScale inv_scale, float max_norm, cudaStream_t stream) {
   finalize_kernel<<<1, 1024, 0, stream>>>(workspace, chunks, inv_scale, max_norm);
   return cudaGetLastError();
 }
@@ -195,6 +197,23 @@ cudaError_t launch_scale(const GradSpan* spans, int64_t count, GradType type, co
     case GradType::bf16: return launch_scale_typed<__nv_bfloat16>(spans, count, workspace, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+namespace {
+
+__global__ void update_scale_kernel(double* state, float* scale, float* inv_scale, const float* found_inf,
+                                    ScaleRule rule) {
+  update_scale(state, *found_inf != 0.f, rule);
+  *scale = static_cast<float>(state[kScale]);
+  *inv_scale = static_cast<float>(1.0 / state[kScale]);
+}
+
+}  // namespace
+
+cudaError_t launch_update_scale(double* state, float* scale, float* inv_scale, const float* found_inf,
+                                const ScaleRule& rule, cudaStream_t stream) {
+  update_scale_kernel<<<1, 1, 0, stream>>>(state, scale, inv_scale, found_inf, rule);
+  return cudaGetLastError();
 }
 
 }  // namespace scaletrain::amp::cuda

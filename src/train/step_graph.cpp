@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
+
 #ifdef SCALETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>

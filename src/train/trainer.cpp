@@ -154,7 +154,6 @@ std::string Trainer::cuda_graph_blocker() const {
   if (!device_.is_cuda()) return "the run is on the CPU";
   if (!uses_fused_adamw(c.optim.fused(), device_))
     return "optim.fused is off (the captured step needs the fused AdamW, which reads the learning rate on the device)";
-  if (scaler_) return "fp16 with dynamic loss scaling adjusts the scale on the host";
   if (c.train.grad_accum_steps() > 1)
     return "train.grad_accum_steps is " + std::to_string(c.train.grad_accum_steps()) +
            " (the captured step holds one micro-batch)";
@@ -185,22 +184,18 @@ at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
   }
   if (fused_) {
     // One read-only pass (inf/NaN flag, norm, unscale x clip factor), then the fused AdamW reads
-    // the factor and the flag on the device: no host read, unless a loss scaler must adapt.
+    // the factor and the flag on the device, and the loss scaler (kept on the device) adapts from
+    // the flag there: no host read.
     auto& adamw = dynamic_cast<optim::AdamW&>(optimizer);
     // The gradients the optimizer reads: fp32 master gradients, or the model's own (its copies').
     std::vector<at::Tensor> params = trainable_parameters();
     if (master_ && !config_.amp.fp32_grad_accum()) params = master_->model_params();
     const auto grads = amp::gradients_of(params);
-    const double inv_scale = scaler_ ? 1.0 / scaler_->get_scale() : 1.0;
-    const amp::GradCheckResult check = amp::gradient_factor(grads, inv_scale, clip);
+    const amp::GradCheckResult check =
+        scaler_ ? amp::gradient_factor(grads, scaler_->inv_scale(), clip) : amp::gradient_factor(grads, 1.0, clip);
     adamw.step(optim::StepScale{check.factor, check.found_inf_flag(), lr_on_device_});
-    if (scaler_) {
-      const bool found_inf = check.found_inf();
-      if (found_inf) ++skipped_steps_;
-      scaler_->update(found_inf);
-    } else {
-      skipped_on_device_.add_(check.found_inf_flag().reshape({}));
-    }
+    if (scaler_) scaler_->update(check.found_inf_flag());
+    skipped_on_device_.add_(check.found_inf_flag().reshape({}));
     return check.values[1];
   }
   if (master_ && !config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
@@ -236,6 +231,7 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
     adamw->set_model_copies(copies);
   }
   skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
+  if (scaler_) scaler_->keep_on_device(device_);
   return adamw;
 }
 
@@ -320,11 +316,22 @@ at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGrap
       graph_loss_ = forward_backward(graph_inputs_, graph_targets_);
       graph_norm_ = clip_and_step(optimizer);
     };
-    if (done < kGraphWarmupSteps) {
+    if (done < kGraphWarmupSteps || graph_failed_) {
       eager();
     } else {
-      graph.capture(eager);
-      report(fmt::format("step {}: the training step is captured in a CUDA graph and replayed from here on", step + 1));
+      try {
+        graph.capture(eager);
+        report(fmt::format("step {}: the training step is captured in a CUDA graph and replayed from here on", step + 1));
+      } catch (const std::exception& e) {
+        // The captured kernels never ran: with auto, the step (and every later one) runs eagerly.
+        if (config_.train.cuda_graph() == GraphChoice::on) throw;
+        core::log_warn("cuda graph: capture failed ({}); the steps run without it (train.cuda_graph=off "
+                       "skips the attempt)", e.what());
+        graph_failed_ = true;
+        optimizer.zero_grad();
+        if (master_) model_->zero_grad();
+        eager();
+      }
     }
   }
   if (graph.captured()) graph.replay();
@@ -471,6 +478,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   std::unique_ptr<StepGraph> graph;
   std::optional<c10::StreamGuard> on_graph_stream;
   lr_on_device_ = at::Tensor();
+  graph_failed_ = false;
   if (device_.is_cuda() && config_.train.cuda_graph() != GraphChoice::off) {
     if (const std::string blocker = cuda_graph_blocker(); blocker.empty()) {
       graph = std::make_unique<StepGraph>(device_);

@@ -47,6 +47,9 @@ GradCheckResult unscale_check_clip_(const std::vector<at::Tensor>& grads, double
 // it and skips the step on the device when the flag is set, so the step needs no host read and
 // the gradients are read twice and written never.
 GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, double inv_scale, double max_norm);
+// The same with 1 / loss scale read from a one-element float32 tensor on the gradients' device
+// (LossScaler::inv_scale() of a scaler kept on the device): no host read, capturable in a CUDA graph.
+GradCheckResult gradient_factor(const std::vector<at::Tensor>& grads, const at::Tensor& inv_scale, double max_norm);
 
 // The gradients of `params` that are defined.
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& params);

@@ -11,11 +11,16 @@
 // DynamicGradScaler), a floor and a ceiling for the scale, a count of skipped steps, and one fused
 // pass (grad_check.h) that unscales, checks and clips all gradients. With hysteresis 1 and the
 // scale inside [min_scale, max_scale] the trajectory is GradScaler's, step for step.
+//
+// keep_on_device() moves the state into device memory: the loss is scaled, the gradient pass
+// reads 1 / scale, and update(flag) adapts the scale from the pass's overflow flag, all on the
+// device with no host read (and inside a captured CUDA graph); the trajectory is the same.
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <torch/optim/optimizer.h>
 
 #include "scaletrain/amp/amp_options.h"
@@ -37,8 +42,20 @@ class LossScaler {
   explicit LossScaler(LossScalerOptions options = {});
 
   const LossScalerOptions& options() const { return options_; }
-  double get_scale() const { return state_.scale; }
-  int64_t skipped_steps() const { return state_.skipped_steps; }
+  // On the device: reads the state back (synchronises).
+  double get_scale() const { return state_dict().scale; }
+  int64_t skipped_steps() const { return state_dict().skipped_steps; }
+
+  // From now on the state lives on `device` (CUDA or CPU tensors), where scale(), inv_scale() and
+  // update(flag) use it without a host read; the host methods read or write it there.
+  void keep_on_device(const c10::Device& device);
+  bool on_device() const { return device_state_.defined(); }
+  // 1 / scale, one float32 element on the device (on_device() only; std::logic_error otherwise):
+  // for amp::gradient_factor(grads, inv_scale, max_norm).
+  const at::Tensor& inv_scale() const;
+  // Ends the step from the overflow flag (one float32 element on the device, nonzero: overflow),
+  // with no host read (on_device() only). Throws std::invalid_argument for a bad flag tensor.
+  void update(const at::Tensor& found_inf);
 
   // loss * scale, in fp32.
   at::Tensor scale(const at::Tensor& loss) const;
@@ -58,12 +75,16 @@ class LossScaler {
   // Ends a step whose overflow was decided elsewhere (e.g. across processes).
   void update(bool found_inf);
 
-  LossScalerState state_dict() const { return state_; }
+  LossScalerState state_dict() const;
   void load_state_dict(const LossScalerState& state);
 
  private:
+  void write_device_state();
   LossScalerOptions options_;
-  LossScalerState state_;
+  LossScalerState state_;  // on the host; stale while on_device()
+  // On the device: float64 {scale, growth_tracker, hysteresis_tracker, skipped_steps}, and the
+  // scale and 1 / scale in float32 (what the loss and the gradient pass read).
+  at::Tensor device_state_, device_scale_, device_inv_scale_;
   std::optional<GradCheckResult> check_;  // this step's, until update()
 };
 

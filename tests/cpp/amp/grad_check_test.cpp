@@ -189,6 +189,20 @@ void check_gradient_factor(const at::TensorOptions& options) {
       EXPECT_TRUE(at::equal(grads[i] * deferred.factor, applied[i])) << "gradient " << i << ", max_norm " << max_norm;
     }
   }
+  // 1 / scale read from a tensor on the gradients' device: the same bits as the host number.
+  for (const double inv : {1.0 / 1024, 1.0 / 3.0}) {
+    auto grads = make_grads(options, 60, true, 1024.0);
+    const auto on_device = gradient_factor(grads, at::full({1}, static_cast<float>(inv), options.dtype(at::kFloat)), 1.0);
+    const auto on_host = gradient_factor(grads, inv, 1.0);
+    EXPECT_TRUE(at::equal(on_device.values.cpu(), on_host.values.cpu())) << inv;
+    EXPECT_TRUE(at::equal(on_device.factor.cpu(), on_host.factor.cpu())) << inv;
+  }
+  try {
+    gradient_factor(make_grads(options, 2, false, 1.0), at::ones({2}, options.dtype(at::kFloat)), 1.0);
+    ADD_FAILURE() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("inv_scale: expected one float32 element"), std::string::npos) << e.what();
+  }
   auto grads = make_grads(options, 5, false, 1.0);
   grads[2].view(-1)[0] = INFINITY;
   GradCheckResult result = gradient_factor(grads, 1.0, 1.0);

@@ -9,6 +9,7 @@
 #include <torch/optim/adamw.h>
 
 #include "scaletrain/amp/loss_scaler.h"
+#include "test_util.h"
 
 namespace scaletrain::amp {
 namespace {
@@ -32,6 +33,45 @@ TEST(LossScaler, HysteresisFloorAndCeilingFollowTheRules) {
     EXPECT_EQ(scaler.get_scale(), steps[i].second) << "after step " << i;
   }
   EXPECT_EQ(scaler.skipped_steps(), overflows);
+}
+
+// keep_on_device: the same trajectory from a flag in device memory, with no host read; reference:
+// the host scaler fed the same overflows (non-power-of-two factors, hysteresis, floor, ceiling).
+void check_device_trajectory(const at::TensorOptions& options) {
+  const auto rules = LossScalerOptions().init_scale(1000).growth_factor(3).backoff_factor(0.7).growth_interval(2)
+                         .hysteresis(2).min_scale(10).max_scale(5000);
+  LossScaler host(rules), device(rules);
+  device.keep_on_device(options.device());
+  const auto flag = at::empty({1}, options.dtype(at::kFloat));
+  const auto loss = at::full({}, 1.7, options.dtype(at::kFloat));
+  for (int step = 0; step < 40; ++step) {
+    const bool overflow = (step * 7) % 5 < 2 || (step > 20 && step < 28);
+    EXPECT_TRUE(at::equal(device.scale(loss).cpu(), host.scale(loss.cpu()))) << "step " << step;
+    EXPECT_EQ(device.inv_scale().item<float>(), static_cast<float>(1.0 / host.get_scale())) << "step " << step;
+    flag.fill_(overflow ? 1.f : 0.f);
+    device.update(flag);
+    host.update(overflow);
+    const auto a = device.state_dict(), b = host.state_dict();
+    EXPECT_EQ(a.scale, b.scale) << "step " << step;
+    EXPECT_EQ(a.growth_tracker, b.growth_tracker) << "step " << step;
+    EXPECT_EQ(a.hysteresis_tracker, b.hysteresis_tracker) << "step " << step;
+    EXPECT_EQ(a.skipped_steps, b.skipped_steps) << "step " << step;
+  }
+  // Host-side writes reach the device state.
+  device.load_state_dict({64.0, 1, 2, 5});
+  EXPECT_EQ(device.inv_scale().item<float>(), 1.f / 64);
+  EXPECT_EQ(device.skipped_steps(), 5);
+  device.update(true);
+  EXPECT_EQ(device.skipped_steps(), 6);
+  EXPECT_THROW(device.update(at::ones({2}, options.dtype(at::kFloat))), std::invalid_argument);
+  EXPECT_THROW(host.inv_scale(), std::logic_error);
+}
+
+TEST(LossScaler, CpuStateKeptInTensorsFollowsTheHostTrajectory) { check_device_trajectory(at::TensorOptions()); }
+
+TEST(LossScaler, CudaStateOnTheDeviceFollowsTheHostTrajectory) {
+  SCALETRAIN_REQUIRE_CUDA();
+  check_device_trajectory(at::TensorOptions().device(at::kCUDA));
 }
 
 TEST(LossScaler, StaticScaleNeverMovesButStillSkips) {
