@@ -157,6 +157,9 @@ std::string Trainer::cuda_graph_blocker() const {
   if (c.train.grad_accum_steps() > 1)
     return "train.grad_accum_steps is " + std::to_string(c.train.grad_accum_steps()) +
            " (the captured step holds one micro-batch)";
+  if (c.model.dropout() > 0)
+    return "model.dropout is " + core::format_number(c.model.dropout()) +
+           " (replayed steps do not draw the dropout masks of uncaptured ones)";
   if (c.model.activation_checkpointing())
     return "model.activation_checkpointing is on (its recomputation sets the CUDA generator's state)";
   if (!dataset_->fixed_batch_shape())

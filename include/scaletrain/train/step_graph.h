@@ -12,8 +12,9 @@
 // What the captured step reads must live at fixed addresses (copy new inputs into the tensors
 // the capture read; read the learning rate from device memory, optim::StepScale::lr) and nothing
 // in it may wait for the host (no .item(), no host copy). Tensors created inside the capture
-// live in the graph's private memory pool and hold each replay's results. Random numbers
-// (dropout) advance per replay as in eager steps: torch registers the CUDA generator.
+// live in the graph's private memory pool and hold each replay's results. torch registers the CUDA
+// generator with the graph, but replayed dropout masks were not those of uncaptured steps on the
+// H200 (torch 2.11): the trainer does not capture a model with dropout.
 #include <functional>
 #include <memory>
 
