@@ -5,7 +5,7 @@ The native module ``scaletrain._C`` holds the implementation; this package re-ex
 
 import torch  # noqa: F401  (loads libtorch before the native module)
 
-from scaletrain import _C, amp
+from scaletrain import _C, amp, attention
 from scaletrain._C import (
     ConfigError,
     InputError,
@@ -25,6 +25,7 @@ __version__ = _C.version()
 __all__ = [
     "ConfigError",
     "amp",
+    "attention",
     "InputError",
     "build_info",
     "check_program",

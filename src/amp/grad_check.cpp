@@ -187,9 +187,11 @@ GradCheckResult check_clip(const std::vector<at::Tensor>& grads, double inv_scal
     throw std::invalid_argument("max_norm: got " + std::to_string(max_norm) +
                                 ", expected a number >= 0 (0 or inf: no clipping)");
   if (std::isinf(max_norm)) max_norm = 0;
-  if (grads.empty())
-    return {at::zeros({2}, at::kFloat),
-            inv_scale_tensor.defined() ? inv_scale_tensor.reshape({1}).clone() : at::full({1}, inv_scale, at::kFloat)};
+  if (grads.empty()) {
+    if (inv_scale_tensor.defined())
+      return {at::zeros({2}, inv_scale_tensor.options()), inv_scale_tensor.reshape({1}).clone()};
+    return {at::zeros({2}, at::kFloat), at::full({1}, inv_scale, at::kFloat)};
+  }
   check_inputs(grads);
   if (grads.front().is_cpu()) {
     if (inv_scale_tensor.defined()) inv_scale = inv_scale_tensor.item<float>();

@@ -302,8 +302,10 @@ void adamw_step_(const std::vector<at::Tensor>& params, const std::vector<at::Te
   if (device.is_cpu()) {
     if (scale.found_inf.defined() && scale.found_inf.item<float>() != 0.f) return;
     torch::optim::AdamWOptions o = options;
-    if (scale.lr.defined()) o.lr(scale.lr.item<double>());
-    check_options(o, "");
+    if (scale.lr.defined()) {
+      o.lr(scale.lr.item<double>());
+      check_options(o, "StepScale.");  // "StepScale.lr: got ..."
+    }
     step_cpu(work, o, scale.factor.defined() ? scale.factor.item<float>() : 1.f);
     return;
   }

@@ -308,7 +308,8 @@ at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGrap
     graph_targets_ = at::empty(batch.targets.sizes(), batch.targets.options().device(device_));
   }
   if (batch.inputs.sizes() != graph_inputs_.sizes() || batch.targets.sizes() != graph_targets_.sizes())
-    throw std::logic_error("cuda graph: batch " + std::to_string(step) + " has another shape than the captured one");
+    throw std::logic_error("cuda graph: the batch of step " + std::to_string(step + 1) +
+                           " has another shape than the captured one");
   graph_inputs_.copy_(batch.inputs.pin_memory(), /*non_blocking=*/true);
   graph_targets_.copy_(batch.targets.pin_memory(), /*non_blocking=*/true);
   lr_on_device_.fill_(lr);
@@ -319,22 +320,17 @@ at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGrap
       graph_loss_ = forward_backward(graph_inputs_, graph_targets_);
       graph_norm_ = clip_and_step(optimizer);
     };
-    if (done < kGraphWarmupSteps || graph_failed_) {
+    if (done < kGraphWarmupSteps) {
       eager();
     } else {
       try {
         graph.capture(eager);
-        report(fmt::format("step {}: the training step is captured in a CUDA graph and replayed from here on", step + 1));
       } catch (const std::exception& e) {
-        // The captured kernels never ran: with auto, the step (and every later one) runs eagerly.
-        if (config_.train.cuda_graph() == GraphChoice::on) throw;
-        core::log_warn("cuda graph: capture failed ({}); the steps run without it (train.cuda_graph=off "
-                       "skips the attempt)", e.what());
-        graph_failed_ = true;
-        optimizer.zero_grad();
-        if (master_) model_->zero_grad();
-        eager();
+        // torch's allocator and generator may be left mid-capture: no eager fallback in this process.
+        throw std::runtime_error(fmt::format("cuda graph: capturing step {} failed ({}); train with "
+                                             "--set train.cuda_graph=off", step + 1, e.what()));
       }
+      report(fmt::format("step {}: the training step is captured in a CUDA graph and replayed from here on", step + 1));
     }
   }
   if (graph.captured()) graph.replay();
@@ -479,13 +475,24 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   // A CUDA graph replays the step when the run allows it (train.cuda_graph); warm-up steps, the
   // capture and the replays run on the graph's own stream.
   std::unique_ptr<StepGraph> graph;
-  std::optional<c10::StreamGuard> on_graph_stream;
+  // Leaves the graph's stream, after waiting for it, however the loop ends (an error included):
+  // what follows runs on the default stream.
+  struct GraphStreamScope {
+    std::unique_ptr<StepGraph>& graph;
+    std::optional<c10::StreamGuard> guard;
+    ~GraphStreamScope() {
+      try {
+        if (graph) graph->synchronize();
+      } catch (...) {
+      }
+      guard.reset();
+    }
+  } on_graph_stream{graph, std::nullopt};
   lr_on_device_ = at::Tensor();
-  graph_failed_ = false;
   if (device_.is_cuda() && config_.train.cuda_graph() != GraphChoice::off) {
     if (const std::string blocker = cuda_graph_blocker(); blocker.empty()) {
       graph = std::make_unique<StepGraph>(device_);
-      on_graph_stream.emplace(graph->stream());
+      on_graph_stream.guard.emplace(graph->stream());
       lr_on_device_ = at::empty({1}, at::TensorOptions().dtype(at::kDouble).device(device_));
     } else {
       report("cuda graph: off, " + blocker);
@@ -551,8 +558,13 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   if (graph) {
     graph->synchronize();  // the default stream, on which what follows runs, sees the last step
     summary.cuda_graph = graph->captured();
+    // Give the graph's memory pool (one step's activations, the gradients) back before evaluating.
+    optimizer.zero_grad();
+    if (master_) model_->zero_grad();
+    graph_inputs_ = graph_targets_ = graph_loss_ = graph_norm_ = step_grad_norm = at::Tensor();
+    graph.reset();
   }
-  on_graph_stream.reset();
+  on_graph_stream.guard.reset();
   summary.seconds = seconds_since(start) - eval_seconds;
   progress.finish();
   summary.steps = options.max_steps();

@@ -42,7 +42,8 @@ struct StepScale {
   at::Tensor found_inf = {};  // one float32 element: nonzero skips the step (nothing changes, counts included)
   // float64, one element per param group (or one for all groups): the learning rate, read on the
   // device in place of each group's lr option, so that a step captured in a CUDA graph follows
-  // a schedule (the trainer fills it before each replay). The arithmetic is the option's.
+  // a schedule (the trainer fills it before each replay). The arithmetic is the option's. Checked
+  // (finite, >= 0) on the CPU only: on CUDA the kernel reads it as it is.
   at::Tensor lr = {};
 };
 

@@ -33,11 +33,13 @@ class StepGraph {
 
   // The stream (not the default one, which cannot be captured) on which warm-up steps, the
   // capture and the replays run. Warm-up steps on it let cuBLAS and the autograd engine set up
-  // their per-stream state outside the capture. Waits for the device's pending work first.
+  // their per-stream state outside the capture. (The constructor waits for the work queued on the
+  // current stream, so that the side stream starts after it.)
   c10::Stream stream() const;
   // Records `step` into the graph and instantiates it; nothing runs. Frees the caching
   // allocator's unused blocks first, so that the graph's pool does not come on top of the
-  // warm-up steps' cached memory. Throws what `step` throws (the capture is abandoned).
+  // warm-up steps' cached memory. Throws what `step` throws (the capture is abandoned; torch's
+  // allocator and generator may be left mid-capture, so do not go on training in the process).
   void capture(const std::function<void()>& step);
   bool captured() const;
   // Runs the captured step on the current stream.

@@ -117,7 +117,6 @@ class Trainer {
   bool fused_ = false;            // the optimizer is optim::AdamW
   // CUDA-graph steps: what the capture reads (batch, learning rate) and what it leaves (loss, norm).
   at::Tensor lr_on_device_, graph_inputs_, graph_targets_, graph_loss_, graph_norm_;
-  bool graph_failed_ = false;  // auto: the capture failed, the steps run eagerly
   ProgressBar* progress_ = nullptr;  // set while fit() runs
   std::optional<StepProfiler> profiler_;
 };

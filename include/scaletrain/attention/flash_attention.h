@@ -1,0 +1,57 @@
+#pragma once
+// Flash attention: softmax(q k^T * scale) v computed tile by tile with an online softmax, so the
+// q_len x k_len score matrix is never held (FlashAttention-2's algorithm: a Q tile at a time, K/V
+// tiles streamed past it, fp32 accumulation, one log-sum-exp per query kept for backward). The
+// backward recomputes the scores from the log-sum-exp and the row sums of dO * O.
+//
+//   auto out = scaletrain::attention::flash_attention(q, k, v, /*causal=*/true);  // (B, H, S, D)
+//   out.sum().backward();
+//
+// This build runs it on CPU tensors (at::parallel_for over sequences and key/value heads; fp32,
+// bf16 and fp16 inputs, fp32 arithmetic); CUDA kernels are not built yet and CUDA tensors are
+// refused with a message saying so.
+//
+// Semantics:
+// - Layout of torch's scaled_dot_product_attention: q (batch, heads, q_len, head_dim), k and v
+//   (batch, kv_heads, k_len, head_dim); heads a multiple of kv_heads (grouped-query attention:
+//   query head h reads key/value head h / (heads / kv_heads); MQA is kv_heads = 1).
+// - causal aligns the last query with the last key (bottom right, as FlashAttention >= 2.1 and as
+//   a query block that continues a cached prefix): query i attends to keys j <= i + k_len - q_len.
+//   A query that sees no key (q_len > k_len) gets a zero output, a -inf log-sum-exp and zero
+//   gradients. torch's is_causal aligns top left instead; both agree when q_len == k_len.
+// - scale defaults to 1 / sqrt(head_dim).
+// - Inputs: one dtype (float32, bfloat16, float16), one device, the head_dim stride 1, head_dim in
+//   [1, 256], nothing empty. Errors are std::invalid_argument naming the argument.
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace scaletrain::attention {
+
+// Differentiable in q, k and v. Output in q's dtype and layout (batch, heads, q_len, head_dim).
+at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal = false,
+                           std::optional<double> scale = std::nullopt);
+
+// Packed sequences of different lengths: q (total_q, heads, head_dim), k and v (total_k, kv_heads,
+// head_dim); sequence i holds query rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] and key rows
+// cu_seqlens_k[i] .. cu_seqlens_k[i + 1]. cu_seqlens_*: int32 or int64, one dimension of
+// batch + 1 entries, starting at 0, non-decreasing, ending at total_q / total_k (a sequence may be
+// empty). Differentiable in q, k and v; output (total_q, heads, head_dim).
+at::Tensor flash_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal = false,
+                                  std::optional<double> scale = std::nullopt);
+
+// The kernels without autograd, on the packed layout: {out (total_q, heads, head_dim) in q's dtype,
+// lse (heads, total_q) float32}.
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                           const at::Tensor& cu_seqlens_k, bool causal,
+                                                           std::optional<double> scale);
+// {dq, dk, dv} in the inputs' dtypes from dout and what the forward returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
+    std::optional<double> scale);
+
+}  // namespace scaletrain::attention

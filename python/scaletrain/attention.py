@@ -1,0 +1,78 @@
+"""Flash attention: softmax(q k^T * scale) v computed tile by tile (FlashAttention-2's algorithm),
+never holding the q_len x k_len score matrix, with a backward that recomputes the scores from the
+saved log-sum-exp.
+
+``flash_attention(q, k, v, causal=False, scale=None)`` takes the layout of
+``torch.nn.functional.scaled_dot_product_attention``: q (batch, heads, q_len, head_dim), k and v
+(batch, kv_heads, k_len, head_dim) with heads a multiple of kv_heads (grouped-query attention).
+``flash_attention_varlen`` takes packed sequences and their offsets.
+
+- causal aligns the last query with the last key: query i attends to keys j <= i + k_len - q_len
+  (torch's ``is_causal`` aligns top left; the two agree when q_len == k_len). A query that sees no
+  key gets a zero output and zero gradients.
+- scale defaults to 1 / sqrt(head_dim).
+- float32, bfloat16 or float16; fp32 arithmetic. This build runs on CPU tensors; CUDA tensors are
+  refused with a ValueError saying so.
+
+Both are built on the dispatcher operators ``torch.ops.scaletrain.flash_attention_forward`` and
+``flash_attention_backward`` (with fake-tensor kernels and an autograd formula registered here), so
+``torch.compile(fullgraph=True)`` traces them without graph breaks.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from scaletrain import _C  # noqa: F401  (registers the scaletrain operators)
+
+__all__ = ["flash_attention", "flash_attention_varlen"]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.scaletrain.flash_attention_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("scaletrain::flash_attention_forward", _backward, setup_context=_setup_context)
+
+
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """Attention over packed sequences of different lengths.
+
+    q is (total_q, heads, head_dim), k and v (total_k, kv_heads, head_dim); sequence i holds query
+    rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` and key rows ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]``
+    (int32 or int64 offsets starting at 0, non-decreasing, ending at the row counts; a sequence may
+    be empty). Returns (total_q, heads, head_dim) in q's dtype; differentiable in q, k and v.
+    """
+    out, _ = torch.ops.scaletrain.flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return out
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """Attention in the scaled_dot_product_attention layout (batch, heads, seq, head_dim).
+
+    k and v may have fewer heads than q (a divisor: grouped-query or multi-query attention).
+    Returns (batch, heads, q_len, head_dim) in q's dtype; differentiable in q, k and v.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention: q, k, v: {q.dim()}, {k.dim()} and {v.dim()} dimensions, expected 4 "
+                         "(batch, heads, seq, head_dim)")
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    offsets = torch.arange(batch + 1, dtype=torch.int64)
+    out = flash_attention_varlen(q.transpose(1, 2).reshape(batch * q_len, heads, dim),
+                                 k.transpose(1, 2).reshape(batch * k_len, kv_heads, k.shape[3]),
+                                 v.transpose(1, 2).reshape(batch * k_len, kv_heads, v.shape[3]),
+                                 offsets * q_len, offsets * k_len, causal, scale)
+    return out.view(batch, q_len, heads, dim).transpose(1, 2)

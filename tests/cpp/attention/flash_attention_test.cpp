@@ -1,0 +1,204 @@
+// Flash attention on the CPU. Reference: attention in fp64 (softmax(q k^T * scale) v with the
+// causal mask, autograd for the gradients). Our error against it must stay within twice the error
+// of torch's own scaled_dot_product_attention on the same inputs (its CPU flash kernel), plus a
+// floor of one rounding (in the dtype) of the largest value; the varlen entry must equal the dense one
+// sequence by sequence, bit for bit.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "scaletrain/attention/flash_attention.h"
+
+namespace scaletrain::attention {
+namespace {
+
+struct Grads {
+  at::Tensor out, dq, dk, dv;
+};
+
+// The causal mask aligned bottom right: query i sees keys j <= i + k_len - q_len.
+at::Tensor causal_mask(int64_t lq, int64_t lk) {
+  return at::ones({lq, lk}, at::kBool).tril(lk - lq);
+}
+
+Grads run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+          const std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& f) {
+  auto qq = q.detach().clone().requires_grad_(true), kk = k.detach().clone().requires_grad_(true),
+       vv = v.detach().clone().requires_grad_(true);
+  auto out = f(qq, kk, vv);
+  auto grads = torch::autograd::grad({out}, {qq, kk, vv}, {dout.to(out.scalar_type())});
+  return {out.detach(), grads[0], grads[1], grads[2]};
+}
+
+at::Tensor fp64_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
+  const int64_t group = q.size(1) / k.size(1), lq = q.size(2), lk = k.size(2);
+  const auto kk = k.repeat_interleave(group, 1), vv = v.repeat_interleave(group, 1);
+  auto s = at::matmul(q, kk.transpose(-2, -1)) * scale;
+  if (causal) s = s.masked_fill(causal_mask(lq, lk).logical_not(), -INFINITY);
+  auto p = at::softmax(s, -1);
+  if (causal && lq > lk) p = p.nan_to_num(0.0);  // a query without keys: no weights
+  return at::matmul(p, vv);
+}
+
+double max_err(const at::Tensor& got, const at::Tensor& want) {
+  return (got.to(at::kDouble) - want).abs().max().item<double>();
+}
+
+struct Case {
+  int64_t batch, heads, kv_heads, lq, lk, dim;
+  bool causal;
+  at::ScalarType dtype;
+};
+
+std::string describe(const Case& c) {
+  return "B" + std::to_string(c.batch) + " H" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " q" +
+         std::to_string(c.lq) + " k" + std::to_string(c.lk) + " d" + std::to_string(c.dim) +
+         (c.causal ? " causal " : " ") + std::string(c.dtype == at::kFloat ? "fp32" : c.dtype == at::kHalf ? "fp16" : "bf16");
+}
+
+// Ours and torch's SDPA against fp64: out, dq, dk, dv each within 2x torch's error + a floor.
+void check_against_fp64(const Case& c) {
+  SCOPED_TRACE(describe(c));
+  at::manual_seed(static_cast<uint64_t>(c.lq * 31 + c.lk + c.heads));
+  const auto o = at::TensorOptions().dtype(c.dtype);
+  const auto q = at::randn({c.batch, c.heads, c.lq, c.dim}, o), k = at::randn({c.batch, c.kv_heads, c.lk, c.dim}, o),
+             v = at::randn({c.batch, c.kv_heads, c.lk, c.dim}, o);
+  const auto dout = at::randn({c.batch, c.heads, c.lq, c.dim}, o);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  const Grads ours = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, c.causal); });
+  const Grads exact = run(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), dout.to(at::kDouble),
+                          [&](auto& a, auto& b, auto& d) { return fp64_attention(a, b, d, c.causal, scale); });
+  const bool same_length = c.lq == c.lk;
+  const Grads torch_sdpa = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) {
+    const auto mask = c.causal && !same_length ? std::optional<at::Tensor>(causal_mask(c.lq, c.lk)) : std::nullopt;
+    return at::scaled_dot_product_attention(a, b, d, mask, 0.0, c.causal && same_length, std::nullopt,
+                                            /*enable_gqa=*/c.heads != c.kv_heads);
+  });
+  const double eps = c.dtype == at::kFloat ? 1.2e-7 : c.dtype == at::kHalf ? 9.8e-4 : 7.9e-3;
+  const char* names[4] = {"out", "dq", "dk", "dv"};
+  const at::Tensor Grads::*fields[4] = {&Grads::out, &Grads::dq, &Grads::dk, &Grads::dv};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& want = exact.*fields[i];
+    const double ours_err = max_err(ours.*fields[i], want), torch_err = max_err(torch_sdpa.*fields[i], want);
+    const double floor = eps * want.abs().max().item<double>();  // one rounding of the largest value
+    EXPECT_LE(ours_err, 2 * torch_err + floor) << names[i] << ": ours " << ours_err << ", torch SDPA " << torch_err;
+    if (std::getenv("SCALETRAIN_PRINT_ERRORS")) std::printf("%-40s %-4s ours %.3g torch %.3g floor %.3g\n", describe(c).c_str(), names[i], ours_err, torch_err, floor);
+    EXPECT_EQ((ours.*fields[i]).scalar_type(), c.dtype) << names[i];
+  }
+}
+
+TEST(FlashAttention, CpuWithinTwiceTorchSdpaErrorOfFp64) {
+  const at::ScalarType f32 = at::kFloat, bf16 = at::kBFloat16;
+  for (bool causal : {false, true}) {
+    for (const Case& c : std::vector<Case>{{2, 4, 2, 17, 17, 64, causal, f32},
+                                           {1, 2, 1, 127, 127, 128, causal, f32},
+                                           {3, 2, 2, 1, 127, 64, causal, f32},
+                                           {1, 2, 2, 127, 1000, 64, causal, f32},
+                                           {4, 4, 4, 17, 17, 32, causal, bf16},
+                                           {1, 4, 1, 127, 127, 64, causal, bf16},
+                                           {2, 2, 2, 33, 33, 96, causal, at::kHalf}})
+      check_against_fp64(c);
+  }
+}
+
+TEST(FlashAttention, CpuLongSequences) {
+  check_against_fp64({1, 1, 1, 1000, 1000, 64, false, at::kFloat});
+  check_against_fp64({1, 1, 1, 4097, 4097, 64, true, at::kFloat});
+}
+
+// q_len > k_len with causal: the first q_len - k_len queries see no key: zero output, no gradient.
+TEST(FlashAttention, CpuQueriesWithoutKeysGetZeros) {
+  at::manual_seed(3);
+  const auto q = at::randn({1, 2, 40, 16}), k = at::randn({1, 2, 25, 16}), v = at::randn({1, 2, 25, 16});
+  const auto dout = at::randn({1, 2, 40, 16});
+  const Grads ours = run(q, k, v, dout, [](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, true); });
+  const Grads exact = run(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), dout.to(at::kDouble),
+                          [](auto& a, auto& b, auto& d) { return fp64_attention(a, b, d, true, 0.25); });
+  EXPECT_EQ(ours.out.narrow(2, 0, 15).abs().max().item<float>(), 0.f);
+  EXPECT_EQ(ours.dq.narrow(2, 0, 15).abs().max().item<float>(), 0.f);
+  EXPECT_LE(max_err(ours.out, exact.out), 1e-5);
+  EXPECT_LE(max_err(ours.dq, exact.dq), 1e-5);
+  EXPECT_LE(max_err(ours.dk, exact.dk), 1e-5);
+  EXPECT_LE(max_err(ours.dv, exact.dv), 1e-5);
+}
+
+TEST(FlashAttention, CpuScaleOption) {
+  at::manual_seed(4);
+  const auto q = at::randn({2, 2, 20, 8}), k = at::randn({2, 2, 30, 8}), v = at::randn({2, 2, 30, 8});
+  const auto ours = flash_attention(q, k, v, false, 0.7);
+  const auto exact = fp64_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), false, 0.7);
+  EXPECT_LE(max_err(ours, exact), 1e-5);
+  EXPECT_GT(max_err(flash_attention(q, k, v, false), exact), 1e-3);  // the default scale differs
+}
+
+// Packed sequences of different lengths (one empty) equal the dense call on each, bit for bit.
+TEST(FlashAttention, CpuVarlenEqualsDensePerSequence) {
+  at::manual_seed(5);
+  const std::vector<int64_t> lq = {5, 0, 33, 64, 65}, lk = {7, 3, 33, 1, 130};
+  std::vector<int64_t> cu_q = {0}, cu_k = {0};
+  for (size_t i = 0; i < lq.size(); ++i) cu_q.push_back(cu_q.back() + lq[i]), cu_k.push_back(cu_k.back() + lk[i]);
+  const auto q = at::randn({cu_q.back(), 4, 32}), k = at::randn({cu_k.back(), 2, 32}), v = at::randn({cu_k.back(), 2, 32});
+  const auto dout = at::randn({cu_q.back(), 4, 32});
+  for (bool causal : {false, true}) {
+    const Grads packed = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) {
+      return flash_attention_varlen(a, b, d, at::tensor(cu_q, at::kInt), at::tensor(cu_k), causal);
+    });
+    for (size_t i = 0; i < lq.size(); ++i) {
+      if (lq[i] == 0 || lk[i] == 0) continue;
+      SCOPED_TRACE("sequence " + std::to_string(i) + (causal ? " causal" : ""));
+      const auto dense = [&](const at::Tensor& t, const std::vector<int64_t>& cu) {
+        return t.narrow(0, cu[i], cu[i + 1] - cu[i]).transpose(0, 1).unsqueeze(0);
+      };
+      const Grads one = run(dense(q, cu_q), dense(k, cu_k), dense(v, cu_k), dense(dout, cu_q),
+                            [&](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, causal); });
+      EXPECT_TRUE(at::equal(dense(packed.out, cu_q), one.out));
+      EXPECT_TRUE(at::equal(dense(packed.dq, cu_q), one.dq));
+      EXPECT_TRUE(at::equal(dense(packed.dk, cu_k), one.dk));
+      EXPECT_TRUE(at::equal(dense(packed.dv, cu_k), one.dv));
+    }
+  }
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(FlashAttention, RejectsBadInputsByName) {
+  const auto q = at::randn({1, 4, 8, 16}), k = at::randn({1, 2, 8, 16}), v = at::randn({1, 2, 8, 16});
+  const auto expect = [](const std::function<void()>& f, const std::string& needle) {
+    const std::string message = error_of(f);
+    EXPECT_NE(message.find(needle), std::string::npos) << "got: '" << message << "', expected: '" << needle << "'";
+  };
+  expect([&] { flash_attention(q, k.to(at::kBFloat16), v); }, "k: dtype BFloat16, q is Float");
+  expect([&] { flash_attention(q.to(at::kDouble), k, v); }, "q: dtype Double, expected float32, bfloat16 or float16");
+  expect([&] { flash_attention(q, k, v.to(at::kMeta)); }, "v: on meta, q is on cpu");
+  expect([&] { flash_attention(q, at::randn({1, 3, 8, 16}), at::randn({1, 3, 8, 16})); }, "3 heads do not divide q's 4");
+  expect([&] { flash_attention(at::randn({1, 4, 8, 300}), at::randn({1, 2, 8, 300}), at::randn({1, 2, 8, 300})); },
+         "q: head_dim 300, expected at most 256");
+  expect([&] { flash_attention(q, k, at::randn({1, 2, 8, 8})); }, "k, v: head_dim 16 and 8, expected q's 16");
+  expect([&] { flash_attention(at::randn({1, 4, 0, 16}), k, v); }, "q: empty tensor");
+  expect([&] { flash_attention(at::randn({1, 4, 16, 8}).transpose(2, 3), k, v); }, "q: head_dim stride 8, expected 1");
+  expect([&] { flash_attention(q, k, at::randn({1, 2, 9, 16})); }, "v: shape [1, 2, 9, 16], expected k's [1, 2, 8, 16]");
+  expect([&] { flash_attention(q.squeeze(0), k, v); }, "q: 3 dimensions, expected 4 (batch, heads, seq, head_dim)");
+  const auto pq = at::randn({10, 4, 16}), pk = at::randn({6, 2, 16}), pv = at::randn({6, 2, 16});
+  expect([&] { flash_attention_varlen(pq, pk, pv, at::tensor({0, 6, 4, 10}), at::tensor({0, 2, 4, 6})); },
+         "cu_seqlens_q: decreases at index 2 (6 then 4), expected non-decreasing offsets");
+  expect([&] { flash_attention_varlen(pq, pk, pv, at::tensor({0, 4, 9}), at::tensor({0, 2, 6})); },
+         "cu_seqlens_q: ends at 9, expected the 10 rows of the packed tensor");
+  expect([&] { flash_attention_varlen(pq, pk, pv, at::tensor({1, 4, 10}), at::tensor({0, 2, 6})); },
+         "cu_seqlens_q: starts at 1, expected 0");
+  expect([&] { flash_attention_varlen(pq, pk, pv, at::tensor({0, 4, 10}), at::tensor({0, 6})); },
+         "cu_seqlens_k: 1 sequences, cu_seqlens_q has 2");
+  expect([&] { flash_attention_varlen(pq, pk, pv, at::tensor({0.0, 10.0}), at::tensor({0, 6})); },
+         "cu_seqlens_q: dtype Double, expected int32 or int64");
+}
+
+}  // namespace
+}  // namespace scaletrain::attention
