@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "scaletrain/attention/flash_attention.h"
+
 namespace scaletrain::model {
 namespace {
 
@@ -56,6 +58,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       if (q_len == k_len) return at::scaled_dot_product_attention(q, k, v, {}, dropout_p, true);
       return at::scaled_dot_product_attention(q, k, v, causal_mask(q_len, k_len, q.device()),
                                               dropout_p, false);
+    }
+    case AttentionBackend::flash: {
+      check_inputs(q, k, v);
+      TORCH_CHECK(dropout_p == 0, "attention: flash applies no dropout, got dropout_p ", dropout_p);
+      if (mask.defined()) return math_attention(q, k, v, causal, mask, dropout_p);  // padded batches
+      // Its causal alignment is this seam's: a query block continuing a cached prefix.
+      return scaletrain::attention::flash_attention(q, k, v, causal);
     }
   }
   TORCH_CHECK(false, "attention: unknown backend");

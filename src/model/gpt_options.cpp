@@ -31,6 +31,11 @@ void GPTOptions::validate() const {
                                                 ", expected a divisor of model.n_embd (" +
                                                 std::to_string(n_embd()) + ")");
   }
+  if (attention() == AttentionBackend::flash && dropout() > 0) {
+    throw core::ConfigError("model.dropout", "model.dropout: got " + core::format_number(dropout()) +
+                                                 ", expected 0 with model.attention flash (it applies no attention "
+                                                 "dropout)");
+  }
   if (head_dim() % 2 != 0) {
     throw core::ConfigError("model.n_head", "model.n_head: n_embd / n_head = " +
                                                 std::to_string(head_dim()) +

@@ -11,8 +11,10 @@
 namespace scaletrain::model {
 
 // Which attention implementation the model calls. `math` is the reference (explicit softmax in
-// fp32); `sdpa` is torch's scaled_dot_product_attention. Flash kernels join through this seam.
-enum class AttentionBackend { math, sdpa };
+// fp32); `sdpa` is torch's scaled_dot_product_attention; `flash` is scaletrain's flash attention
+// (attention/flash_attention.h: CPU tensors in this build, no attention dropout; a padding mask,
+// as batched generation passes, takes the math path).
+enum class AttentionBackend { math, sdpa, flash };
 
 struct GPTOptions {
   // Vocabulary size: 258 for the byte tokenizer (256 bytes, end of sequence, padding).
@@ -56,7 +58,8 @@ struct GPTOptions {
 
 template <>
 struct scaletrain::core::EnumNames<scaletrain::model::AttentionBackend> {
-  static constexpr std::array<std::pair<scaletrain::model::AttentionBackend, const char*>, 2> values =
+  static constexpr std::array<std::pair<scaletrain::model::AttentionBackend, const char*>, 3> values =
       {{{scaletrain::model::AttentionBackend::math, "math"},
-        {scaletrain::model::AttentionBackend::sdpa, "sdpa"}}};
+        {scaletrain::model::AttentionBackend::sdpa, "sdpa"},
+        {scaletrain::model::AttentionBackend::flash, "flash"}}};
 };

@@ -70,7 +70,7 @@ TEST(Config, WrongTypeNamesValueAndExpectation) {
             "test.yaml:2:15: train.batch_size: got \"8\", expected an integer in [1, 1048576]");
   EXPECT_EQ(error_of("model:\n  bias: maybe\n"), "test.yaml:2:9: model.bias: got 'maybe', expected true or false");
   EXPECT_EQ(error_of("model:\n  attention: sdp\n"),
-            "test.yaml:2:14: model.attention: got 'sdp', expected one of math, sdpa (did you mean 'sdpa'?)");
+            "test.yaml:2:14: model.attention: got 'sdp', expected one of math, sdpa, flash (did you mean 'sdpa'?)");
   EXPECT_EQ(error_of("model: 5\n"),
             "test.yaml:1:8: model: got '5', expected a mapping of keys (vocab_size, pad_vocab_to, block_size, n_layer, "
             "n_head, n_embd, dropout, bias, tie_embeddings, attention, rope_base, activation_checkpointing, fused_ops)");

@@ -120,7 +120,7 @@ TEST(GPT, RotaryEncodingIsRelative) {
 
 TEST(GPT, CachedDecodingEqualsFullForward) {
   torch::NoGradGuard no_grad;
-  for (auto backend : {AttentionBackend::math, AttentionBackend::sdpa}) {
+  for (auto backend : {AttentionBackend::math, AttentionBackend::sdpa, AttentionBackend::flash}) {
     GPT m(small(backend));
     m->eval();
     auto tokens = at::randint(0, 256, {2, 24});
@@ -196,6 +196,25 @@ TEST(GPT, SaveAndLoadRoundTrip) {
   EXPECT_THROW(train::load_model(other, dir.file("model.pt")), core::IOError);
   std::ofstream(dir.file("junk.pt")) << "not a model";
   EXPECT_THROW(train::load_model(b, dir.file("junk.pt")), core::IOError);
+}
+
+// model.attention flash: the same loss and gradients as the math backend (same weights).
+TEST(GPT, FlashAttentionBackendTrainsLikeMath) {
+  at::manual_seed(7);
+  GPT flash(small(AttentionBackend::flash)), math(small(AttentionBackend::math));
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < flash->parameters().size(); ++i) math->parameters()[i].copy_(flash->parameters()[i]);
+  }
+  const auto tokens = at::randint(0, 256, {3, 40}), targets = at::randint(0, 256, {3, 40});
+  const auto lf = flash->forward_loss(tokens, targets), lm = math->forward_loss(tokens, targets);
+  lf.backward(), lm.backward();
+  EXPECT_LT(std::abs(lf.item<double>() - lm.item<double>()), 1e-5);
+  for (size_t i = 0; i < flash->parameters().size(); ++i)
+    EXPECT_LT(max_diff(flash->parameters()[i].grad(), math->parameters()[i].grad()), 1e-5) << "parameter " << i;
+  // Batched generation (a padding mask) works too; attention dropout does not exist in flash.
+  EXPECT_EQ(greedy_generate(flash, {{1, 2, 3}, {4}}, GenerateOptions{}).size(), 2u);
+  EXPECT_THROW(GPT(small(AttentionBackend::flash).dropout(0.1)), core::ConfigError);
 }
 
 TEST(GPT, OptionsValidation) {
