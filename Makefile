@@ -4,6 +4,7 @@
 #   make build       configure (once) and build library, CLI, Python module, tests, benchmarks
 #   make demo        train the demo GPT on FLOWROLL/DIMMATCH (configs/tiny_cpu.yaml)
 #   make test        C++ tests (ctest) and Python tests (pytest)
+#   make wheel       the Python wheel (pyproject.toml, scikit-build-core) in dist/
 #   make bench       C++ micro-benchmarks
 #   make install     install library, headers, CLI and CMake package into PREFIX (/usr/local)
 #   make gpu-test    on a GPU host: tools/gpu/run_tests.sh
@@ -17,7 +18,7 @@ JOBS ?= $(shell nproc)
 PREFIX ?= /usr/local
 CMAKE_ARGS ?=
 
-.PHONY: all bootstrap configure build demo test test-cpp test-python bench install gpu-test clean
+.PHONY: all bootstrap configure build demo test test-cpp test-python wheel test-wheel bench install gpu-test clean
 
 all: build
 
@@ -36,13 +37,22 @@ demo: build
 	$(BUILD)/scaletrain train --config $(ROOT)/configs/tiny_cpu.yaml
 
 test: build
-	@$(MAKE) --no-print-directory test-cpp test-python
+	@$(MAKE) --no-print-directory test-cpp test-python test-wheel
 
 test-cpp:
 	cd $(BUILD) && ctest -j $(JOBS) --output-on-failure
 
 test-python:
 	cd $(ROOT) && SCALETRAIN_BUILD=$(BUILD) $(PYTHON) -m pytest -q -rs
+
+# Built against the .venv's torch (no build isolation: the wheel must link the torch it will load).
+wheel: bootstrap
+	cd $(ROOT) && $(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# The wheel in a fresh venv that sees the same torch (the .venv's site-packages through a .pth
+# file) but not this source tree: import, a flash-attention step, the loss scaler.
+test-wheel: wheel
+	@bash $(ROOT)/tools/test_wheel.sh $(PYTHON) $(ROOT)/dist
 
 bench: build
 	$(BUILD)/benchmarks/cpp/scaletrain_bench
