@@ -73,14 +73,11 @@ void LossScaler::update(const at::Tensor& found_inf) {
       found_inf.device() != device_state_.device())
     throw std::invalid_argument("LossScaler::update: found_inf: expected one float32 element on " +
                                 device_state_.device().str());
-  check_.reset();
-  if (device_state_.is_cpu()) {
-    double* state = device_state_.data_ptr<double>();
-    update_scale(state, found_inf.item<float>() != 0.f, rule_of(options_));
-    device_scale_.fill_(static_cast<float>(state[kScale]));
-    device_inv_scale_.fill_(static_cast<float>(1.0 / state[kScale]));
+  if (device_state_.is_cpu()) {  // CPU tensors: reading the flag costs nothing
+    update(found_inf.item<float>() != 0.f);
     return;
   }
+  check_.reset();
 #ifdef SCALETRAIN_WITH_CUDA
   const c10::cuda::CUDAGuard guard(device_state_.device());
   const cudaError_t status = cuda::launch_update_scale(

@@ -329,7 +329,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
 at::Tensor flash_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
                                   std::optional<double> scale) {
-  check_qkv(q, k, v, 3);
   return FlashAttentionFunction::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
 }
 

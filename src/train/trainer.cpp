@@ -179,6 +179,11 @@ void Trainer::backward(const at::Tensor& loss) {
   if (master_ && config_.amp.fp32_grad_accum()) master_->accumulate_gradients();
 }
 
+void Trainer::clear_gradients(torch::optim::Optimizer& optimizer) {
+  optimizer.zero_grad();
+  if (master_) model_->zero_grad();  // the fused step reads the model's gradients
+}
+
 at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
   const double clip = config_.optim.grad_clip();
   if (!scaler_ && config_.amp.precision() == amp::Precision::fp32 && !fused_) {
@@ -317,8 +322,7 @@ at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGrap
   graph_targets_.copy_(batch.targets.pin_memory(), /*non_blocking=*/true);
   lr_on_device_.fill_(lr);
   if (!graph.captured()) {
-    optimizer.zero_grad();  // gradients are created by the step (in the graph's pool once captured)
-    if (master_) model_->zero_grad();
+    clear_gradients(optimizer);  // created by the step (in the graph's pool once captured)
     const auto eager = [&] {
       graph_loss_ = forward_backward(graph_inputs_, graph_targets_);
       graph_norm_ = clip_and_step(optimizer);
@@ -511,8 +515,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     if (graph) {
       loss = graphed_step(step, step - from.step, lr, *graph, optimizer, step_input_tokens, step_grad_norm);
     } else {
-      optimizer.zero_grad();
-      if (master_) model_->zero_grad();  // the fused step reads the model's gradients
+      clear_gradients(optimizer);
       loss = accumulate_gradients(step, accumulator, step_input_tokens);
       step_grad_norm = clip_and_step(optimizer);
     }
@@ -562,8 +565,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     graph->synchronize();  // the default stream, on which what follows runs, sees the last step
     summary.cuda_graph = graph->captured();
     // Give the graph's memory pool (one step's activations, the gradients) back before evaluating.
-    optimizer.zero_grad();
-    if (master_) model_->zero_grad();
+    clear_gradients(optimizer);
     graph_inputs_ = graph_targets_ = graph_loss_ = graph_norm_ = step_grad_norm = at::Tensor();
     graph.reset();
   }

@@ -93,6 +93,8 @@ class Trainer {
   void backward(const at::Tensor& loss);
   // The parameters the optimizer updates: the fp32 master copies, or the model's own.
   std::vector<at::Tensor> trainable_parameters();
+  // Sets the optimizer's gradients and, with master weights, the model's to none.
+  void clear_gradients(torch::optim::Optimizer& optimizer);
   // Clipping and the optimizer step, through the loss scaler's fused pass under mixed precision.
   // Returns the gradient norm before clipping as a tensor on the device (undefined when clipping
   // is off in fp32): the fused path neither reads it nor the skip decision on the host.
