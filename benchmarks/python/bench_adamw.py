@@ -23,12 +23,8 @@ torch from the same state must agree (rtol 1e-5).
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -38,6 +34,7 @@ from scaletrain._C import amp as _amp  # noqa: E402
 from scaletrain._C import optim as _optim  # noqa: E402
 
 from bench_grad_pass import SHAPES, timed  # noqa: E402
+from bench_results import write_results  # noqa: E402
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
@@ -205,13 +202,7 @@ def main():
         print(f"{r['name']:<58}{r['baseline_name'][:48]:<50}{r['ours']:>9.3f}{r['baseline']:>9.3f}"
               f"{r['baseline'] / r['ours']:>8.2f}x")
     if args.out:
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
-                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-                  "copy_GBps": round(bandwidth, 1), "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, torch.cuda.get_device_name(), copy_GBps=round(bandwidth, 1), rows=rows)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,19 @@ after --warmup steps, interleaved three times; the median is reported.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 from scaletrain._C import optim as _optim  # noqa: E402
+
+from bench_results import write_results  # noqa: E402
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
@@ -183,12 +182,7 @@ def main():
         print(f"{r['name'][:58]:58} {r['baseline_name'][:58]:58} {r['ours']:9.2f} {r['baseline']:9.2f} "
               f"{r['baseline'] / r['ours']:7.2f}x")
     if args.out:
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        result = {"device": f"{cpu_name()} ({os.cpu_count()} logical CPUs)", "torch": torch.__version__,
-                  "commit": commit or "unknown", "date": date.today().isoformat(),
-                  "command": "python " + " ".join(sys.argv), "threads": args.threads, "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(args.out, f"{cpu_name()} ({os.cpu_count()} logical CPUs)", threads=args.threads, rows=rows)
 
 
 if __name__ == "__main__":

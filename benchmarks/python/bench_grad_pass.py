@@ -9,18 +9,16 @@ place), then times one call between CUDA events; the median of --iters iteration
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 from scaletrain.amp import unscale_check_clip_  # noqa: E402
+
+from bench_results import write_results  # noqa: E402
 
 # GPT-2 124M parameter shapes (tied embeddings), as ../shared/anchors/measure_amp_optim_host_baselines.py.
 SHAPES = (
@@ -111,13 +109,7 @@ def main():
         rows.append({"name": name, "unit": "ms", "ours": round(ours_ms, 4), "baseline": round(theirs_ms, 4),
                      "baseline_name": baseline, "higher_is_better": False})
     if args.out:
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
-                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv), "params": n,
-                  "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, torch.cuda.get_device_name(), params=n, rows=rows)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,11 @@ fp32 and fp16 + GradScaler rows compare against the twin eager.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nanogpt_ref import NanoGPT  # noqa: E402
 from torch_gpt import GPT  # noqa: E402
+from bench_results import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 B, T = 16, 1024
@@ -133,13 +132,7 @@ def main():
     def save():  # after every row: a run cut short keeps what it measured
         if not args.out:
             return
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
-                  "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-                  "batch": B, "sequence": T, "steps": args.steps, "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, torch.cuda.get_device_name(), batch=B, sequence=T, steps=args.steps, rows=rows)
 
     def record(model, label, baseline, our_rate, torch_rate, our_peak=None, torch_peak=None):
         rows.append({"name": f"train gpt2-{model} {label} tok/s", "unit": "tok/s", "ours": round(our_rate),

@@ -14,12 +14,10 @@ Per step: milliseconds of kernels of each kind, the GPU's busy time (their sum) 
 import argparse
 import collections
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from nanogpt_ref import NanoGPT  # noqa: E402
 from torch_gpt import GPT  # noqa: E402
+from bench_results import write_results  # noqa: E402
 
 B, T, VOCAB, PADDED = 16, 1024, 50257, 50304
 
@@ -157,13 +156,8 @@ def main():
                      "kinds_ms": {k: round(v, 3) for k, v in sorted(by_kind[label].items(), key=lambda kv: -kv[1])},
                      "kernels_ms": [[n, round(ms, 4)] for n, ms in sorted(names.items(), key=lambda kv: -kv[1])]})
     if args.out:
-        commit = os.environ.get("SCALETRAIN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or "unknown",
-             "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv), "batch": B,
-             "sequence": T, "first_step": args.first, "steps": args.count, "sides": rows}, indent=2) + "\n")
+        write_results(args.out, torch.cuda.get_device_name(), batch=B, sequence=T, first_step=args.first,
+                      steps=args.count, sides=rows)
 
 
 if __name__ == "__main__":
