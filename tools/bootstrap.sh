@@ -20,7 +20,7 @@ say() { echo "bootstrap: $*"; }
 APT_PACKAGES=(
   g++ make cmake ninja-build ccache git pkg-config
   python3 python3-venv python3-dev
-  libfmt-dev libspdlog-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev zlib1g-dev
+  libfmt-dev libspdlog-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libgloo-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -1,0 +1,126 @@
+#pragma once
+// ZeroAdamW: AdamW with its state sharded over the ranks of a process group (ZeRO stages 1 and 2),
+// a torch::optim::Optimizer (param groups, LR schedulers).
+//
+// The parameters become views into one flat buffer laid out in buckets (dist/bucket_layout.h);
+// rank r owns chunk r of every bucket and keeps AdamW's fp32 state (exp_avg, exp_avg_sq, and an
+// fp32 master copy when the model is bf16/fp16) for its chunks only.
+//   stage 1: the gradients are views into a flat gradient buffer of the model's size; each bucket
+//            is reduce-scattered as soon as backward has produced its last gradient.
+//   stage 2: each gradient is copied into its bucket's buffer when backward produces it and freed;
+//            the bucket is reduce-scattered when complete and its buffer released, so a rank holds
+//            gradients for its chunks plus the buckets in flight instead of the whole model's.
+// Buckets are reduced in one order on every rank whatever order backward produces them in. A step
+// then takes the global gradient norm (one all-reduce of a number), skips the step on every rank
+// when it is not finite (a loss-scaled inf on any rank), clips, runs the fused AdamW on this rank's
+// chunks and all-gathers the updated parameters bucket by bucket.
+//
+//   auto group = dist::ProcessGroup::from_env();
+//   optim::ZeroAdamW adamw(model->parameters(), optim::ZeroAdamWOptions(6e-4).stage(2).max_grad_norm(1.0), group);
+//   for (int micro = 0; micro < k; ++micro) {
+//     adamw.set_gradient_sync(micro + 1 == k);   // reduce on the last micro-step only
+//     (loss_of(micro) / k).backward();
+//   }
+//   adamw.step();
+//   adamw.zero_grad();
+//
+// With one process (a default ProcessGroup) it is AdamW over flat buffers. Stage 3 (sharded
+// parameters) and CPU offload are not in this version; asking for them is an error.
+#include <cstdint>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <torch/optim/optimizer.h>
+
+#include "scaletrain/dist/bucket_layout.h"
+#include "scaletrain/dist/process_group.h"
+
+namespace scaletrain::optim {
+
+// Per param group: lr, betas, eps, weight_decay (as torch::optim::AdamWOptions). The rest applies
+// to the whole optimizer and is read from the defaults given to the constructor.
+struct ZeroAdamWOptions : public torch::optim::OptimizerCloneableOptions<ZeroAdamWOptions> {
+  ZeroAdamWOptions(double lr = 1e-3);  // NOLINT(google-explicit-constructor): as AdamWOptions
+  TORCH_ARG(double, lr) = 1e-3;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 1e-2;
+  // 1: shard optimizer state; 2: also gradients.
+  TORCH_ARG(int64_t, stage) = 1;
+  // Not in this version (an error when true).
+  TORCH_ARG(bool, cpu_offload) = false;
+  // Gradient bucket size in MiB (of the model's dtype): the unit of reduce-scatter and all-gather.
+  TORCH_ARG(double, bucket_mb) = 25.0;
+  // Clip the global gradient norm to this (0: no clipping), as torch.nn.utils.clip_grad_norm_.
+  TORCH_ARG(double, max_grad_norm) = 0.0;
+  // Divide the summed gradients by the world size (DDP's mean), else keep the sum.
+  TORCH_ARG(bool, average_gradients) = true;
+  // Copy rank 0's parameters to every rank at construction (as DDP does).
+  TORCH_ARG(bool, broadcast_parameters) = true;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override { return lr(); }
+  void set_lr(const double lr) override { this->lr(lr); }
+};
+
+// What a step leaves on the device (no host read until asked): the found-inf flag (1: the step was
+// skipped on every rank) and the global norm of the unscaled, averaged gradients before clipping.
+struct ZeroStepResult {
+  at::Tensor found_inf;  // one float32 element
+  at::Tensor norm;       // one float32 element
+};
+
+// Bytes of the tensors a rank holds now, by kind (ZeRO's accounting).
+struct ZeroMemory {
+  int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer)
+  int64_t gradient_bytes = 0;   // gradient buffers: the flat one (stage 1), this rank's chunks, buckets in flight
+  int64_t optimizer_bytes = 0;  // exp_avg, exp_avg_sq, fp32 master, step counts
+};
+
+class ZeroAdamW : public torch::optim::Optimizer {
+ public:
+  // Every parameter: one dtype (fp32, bf16, fp16), one device (CPU for a Gloo group, CUDA for an
+  // NCCL one), contiguous, requires_grad. Throws std::invalid_argument naming a bad option or
+  // parameter; collectives that fail throw dist::DistError.
+  ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, ZeroAdamWOptions defaults = {},
+            dist::ProcessGroup group = {});
+  ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults = {}, dist::ProcessGroup group = {});
+  ~ZeroAdamW() override;
+  ZeroAdamW(const ZeroAdamW&) = delete;
+  ZeroAdamW& operator=(const ZeroAdamW&) = delete;
+
+  // One step (reduces any bucket backward has not completed, e.g. of unused parameters).
+  at::Tensor step(LossClosure closure = nullptr) override;
+  // One step with the gradients multiplied by `inv_scale` (1 / loss scale: one float32 element on
+  // the parameters' device, or undefined for 1) before averaging, the norm and clipping.
+  ZeroStepResult step_scaled(const at::Tensor& inv_scale);
+
+  // Stage 1 zeroes the flat gradient buffer (the gradients stay views of it, whatever
+  // set_to_none says); stage 2 drops the gradients.
+  void zero_grad(bool set_to_none = true);
+
+  // Whether the next backward reduces gradients as they are produced (true by default). Set it
+  // false for the micro-steps before the last one of an accumulated step: gradients add up
+  // locally and are reduced once.
+  void set_gradient_sync(bool sync);
+  bool gradient_sync() const;
+
+  const dist::BucketLayout& layout() const;
+  const dist::ProcessGroup& process_group() const;
+  ZeroMemory memory() const;
+
+  // Sharded checkpoints are not in this version: both throw std::logic_error.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace scaletrain::optim

@@ -1,0 +1,504 @@
+#include "scaletrain/optim/zero_adamw.h"
+
+#include <cmath>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <fmt/format.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/optim/adamw.h>
+#include <torch/serialize/archive.h>
+
+#include "scaletrain/optim/adamw.h"
+
+namespace scaletrain::optim {
+
+ZeroAdamWOptions::ZeroAdamWOptions(double lr) : lr_(lr) {}
+
+void ZeroAdamWOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  archive.write("lr", at::scalar_tensor(lr_, at::kDouble));
+  archive.write("beta1", at::scalar_tensor(std::get<0>(betas_), at::kDouble));
+  archive.write("beta2", at::scalar_tensor(std::get<1>(betas_), at::kDouble));
+  archive.write("eps", at::scalar_tensor(eps_, at::kDouble));
+  archive.write("weight_decay", at::scalar_tensor(weight_decay_, at::kDouble));
+}
+
+void ZeroAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
+  at::Tensor value;
+  archive.read("lr", value);
+  lr_ = value.item<double>();
+  archive.read("beta1", value);
+  double beta1 = value.item<double>();
+  archive.read("beta2", value);
+  betas_ = std::make_tuple(beta1, value.item<double>());
+  archive.read("eps", value);
+  eps_ = value.item<double>();
+  archive.read("weight_decay", value);
+  weight_decay_ = value.item<double>();
+}
+
+namespace {
+
+using torch::autograd::variable_list;
+
+std::vector<torch::optim::OptimizerParamGroup> as_groups(std::vector<at::Tensor> params) {
+  return {torch::optim::OptimizerParamGroup(std::move(params))};
+}
+
+void check_options(const ZeroAdamWOptions& options, int64_t group) {
+  auto where = group < 0 ? std::string("ZeroAdamW") : fmt::format("ZeroAdamW param group {}", group);
+  auto [beta1, beta2] = options.betas();
+  if (!(options.lr() >= 0)) throw std::invalid_argument(fmt::format("{}: lr {} (expected >= 0)", where, options.lr()));
+  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) {
+    throw std::invalid_argument(fmt::format("{}: betas ({}, {}) (expected each in [0, 1))", where, beta1, beta2));
+  }
+  if (!(options.eps() >= 0)) throw std::invalid_argument(fmt::format("{}: eps {} (expected >= 0)", where, options.eps()));
+  if (!(options.weight_decay() >= 0)) {
+    throw std::invalid_argument(fmt::format("{}: weight_decay {} (expected >= 0)", where, options.weight_decay()));
+  }
+}
+
+void check_whole_options(const ZeroAdamWOptions& options) {
+  if (options.stage() == 3) {
+    throw std::invalid_argument("ZeroAdamW: stage 3 (sharded parameters) is not in this version (expected stage 1 or 2)");
+  }
+  if (options.stage() != 1 && options.stage() != 2) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: stage {} (expected 1 or 2)", options.stage()));
+  }
+  if (options.cpu_offload()) throw std::invalid_argument("ZeroAdamW: cpu_offload is not in this version (expected false)");
+  if (!(options.bucket_mb() > 0) || !std::isfinite(options.bucket_mb())) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: bucket_mb {} (expected a finite number > 0)", options.bucket_mb()));
+  }
+  if (!(options.max_grad_norm() >= 0)) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: max_grad_norm {} (expected >= 0; 0 turns clipping off)",
+                                            options.max_grad_norm()));
+  }
+}
+
+torch::optim::AdamWOptions adamw_options(const ZeroAdamWOptions& options) {
+  return torch::optim::AdamWOptions(options.lr())
+      .betas(options.betas())
+      .eps(options.eps())
+      .weight_decay(options.weight_decay());
+}
+
+constexpr int64_t kAlign = 64;  // elements: every parameter and chunk starts 128-byte aligned in bf16
+
+}  // namespace
+
+struct ZeroAdamW::Impl {
+  ZeroAdamWOptions options;
+  dist::ProcessGroup group;
+  dist::BucketLayout layout;
+  std::vector<at::Tensor> params;  // in param-group order: the layout's indices
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+  int64_t world = 1;
+  int64_t rank = 0;
+
+  at::Tensor param_flat;   // the model's parameters, padded (the parameters are views of it)
+  at::Tensor grad_flat;    // stage 1: the gradients (views of it)
+  at::Tensor grad_shard;   // this rank's chunks of the reduced gradients, bucket after bucket
+  at::Tensor master;       // fp32 copy of this rank's chunks (undefined for an fp32 model)
+  at::Tensor exp_avg;      // fp32, this rank's chunks
+  at::Tensor exp_avg_sq;   // fp32
+  std::vector<at::Tensor> steps;           // per bucket, one float32 element (adamw_step_'s count)
+  std::vector<int64_t> shard_offset;       // per bucket: first element of its chunk in the shard tensors
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> gaps;  // per bucket: padding ranges (offset, numel) in it
+
+  // Per-step reduction state (guarded by mutex: hooks run on autograd's threads).
+  std::mutex mutex;
+  bool sync = true;
+  std::vector<at::Tensor> bucket_grad;     // stage 2: buffers of buckets being filled or reduced
+  std::vector<std::vector<bool>> filled;   // stage 2: per bucket and parameter slot
+  std::vector<bool> seen;                  // per parameter: its gradient of this step arrived
+  std::vector<int64_t> ready_count;
+  std::vector<bool> ready;
+  std::vector<dist::Work> works;
+  size_t next_launch = 0;
+
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::vector<uintptr_t> hook_keys;
+
+  at::Tensor bucket_view(const at::Tensor& flat, const dist::Bucket& bucket) const {
+    return flat.narrow(0, bucket.offset, bucket.numel);
+  }
+  at::Tensor chunk_of(const at::Tensor& flat, const dist::Bucket& bucket) const {
+    return flat.narrow(0, bucket.chunk_offset(rank, world), bucket.chunk_numel(world));
+  }
+  at::Tensor shard_chunk(const at::Tensor& shard, size_t b) const {
+    return shard.narrow(0, shard_offset[b], layout.buckets[b].chunk_numel(world));
+  }
+  at::Tensor slot(const at::Tensor& flat_bucket, size_t b, int64_t param) const {
+    const auto& p = params[static_cast<size_t>(param)];
+    return flat_bucket.narrow(0, layout.param_offset[static_cast<size_t>(param)] - layout.buckets[b].offset, p.numel())
+        .view(p.sizes());
+  }
+  int64_t slot_index(size_t b, int64_t param) const {
+    const auto& ps = layout.buckets[b].params;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      if (ps[i] == param) return static_cast<int64_t>(i);
+    }
+    return -1;
+  }
+
+  void reset_step_state() {
+    size_t n = layout.buckets.size();
+    ready_count.assign(n, 0);
+    ready.assign(n, false);
+    works.clear();
+    works.resize(n);
+    bucket_grad.assign(n, at::Tensor());
+    filled.assign(n, {});
+    for (size_t b = 0; b < n; ++b) filled[b].assign(layout.buckets[b].params.size(), false);
+    next_launch = 0;
+    seen.assign(params.size(), false);
+  }
+
+  // Stage 2: the bucket's buffer, allocated on first use with its padding zeroed.
+  at::Tensor& stage2_buffer(size_t b) {
+    if (!bucket_grad[b].defined()) {
+      bucket_grad[b] = at::empty({layout.buckets[b].numel}, param_flat.options());
+      for (auto [offset, numel] : gaps[b]) bucket_grad[b].narrow(0, offset, numel).zero_();
+    }
+    return bucket_grad[b];
+  }
+
+  // Moves parameter `index`'s gradient into the bucket (stage 2) or checks it is still the flat
+  // buffer's view (stage 1: a user may have replaced or dropped it).
+  void collect(size_t b, int64_t index) {
+    auto& param = params[static_cast<size_t>(index)];
+    const at::Tensor& grad = param.grad();
+    if (options.stage() == 2) {
+      int64_t i = slot_index(b, index);
+      if (filled[b][static_cast<size_t>(i)]) return;
+      at::Tensor target = slot(stage2_buffer(b), b, index);
+      if (grad.defined()) {
+        target.copy_(grad);
+        param.mutable_grad().reset();
+      } else {
+        target.zero_();
+      }
+      filled[b][static_cast<size_t>(i)] = true;
+      return;
+    }
+    at::Tensor target = slot(bucket_view(grad_flat, layout.buckets[b]), b, index);
+    if (grad.defined() && grad.data_ptr() == target.data_ptr()) return;
+    if (grad.defined()) {
+      target.copy_(grad);
+    } else {
+      target.zero_();
+    }
+    param.mutable_grad() = target;
+  }
+
+  void launch(size_t b) {
+    const auto& bucket = layout.buckets[b];
+    at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
+    at::Tensor output = shard_chunk(grad_shard, b);
+    works[b] = group.reduce_scatter(output, input);
+  }
+
+  void launch_ready_in_order() {
+    while (next_launch < layout.buckets.size() && ready[next_launch]) {
+      launch(next_launch);
+      ++next_launch;
+    }
+  }
+
+  // Autograd post-hook of parameter `index`: its gradient for this backward is complete.
+  void on_gradient(int64_t index) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!sync) return;
+    auto b = static_cast<size_t>(layout.param_bucket[static_cast<size_t>(index)]);
+    if (seen[static_cast<size_t>(index)]) {
+      // Its bucket may be reduced already: this gradient would be lost or reduced twice.
+      throw std::logic_error(fmt::format(
+          "ZeroAdamW: parameter {} received a second gradient with gradient sync on before step(); "
+          "call set_gradient_sync(false) before every micro-step but the last",
+          index));
+    }
+    seen[static_cast<size_t>(index)] = true;
+    collect(b, index);
+    if (++ready_count[b] == static_cast<int64_t>(layout.buckets[b].params.size())) {
+      ready[b] = true;
+      launch_ready_in_order();
+    }
+  }
+
+  // Completes every bucket's reduction (collecting gradients backward did not announce).
+  void finish_reduction() {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (size_t b = next_launch; b < layout.buckets.size(); ++b) {
+      if (!ready[b]) {
+        for (int64_t index : layout.buckets[b].params) collect(b, index);
+        ready[b] = true;
+      }
+    }
+    launch_ready_in_order();
+    for (auto& work : works) work.wait();
+    bucket_grad.assign(layout.buckets.size(), at::Tensor());  // stage 2: release the bucket buffers
+  }
+};
+
+ZeroAdamW::ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults, dist::ProcessGroup group)
+    : ZeroAdamW(as_groups(std::move(params)), std::move(defaults), std::move(group)) {}
+
+ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, ZeroAdamWOptions defaults,
+                     dist::ProcessGroup group)
+    : torch::optim::Optimizer(param_groups, std::make_unique<ZeroAdamWOptions>(defaults)),
+      impl_(std::make_unique<Impl>()) {
+  check_options(defaults, -1);
+  check_whole_options(defaults);
+  Impl& s = *impl_;
+  s.options = defaults;
+  s.group = std::move(group);
+  s.world = s.group.size();
+  s.rank = s.group.rank();
+
+  std::vector<int64_t> numels;
+  std::vector<int64_t> group_of;
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    check_options(static_cast<const ZeroAdamWOptions&>(param_groups_[g].options()), static_cast<int64_t>(g));
+    for (const auto& param : param_groups_[g].params()) {
+      auto index = s.params.size();
+      if (!param.defined() || !param.requires_grad()) {
+        throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} must be defined and require grad", index));
+      }
+      if (!param.is_contiguous()) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} must be contiguous", index));
+      auto dtype = param.scalar_type();
+      if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
+        throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} is {} (expected float32, bfloat16 or float16)",
+                                                index, c10::toString(dtype)));
+      }
+      if (index == 0) {
+        s.dtype = dtype;
+        s.device = param.device();
+      } else if (dtype != s.dtype || param.device() != s.device) {
+        throw std::invalid_argument(fmt::format(
+            "ZeroAdamW: parameter {} is {} on {}, parameter 0 {} on {} (expected one dtype and one device)", index,
+            c10::toString(dtype), param.device().str(), c10::toString(s.dtype), s.device.str()));
+      }
+      if (param.numel() == 0) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} is empty", index));
+      s.params.push_back(param);
+      numels.push_back(param.numel());
+      group_of.push_back(static_cast<int64_t>(g));
+    }
+  }
+  if (s.params.empty()) throw std::invalid_argument("ZeroAdamW: no parameters");
+  std::string backend = s.group.backend_name();
+  if ((backend == "gloo" && !s.device.is_cpu()) || (backend == "nccl" && !s.device.is_cuda())) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: parameters on {} with a {} process group (expected {} tensors)",
+                                            s.device.str(), backend, backend == "gloo" ? "CPU" : "CUDA"));
+  }
+
+  auto element = static_cast<int64_t>(c10::elementSize(s.dtype));
+  auto bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(defaults.bucket_mb() * 1024 * 1024) / element);
+  s.layout = dist::plan_buckets(numels, group_of, bucket_numel, s.world, kAlign);
+
+  // The flat parameter buffer: copy the parameters in and make them views of it.
+  auto model_options = at::TensorOptions().dtype(s.dtype).device(s.device);
+  s.param_flat = at::zeros({s.layout.total_numel}, model_options);
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      at::Tensor view = s.param_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+      view.copy_(s.params[i]);
+      s.params[i].set_data(view);
+    }
+  }
+  if (defaults.broadcast_parameters()) s.group.broadcast(s.param_flat, 0).wait();
+
+  // This rank's chunks: where each bucket's chunk sits in the shard tensors, and the padding.
+  int64_t shard_numel = 0;
+  s.gaps.resize(s.layout.buckets.size());
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+    const auto& bucket = s.layout.buckets[b];
+    s.shard_offset.push_back(shard_numel);
+    shard_numel += bucket.chunk_numel(s.world);
+    int64_t cursor = 0;
+    std::vector<std::pair<int64_t, int64_t>> by_offset;
+    for (int64_t index : bucket.params) {
+      by_offset.emplace_back(s.layout.param_offset[static_cast<size_t>(index)] - bucket.offset,
+                             s.params[static_cast<size_t>(index)].numel());
+    }
+    for (auto [offset, numel] : by_offset) {
+      if (offset > cursor) s.gaps[b].emplace_back(cursor, offset - cursor);
+      cursor = offset + numel;
+    }
+    if (bucket.numel > cursor) s.gaps[b].emplace_back(cursor, bucket.numel - cursor);
+  }
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  s.grad_shard = at::zeros({shard_numel}, model_options);
+  s.exp_avg = at::zeros({shard_numel}, fp32);
+  s.exp_avg_sq = at::zeros({shard_numel}, fp32);
+  if (s.dtype != at::kFloat) {
+    s.master = at::empty({shard_numel}, fp32);
+    for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+      s.shard_chunk(s.master, b).copy_(s.chunk_of(s.param_flat, s.layout.buckets[b]));
+    }
+  }
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) s.steps.push_back(at::zeros({1}, fp32));
+  if (defaults.stage() == 1) {
+    s.grad_flat = at::zeros({s.layout.total_numel}, model_options);
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      s.params[i].mutable_grad() =
+          s.grad_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+    }
+  }
+  s.reset_step_state();
+
+  // A post-hook on each parameter's gradient accumulator: it runs once backward has added the
+  // parameter's gradient into .grad.
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    auto accumulator = torch::autograd::impl::grad_accumulator(s.params[i]);
+    if (!accumulator) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} has no gradient accumulator", i));
+    auto index = static_cast<int64_t>(i);
+    Impl* impl = impl_.get();
+    s.hook_keys.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+        [impl, index](const variable_list& outputs, const variable_list&) {
+          impl->on_gradient(index);
+          return outputs;
+        })));
+    s.accumulators.push_back(std::move(accumulator));
+  }
+}
+
+ZeroAdamW::~ZeroAdamW() {
+  for (size_t i = 0; i < impl_->accumulators.size(); ++i) impl_->accumulators[i]->del_post_hook(impl_->hook_keys[i]);
+}
+
+void ZeroAdamW::set_gradient_sync(bool sync) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->sync = sync;
+}
+
+bool ZeroAdamW::gradient_sync() const { return impl_->sync; }
+const dist::BucketLayout& ZeroAdamW::layout() const { return impl_->layout; }
+const dist::ProcessGroup& ZeroAdamW::process_group() const { return impl_->group; }
+
+void ZeroAdamW::zero_grad(bool /*set_to_none*/) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.options.stage() == 1) {
+    s.grad_flat.zero_();
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      at::Tensor view = s.grad_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+      if (!s.params[i].grad().defined() || s.params[i].grad().data_ptr() != view.data_ptr()) {
+        s.params[i].mutable_grad() = view;
+      }
+    }
+  } else {
+    for (auto& param : s.params) param.mutable_grad().reset();
+  }
+  s.reset_step_state();
+}
+
+at::Tensor ZeroAdamW::step(LossClosure closure) {
+  at::Tensor loss;
+  if (closure != nullptr) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  step_scaled(at::Tensor());
+  return loss;
+}
+
+ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
+  at::NoGradGuard no_grad;
+  Impl& s = *impl_;
+  if (inv_scale.defined() && (inv_scale.numel() != 1 || inv_scale.device() != s.device)) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW::step_scaled: inv_scale must be one element on {} (got {} on {})",
+                                            s.device.str(), inv_scale.numel(), inv_scale.device().str()));
+  }
+  s.finish_reduction();
+
+  // The global norm: this rank's sum of squares (fp32), summed over ranks.
+  std::vector<at::Tensor> chunks;
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.shard_chunk(s.grad_shard, b));
+  at::Tensor squares = at::stack(at::_foreach_norm(chunks, 2, at::kFloat)).square().sum().reshape({1});
+  s.group.all_reduce(squares).wait();
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  at::Tensor grad_scale = at::ones({1}, fp32);
+  if (s.options.average_gradients()) grad_scale.fill_(1.0 / static_cast<double>(s.world));
+  if (inv_scale.defined()) grad_scale = grad_scale * inv_scale.to(at::kFloat);
+  ZeroStepResult result;
+  result.norm = squares.sqrt() * grad_scale;
+  result.found_inf = at::isfinite(result.norm).logical_not().to(at::kFloat);
+  at::Tensor factor = grad_scale;
+  if (s.options.max_grad_norm() > 0) {
+    factor = grad_scale * (s.options.max_grad_norm() / (result.norm + 1e-6)).clamp_max(1.0);
+  }
+  StepScale scale{factor, result.found_inf};
+
+  // AdamW on this rank's chunks, one call per param group.
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    const auto& options = static_cast<const ZeroAdamWOptions&>(param_groups_[g].options());
+    std::vector<at::Tensor> values, grads, exp_avgs, exp_avg_sqs, steps, copies;
+    for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+      if (s.layout.buckets[b].group != static_cast<int64_t>(g)) continue;
+      at::Tensor model_chunk = s.chunk_of(s.param_flat, s.layout.buckets[b]);
+      if (s.master.defined()) {
+        values.push_back(s.shard_chunk(s.master, b));
+        copies.push_back(model_chunk);
+      } else {
+        values.push_back(model_chunk);
+        copies.emplace_back();
+      }
+      grads.push_back(s.shard_chunk(s.grad_shard, b));
+      exp_avgs.push_back(s.shard_chunk(s.exp_avg, b));
+      exp_avg_sqs.push_back(s.shard_chunk(s.exp_avg_sq, b));
+      steps.push_back(s.steps[b]);
+    }
+    if (!values.empty()) adamw_step_(values, grads, exp_avgs, exp_avg_sqs, steps, copies, adamw_options(options), scale);
+  }
+
+  // Every rank's updated chunks to every rank.
+  std::vector<dist::Work> gathers;
+  for (const auto& bucket : s.layout.buckets) {
+    at::Tensor whole = s.bucket_view(s.param_flat, bucket);
+    gathers.push_back(s.group.all_gather(whole, s.chunk_of(s.param_flat, bucket)));
+  }
+  for (auto& work : gathers) work.wait();
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.reset_step_state();
+  }
+  return result;
+}
+
+ZeroMemory ZeroAdamW::memory() const {
+  const Impl& s = *impl_;
+  auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
+  ZeroMemory memory;
+  memory.parameter_bytes = bytes(s.param_flat);
+  memory.gradient_bytes = bytes(s.grad_flat) + bytes(s.grad_shard);
+  for (const auto& buffer : s.bucket_grad) memory.gradient_bytes += bytes(buffer);
+  if (s.options.stage() == 2) {
+    for (const auto& param : s.params) memory.gradient_bytes += bytes(param.grad());
+  }
+  memory.optimizer_bytes = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
+  for (const auto& step : s.steps) memory.optimizer_bytes += bytes(step);
+  return memory;
+}
+
+void ZeroAdamW::save(torch::serialize::OutputArchive& /*archive*/) const {
+  throw std::logic_error("ZeroAdamW::save: sharded checkpoints are not in this version");
+}
+
+void ZeroAdamW::load(torch::serialize::InputArchive& /*archive*/) {
+  throw std::logic_error("ZeroAdamW::load: sharded checkpoints are not in this version");
+}
+
+}  // namespace scaletrain::optim
