@@ -21,7 +21,7 @@ def _check_torch() -> None:
 
 _check_torch()
 
-from scaletrain import _C, amp, attention  # noqa: E402
+from scaletrain import _C, amp, attention, optim  # noqa: E402
 from scaletrain._C import (
     ConfigError,
     InputError,
@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "amp",
     "attention",
+    "optim",
     "InputError",
     "build_info",
     "check_program",

@@ -1,9 +1,13 @@
-// scaletrain._C.optim: the fused AdamW step as a function over lists of tensors. Bindings only.
+// scaletrain._C.optim: the fused AdamW step as a function over lists of tensors, and the core of
+// scaletrain.optim.ZeroAdamW (python/scaletrain/optim.py). Bindings only.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
 #include "scaletrain/optim/adamw.h"
+#include "scaletrain/optim/zero_adamw.h"
 
 namespace py = pybind11;
 
@@ -33,6 +37,69 @@ void bind_optim(py::module_& parent) {
       "One fused AdamW step (torch.optim.AdamW arithmetic) over fp32 params with fp32/bf16/fp16 grads, fp32 "
       "moments and one-element float32 step counts (incremented); copies (bf16/fp16, or []) receive the updated "
       "values. Each gradient is multiplied by factor; found_inf != 0 skips the step. Both are read on the device.");
+
+  // Per param group: (params, lr, beta1, beta2, eps, weight_decay).
+  using Group = std::tuple<std::vector<at::Tensor>, double, double, double, double, double>;
+  py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW")
+      .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, double bucket_mb,
+                       double max_grad_norm, bool average_gradients, const py::object& process_group,
+                       const std::string& device_type) {
+             std::vector<torch::optim::OptimizerParamGroup> param_groups;
+             for (const auto& [params, lr, beta1, beta2, eps, weight_decay] : groups) {
+               param_groups.emplace_back(params, std::make_unique<optim::ZeroAdamWOptions>(
+                                                     optim::ZeroAdamWOptions(lr).betas({beta1, beta2}).eps(eps).weight_decay(weight_decay)));
+             }
+             auto defaults = optim::ZeroAdamWOptions()
+                                 .stage(stage)
+                                 .cpu_offload(cpu_offload)
+                                 .bucket_mb(bucket_mb)
+                                 .max_grad_norm(max_grad_norm)
+                                 .average_gradients(average_gradients);
+             dist::ProcessGroup group;
+             if (!process_group.is_none()) {
+               group = dist::ProcessGroup::adopt(process_group.cast<c10::intrusive_ptr<c10d::ProcessGroup>>(), device_type);
+             }
+             try {
+               return std::make_unique<optim::ZeroAdamW>(param_groups, defaults, group);
+             } catch (const std::invalid_argument& e) {
+               throw py::value_error(e.what());
+             }
+           }),
+           py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
+           py::arg("average_gradients"), py::arg("process_group"), py::arg("device_type"))
+      .def(
+          "set_group",
+          [](optim::ZeroAdamW& self, size_t index, double lr, double beta1, double beta2, double eps,
+             double weight_decay) {
+            auto& options = static_cast<optim::ZeroAdamWOptions&>(self.param_groups().at(index).options());
+            options.lr(lr).betas({beta1, beta2}).eps(eps).weight_decay(weight_decay);
+          },
+          py::arg("index"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"))
+      .def(
+          "step",
+          [](optim::ZeroAdamW& self, const std::optional<at::Tensor>& inv_scale) {
+            py::gil_scoped_release release;  // collectives wait; autograd hooks of other threads may need the GIL
+            auto result = self.step_scaled(inv_scale.value_or(at::Tensor()));
+            return std::make_tuple(result.found_inf, result.norm);
+          },
+          py::arg("inv_scale") = py::none())
+      .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
+      .def("set_gradient_sync", &optim::ZeroAdamW::set_gradient_sync, py::arg("sync"))
+      .def("gradient_sync", &optim::ZeroAdamW::gradient_sync)
+      .def("memory",
+           [](const optim::ZeroAdamW& self) {
+             auto memory = self.memory();
+             py::dict d;
+             d["parameter_bytes"] = memory.parameter_bytes;
+             d["gradient_bytes"] = memory.gradient_bytes;
+             d["optimizer_bytes"] = memory.optimizer_bytes;
+             return d;
+           })
+      .def("shard_numel", [](const optim::ZeroAdamW& self) { return self.layout().shard_numel(); })
+      .def("total_numel", [](const optim::ZeroAdamW& self) { return self.layout().total_numel; })
+      .def("bucket_count", [](const optim::ZeroAdamW& self) { return self.layout().buckets.size(); })
+      .def("rank", [](const optim::ZeroAdamW& self) { return self.process_group().rank(); })
+      .def("world_size", [](const optim::ZeroAdamW& self) { return self.process_group().size(); });
 }
 
 }  // namespace scaletrain::python

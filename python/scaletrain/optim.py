@@ -1,0 +1,141 @@
+"""Optimizers: ZeroAdamW, AdamW with its state sharded over the ranks of a process group (ZeRO
+stages 1 and 2), as a ``torch.optim.Optimizer``.
+
+A script that trains with ``torch.optim.AdamW`` under ``torchrun`` changes one line::
+
+    opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=6e-4, weight_decay=0.1, stage=2,
+                                     max_grad_norm=1.0)
+
+and drops DDP: the optimizer averages the gradients itself, reduce-scattering them bucket by
+bucket while backward runs, and keeps only its rank's share of AdamW's state (and, at stage 2,
+of the gradients). With no ``torch.distributed`` group it is AdamW over flat buffers in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from . import _C
+
+__all__ = ["ZeroAdamW"]
+
+
+def _default_group(process_group: Any) -> Any:
+    if process_group is not None:
+        return process_group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+class ZeroAdamW(torch.optim.Optimizer):
+    """AdamW (``torch.optim.AdamW``'s arithmetic) with ZeRO sharding.
+
+    Args:
+        params: parameters or param groups (dicts with ``params`` and any of ``lr``, ``betas``,
+            ``eps``, ``weight_decay``), all of one dtype (fp32, bf16, fp16) and one device.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; per group; LR schedulers work.
+        stage: 1 shards the optimizer state; 2 also the gradients (``p.grad`` is then ``None``
+            after backward: each gradient moves into its bucket and is freed once reduced).
+        bucket_mb: size of a gradient bucket (the unit of reduce-scatter and all-gather) in MiB.
+        max_grad_norm: clip the global gradient norm to this, as ``clip_grad_norm_`` (0: off).
+        average_gradients: divide the summed gradients by the world size (DDP's mean).
+        process_group: a ``torch.distributed`` group; default: the default group when one is
+            initialised, else this process alone. Gloo for CPU parameters, NCCL for CUDA ones.
+        cpu_offload: not in this version (an error when True).
+
+    The parameters become views into one flat buffer (rank 0's values are broadcast to every
+    rank). After ``step()``, ``last_found_inf`` and ``last_norm`` hold the step's inf flag (1: the
+    step was skipped on every rank) and the global norm, as one-element tensors on the device (no
+    synchronisation until read). ``step(inv_scale=t)`` multiplies the gradients by ``t`` first
+    (1 / loss scale, a one-element float32 tensor on the parameters' device).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        stage: int = 1,
+        bucket_mb: float = 25.0,
+        max_grad_norm: float = 0.0,
+        average_gradients: bool = True,
+        process_group: Any = None,
+        cpu_offload: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        groups = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            groups.append((list(group["params"]), group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
+        first = self.param_groups[0]["params"][0]
+        # Bad options or parameters raise ValueError naming them; a failed collective RuntimeError.
+        self._core = _C.optim.ZeroAdamWCore(
+            groups,
+            stage=stage,
+            cpu_offload=cpu_offload,
+            bucket_mb=bucket_mb,
+            max_grad_norm=max_grad_norm,
+            average_gradients=average_gradients,
+            process_group=_default_group(process_group),
+            device_type=first.device.type,
+        )
+        self.stage = stage
+        self.last_found_inf: Optional[torch.Tensor] = None
+        self.last_norm: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, inv_scale: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
+        """One step on every rank (call it on all ranks together)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            self._core.set_group(index, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+        self.last_found_inf, self.last_norm = self._core.step(inv_scale)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Stage 1 zeroes the flat gradient buffer (gradients stay views of it); stage 2 drops them."""
+        self._core.zero_grad()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside add gradients up locally; the next one outside reduces them::
+
+            for i, batch in enumerate(micro_batches):
+                with opt.no_sync() if i + 1 < len(micro_batches) else contextlib.nullcontext():
+                    (model(batch).loss / len(micro_batches)).backward()
+            opt.step()
+        """
+        previous = self._core.gradient_sync()
+        self._core.set_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._core.set_gradient_sync(previous)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank holds now: ``parameter_bytes``, ``gradient_bytes``, ``optimizer_bytes``."""
+        return dict(self._core.memory())
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements of this rank's share of the flat buffer (the same on every rank)."""
+        return int(self._core.shard_numel())
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        raise NotImplementedError("ZeroAdamW: sharded checkpoints are not in this version")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        raise NotImplementedError("ZeroAdamW: sharded checkpoints are not in this version")

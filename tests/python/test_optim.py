@@ -1,0 +1,144 @@
+"""scaletrain.optim.ZeroAdamW against torch.optim.AdamW: one process, and 2 or 3 ranks of
+torch.distributed (Gloo, separate processes) on the same global batch as one torch.optim.AdamW
+process; LR schedulers, no_sync accumulation, the memory the ranks hold, and bad arguments."""
+import contextlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import scaletrain
+from scaletrain.optim import ZeroAdamW
+
+# Adam divides each gradient element by its own magnitude: lr 1e-3 and eps 1e-5 keep the rounding
+# of another summation order (ranks, micro-steps) below the bar on elements that cancel to ~0.
+LR, EPS, STEPS, ROWS = 1e-3, 1e-5, 8, 12
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(), torch.nn.Linear(37, 5))
+
+
+def groups(model):
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    plain = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}]
+
+
+def batches(step, accum):
+    torch.manual_seed(100 + step)
+    return [(torch.randn(ROWS, 13), torch.randn(ROWS, 5)) for _ in range(accum)]
+
+
+def reference_run(accum, clip):
+    """torch.optim.AdamW on the whole global batch, one process; returns parameters and norms per step."""
+    model = make_model()
+    opt = torch.optim.AdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    params, norms = [], []
+    for step in range(STEPS):
+        opt.zero_grad()
+        for x, y in batches(step, accum):
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))))
+        opt.step()
+        sched.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    return params, norms
+
+
+def zero_run(rank, world, stage, accum, clip):
+    model = make_model()
+    opt = ZeroAdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95), stage=stage, bucket_mb=0.001,
+                    max_grad_norm=clip)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    local = ROWS // world
+    params, norms = [], []
+    for step in range(STEPS):
+        for i, (x, y) in enumerate(batches(step, accum)):
+            rows = slice(rank * local, (rank + 1) * local)
+            with opt.no_sync() if i + 1 < accum else contextlib.nullcontext():
+                (torch.nn.functional.mse_loss(model(x[rows]), y[rows]) / accum).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        norms.append(float(opt.last_norm))
+        params.append([p.detach().clone() for p in model.parameters()])
+    return params, norms, opt.memory(), opt.shard_numel
+
+
+def compare(got, expected):
+    got_params, got_norms = got[0], got[1]
+    want_params, want_norms = expected
+    for step in range(STEPS):
+        for a, b in zip(got_params[step], want_params[step]):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-6, f"step {step}"
+        assert abs(got_norms[step] - want_norms[step]) <= 1e-5 * want_norms[step], f"norm at step {step}"
+
+
+def test_one_process_matches_torch_adamw():
+    compare(zero_run(0, 1, stage=2, accum=2, clip=0.2), reference_run(accum=2, clip=0.2))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank, world, port, stage, accum, clip, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        params, norms, memory, shard = zero_run(rank, world, stage, accum, clip)
+        queue.put((rank, [[p.tolist() for p in step] for step in params], norms, memory, shard))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,stage,accum,clip", [(2, 1, 1, 0.0), (2, 2, 3, 0.2), (3, 2, 2, 0.2)])
+def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip):
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=rank_main, args=(r, world, port, stage, accum, clip, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=240) for _ in range(world)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    expected = reference_run(accum, clip)
+    n_params = sum(p.numel() for p in make_model().parameters())
+    for rank, params, norms, memory, shard in results:
+        compare(([[torch.tensor(p) for p in step] for step in params], norms), expected)
+        # ZeRO's accounting: fp32 moments (8 bytes per element) of this rank's share only.
+        assert shard * world >= n_params
+        assert memory["optimizer_bytes"] - 8 * shard < 64
+        assert shard < n_params / world + 64 * 8
+
+
+def test_bad_arguments_name_themselves():
+    model = make_model()
+    with pytest.raises(ValueError, match="stage 3"):
+        ZeroAdamW(model.parameters(), stage=3)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        ZeroAdamW(model.parameters(), bucket_mb=-1)
+    with pytest.raises(ValueError, match="cpu_offload"):
+        ZeroAdamW(model.parameters(), cpu_offload=True)
+    with pytest.raises(NotImplementedError, match="sharded checkpoints"):
+        ZeroAdamW(make_model().parameters()).state_dict()
+
+
+def test_is_a_torch_optimizer_with_help():
+    opt = ZeroAdamW(make_model().parameters(), lr=0.1)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert "ZeRO" in scaletrain.optim.ZeroAdamW.__doc__
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    del sched
