@@ -1,0 +1,169 @@
+"""ZeroAdamW on one GPU against the optimizers a user would pick instead, in one run: HF GPT-2 124M
+(transformers, built from config), B16 x T1024, clip 1.0, lr 3e-4, weight decay 0.1.
+
+  torch eager       fp32 params, bf16 autocast, torch.optim.AdamW(fused=True)
+  scaletrain zeroN  the same model and autocast, scaletrain.optim.ZeroAdamW(stage=N) over an NCCL
+                    group of one (torch.distributed initialised as torchrun would)
+  scaletrain zero2 bf16 params   the model in bf16, ZeroAdamW keeps the fp32 master (DeepSpeed's bf16 mode)
+  deepspeed zero2   DeepSpeed 0.19.8, bf16, ZeRO-2 (when installed; see ../shared/anchors)
+
+Each case runs in its own subprocess (fresh memory statistics). Rows per BENCHMARKS.md: ours
+against torch eager and against DeepSpeed ZeRO-2 measured in this run.
+Usage: python benchmarks/python/bench_zero.py --out benchmarks/results/zero_h200.json [--cases a,b]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+B, T, WARM, STEPS = 16, 1024, 5, 20
+
+
+def model(dtype=None):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_positions=T)).cuda()
+    return m.to(dtype) if dtype is not None else m
+
+
+def timed(step):
+    import torch
+
+    for _ in range(WARM):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    median = times[len(times) // 2]
+    return {"tok_s": B * T / median, "step_ms": median * 1e3, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def init_group(port):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
+
+
+def torch_eager():
+    import torch
+
+    m = model()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = m(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step)
+
+
+def scaletrain_zero(stage, bf16_params=False):
+    import torch
+
+    from scaletrain.optim import ZeroAdamW
+
+    init_group(29521)
+    m = model(torch.bfloat16 if bf16_params else None)
+    opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=stage, max_grad_norm=1.0)
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=not bf16_params):
+            loss = m(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    result = timed(step)
+    result.update({f"zero_{k}": v for k, v in opt.memory().items()})
+    return result
+
+
+def deepspeed_zero2():
+    import deepspeed
+    import torch
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29522")
+    cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    m = model()
+    engine, *_ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        loss = engine(x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+
+    return timed(step)
+
+
+CASES = {
+    "torch_eager": torch_eager,
+    "scaletrain_zero1": lambda: scaletrain_zero(1),
+    "scaletrain_zero2": lambda: scaletrain_zero(2),
+    "scaletrain_zero2_bf16": lambda: scaletrain_zero(2, bf16_params=True),
+    "deepspeed_zero2": deepspeed_zero2,
+}
+
+OURS = {"scaletrain_zero1": "zero-1 fp32 params bf16 autocast", "scaletrain_zero2": "zero-2 fp32 params bf16 autocast",
+        "scaletrain_zero2_bf16": "zero-2 bf16 params fp32 master"}
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--case":
+        print("RESULT " + json.dumps(CASES[sys.argv[2]]()), flush=True)
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    from bench_results import write_results
+
+    cases = {}
+    for name in args.cases.split(","):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True, timeout=900)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        cases[name] = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-1500:]}
+        cases[name]["wall_s"] = round(time.perf_counter() - start, 1)
+        print(f"{name:24s} {json.dumps(cases[name])[:300]}", flush=True)
+    rows = []
+    for ours, words in OURS.items():
+        for base, base_name in (("torch_eager", "torch eager fused AdamW bf16 autocast"),
+                                ("deepspeed_zero2", "deepspeed 0.19.8 zero-2 bf16")):
+            if "tok_s" in cases.get(ours, {}) and "tok_s" in cases.get(base, {}):
+                rows.append({"name": f"train hf-gpt2-124m {words} 1 gpu tok/s", "unit": "tok/s",
+                             "ours": cases[ours]["tok_s"], "baseline": cases[base]["tok_s"], "baseline_name": base_name,
+                             "ratio": cases[ours]["tok_s"] / cases[base]["tok_s"], "higher_is_better": True})
+                rows.append({"name": f"train hf-gpt2-124m {words} 1 gpu peak memory", "unit": "GiB",
+                             "ours": cases[ours]["peak_GiB"], "baseline": cases[base]["peak_GiB"],
+                             "baseline_name": base_name, "higher_is_better": False})
+    for row in rows:
+        print(f"{row['name']:70s} {row['ours']:12.1f} {row['baseline']:12.1f} {row['baseline_name']}")
+    write_results(args.out, torch.cuda.get_device_name(), batch=B, seq=T, cases=cases, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
