@@ -109,7 +109,7 @@ struct ZeroAdamW::Impl {
 
   at::Tensor param_flat;   // the model's parameters, padded (the parameters are views of it)
   at::Tensor grad_flat;    // stage 1: the gradients (views of it)
-  at::Tensor grad_shard;   // this rank's chunks of the reduced gradients, bucket after bucket
+  at::Tensor grad_shard;   // stage 2: this rank's chunks of the reduced gradients, bucket after bucket
   at::Tensor master;       // fp32 copy of this rank's chunks (undefined for an fp32 model)
   at::Tensor exp_avg;      // fp32, this rank's chunks
   at::Tensor exp_avg_sq;   // fp32
@@ -144,6 +144,11 @@ struct ZeroAdamW::Impl {
     const auto& p = params[static_cast<size_t>(param)];
     return flat_bucket.narrow(0, layout.param_offset[static_cast<size_t>(param)] - layout.buckets[b].offset, p.numel())
         .view(p.sizes());
+  }
+  // This rank's chunk of bucket b's reduced gradients: stage 1 reduces in place into its own chunk
+  // of the flat gradient buffer; stage 2 into the shard tensor (the bucket buffer is released).
+  at::Tensor grad_chunk(size_t b) const {
+    return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);
   }
   int64_t slot_index(size_t b, int64_t param) const {
     const auto& ps = layout.buckets[b].params;
@@ -206,7 +211,7 @@ struct ZeroAdamW::Impl {
   void launch(size_t b) {
     const auto& bucket = layout.buckets[b];
     at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
-    at::Tensor output = shard_chunk(grad_shard, b);
+    at::Tensor output = grad_chunk(b);
     works[b] = group.reduce_scatter(output, input);
   }
 
@@ -340,7 +345,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     if (bucket.numel > cursor) s.gaps[b].emplace_back(cursor, bucket.numel - cursor);
   }
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
-  s.grad_shard = at::zeros({shard_numel}, model_options);
+  if (defaults.stage() == 2) s.grad_shard = at::zeros({shard_numel}, model_options);
   s.exp_avg = at::zeros({shard_numel}, fp32);
   s.exp_avg_sq = at::zeros({shard_numel}, fp32);
   if (s.dtype != at::kFloat) {
@@ -426,7 +431,7 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
 
   // The global norm: this rank's sum of squares (fp32), summed over ranks.
   std::vector<at::Tensor> chunks;
-  for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.shard_chunk(s.grad_shard, b));
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.grad_chunk(b));
   at::Tensor squares = at::stack(at::_foreach_norm(chunks, 2, at::kFloat)).square().sum().reshape({1});
   s.group.all_reduce(squares).wait();
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
@@ -456,7 +461,7 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
         values.push_back(model_chunk);
         copies.emplace_back();
       }
-      grads.push_back(s.shard_chunk(s.grad_shard, b));
+      grads.push_back(s.grad_chunk(b));
       exp_avgs.push_back(s.shard_chunk(s.exp_avg, b));
       exp_avg_sqs.push_back(s.shard_chunk(s.exp_avg_sq, b));
       steps.push_back(s.steps[b]);

@@ -225,7 +225,7 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   expect(memory.optimizer_bytes == 8 * shard + 4 * buckets,
          "optimizer bytes: 8 per element of this rank's chunks (+ step counts): got " +
              std::to_string(memory.optimizer_bytes) + ", expected " + std::to_string(8 * shard + 4 * buckets));
-  int64_t expected_gradients = stage == 1 ? 4 * (layout.total_numel + shard) : 4 * shard;
+  int64_t expected_gradients = stage == 1 ? 4 * layout.total_numel : 4 * shard;
   expect(memory.gradient_bytes == expected_gradients, "gradient bytes after the step: got " +
                                                           std::to_string(memory.gradient_bytes) + ", expected " +
                                                           std::to_string(expected_gradients));
