@@ -142,3 +142,16 @@ def test_is_a_torch_optimizer_with_help():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     del sched
+
+
+def test_the_example_runs_and_learns():
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root / "python"), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(root / "examples/python/zero_adamw.py")], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout
+    losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
+    assert len(losses) == 5 and losses[-1] < 0.6 * losses[0], out
