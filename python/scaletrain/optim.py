@@ -48,6 +48,10 @@ class ZeroAdamW(torch.optim.Optimizer):
             initialised, else this process alone. Gloo for CPU parameters, NCCL for CUDA ones.
         cpu_offload: not in this version (an error when True).
 
+    ``state_dict()`` / ``load_state_dict()`` hold torch.optim.AdamW's state, whole (see there).
+    A parameter that gets no gradient in a step counts as a zero gradient (weight decay applies).
+    ``torch.amp.GradScaler`` cannot see the gradients (stage 2 frees them; stage 1's are being
+    reduced): pass ``inv_scale`` to ``step`` instead (``scaletrain.amp.LossScaler`` does).
     The parameters become views into one flat buffer (rank 0's values are broadcast to every
     rank). After ``step()``, ``last_found_inf`` and ``last_norm`` hold the step's inf flag (1: the
     step was skipped on every rank) and the global norm, as one-element tensors on the device (no
@@ -92,6 +96,11 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.last_found_inf: Optional[torch.Tensor] = None
         self.last_norm: Optional[torch.Tensor] = None
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_core"):  # torch.optim.Optimizer.__init__ adds the constructor's groups
+            raise NotImplementedError("ZeroAdamW: param groups are fixed at construction (the flat buffer holds them)")
+        super().add_param_group(param_group)
+
     @torch.no_grad()
     def step(self, closure: Any = None, inv_scale: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
         """One step on every rank (call it on all ranks together)."""
@@ -135,7 +144,40 @@ class ZeroAdamW(torch.optim.Optimizer):
         return int(self._core.shard_numel())
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        raise NotImplementedError("ZeroAdamW: sharded checkpoints are not in this version")
+        """``torch.optim.AdamW``'s state dict, whole: every rank's chunks gathered (a collective: call
+        it on every rank). Per parameter ``step``, ``exp_avg``, ``exp_avg_sq`` (CPU, fp32) and, for a
+        bf16/fp16 model, ``master`` (the fp32 values). It loads into a ZeroAdamW of any world size,
+        stage or bucket size, and into ``torch.optim.AdamW``."""
+        state = {}
+        for index, (step, exp_avg, exp_avg_sq, master) in enumerate(self._core.gather_state()):
+            entry = {"step": torch.tensor(float(step)), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            if master is not None:
+                entry["master"] = master
+            state[index] = entry
+        groups, start = [], 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            groups.append(packed)
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        raise NotImplementedError("ZeroAdamW: sharded checkpoints are not in this version")
+        """Loads a state dict of ``state_dict()`` (any world size or stage) or of ``torch.optim.AdamW``
+        (call it on every rank). Group hyperparameters (lr, betas, ...) come from it too."""
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("ZeroAdamW.load_state_dict: the state dict's param groups hold "
+                             f"{[len(g['params']) for g in groups]} parameters, this optimizer's "
+                             f"{[len(g['params']) for g in self.param_groups]}")
+        for mine, saved in zip(self.param_groups, groups):
+            mine.update({k: v for k, v in saved.items() if k != "params"})
+        entries = []
+        ids = [i for g in groups for i in g["params"]]
+        for param_id in ids:
+            entry = state_dict["state"].get(param_id)
+            if entry is None:
+                raise ValueError(f"ZeroAdamW.load_state_dict: no state for parameter {param_id}")
+            entries.append((float(entry["step"]), entry["exp_avg"].float(), entry["exp_avg_sq"].float(),
+                            entry["master"].float() if "master" in entry else None))
+        self._core.scatter_state(entries)

@@ -83,6 +83,34 @@ void bind_optim(py::module_& parent) {
             return std::make_tuple(result.found_inf, result.norm);
           },
           py::arg("inv_scale") = py::none())
+      .def("gather_state",
+           [](const optim::ZeroAdamW& self) {
+             std::vector<std::tuple<double, at::Tensor, at::Tensor, std::optional<at::Tensor>>> out;
+             {
+               py::gil_scoped_release release;
+               for (auto& s : self.gather_state()) {
+                 out.emplace_back(s.step, s.exp_avg, s.exp_avg_sq,
+                                  s.master.defined() ? std::optional<at::Tensor>(s.master) : std::nullopt);
+               }
+             }
+             return out;
+           })
+      .def(
+          "scatter_state",
+          [](optim::ZeroAdamW& self,
+             const std::vector<std::tuple<double, at::Tensor, at::Tensor, std::optional<at::Tensor>>>& entries) {
+            std::vector<optim::ZeroParamState> state;
+            for (const auto& [step, exp_avg, exp_avg_sq, master] : entries) {
+              state.push_back({step, exp_avg, exp_avg_sq, master.value_or(at::Tensor())});
+            }
+            try {
+              py::gil_scoped_release release;
+              self.scatter_state(state);
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(e.what());
+            }
+          },
+          py::arg("state"))
       .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
       .def("set_gradient_sync", &optim::ZeroAdamW::set_gradient_sync, py::arg("sync"))
       .def("gradient_sync", &optim::ZeroAdamW::gradient_sync)

@@ -41,9 +41,19 @@ BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<
     layout.total_numel = bucket.offset + bucket.numel;
     layout.buckets.push_back(std::move(bucket));
   };
+  // Param groups in order (the bulk, decayed weights, usually comes first), each back to front:
+  // its buckets fill up during backward one after another. A small group (biases, norms) whose
+  // first gradient comes last then holds up only its own buckets, launched after the others.
+  std::vector<int64_t> order;
+  for (size_t begin = 0; begin < numels.size();) {
+    size_t end = begin;
+    while (end < numels.size() && groups[end] == groups[begin]) ++end;
+    for (size_t i = end; i > begin; --i) order.push_back(static_cast<int64_t>(i - 1));
+    begin = end;
+  }
   Bucket open;
   bool has_open = false;
-  for (int64_t i = static_cast<int64_t>(numels.size()) - 1; i >= 0; --i) {
+  for (int64_t i : order) {
     if (has_open && (open.group != groups[i] || round_up(open.used, align) + numels[i] > bucket_numel)) {
       close(open);
       has_open = false;

@@ -247,7 +247,7 @@ bool not_supported(const std::exception& e) {
 
 }  // namespace
 
-Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
+Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) const {
   check_flat(tensor, "all_reduce", "tensor");
   if (!state_->backend) return {};
   c10d::AllreduceOptions options;
@@ -262,7 +262,7 @@ Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
   }
 }
 
-Work ProcessGroup::reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+Work ProcessGroup::reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) const {
   check_flat(output, "reduce_scatter", "output");
   check_flat(input, "reduce_scatter", "input");
   if (input.numel() != output.numel() * state_->size || input.scalar_type() != output.scalar_type() ||
@@ -304,7 +304,7 @@ Work ProcessGroup::reduce_scatter(at::Tensor& output, const at::Tensor& input, R
   return {};
 }
 
-Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) {
+Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) const {
   check_flat(output, "all_gather", "output");
   check_flat(input, "all_gather", "input");
   if (output.numel() != input.numel() * state_->size || input.scalar_type() != output.scalar_type() ||
@@ -343,7 +343,7 @@ Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) {
   return {};
 }
 
-Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
+Work ProcessGroup::broadcast(at::Tensor& tensor, int root) const {
   check_flat(tensor, "broadcast", "tensor");
   if (root < 0 || root >= state_->size) {
     throw DistError(fmt::format("dist broadcast: root {} (expected 0..{})", root, state_->size - 1));
@@ -361,7 +361,7 @@ Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   }
 }
 
-void ProcessGroup::barrier() {
+void ProcessGroup::barrier() const {
   if (!state_->backend) return;
   std::string device = state_->name == "nccl" ? "cuda" : "cpu";
   at::Tensor one = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(device));

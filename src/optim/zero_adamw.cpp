@@ -1,5 +1,6 @@
 #include "scaletrain/optim/zero_adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <stdexcept>
@@ -213,6 +214,9 @@ struct ZeroAdamW::Impl {
     at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
     at::Tensor output = grad_chunk(b);
     works[b] = group.reduce_scatter(output, input);
+    // Stage 2: the collective keeps its input alive (Gloo's work holds it, NCCL records it on its
+    // stream); this rank lets go, so only the buckets in flight hold memory.
+    bucket_grad[b] = at::Tensor();
   }
 
   void launch_ready_in_order() {
@@ -225,7 +229,15 @@ struct ZeroAdamW::Impl {
   // Autograd post-hook of parameter `index`: its gradient for this backward is complete.
   void on_gradient(int64_t index) {
     std::lock_guard<std::mutex> lock(mutex);
-    if (!sync) return;
+    if (!sync) {
+      if (seen[static_cast<size_t>(index)]) {
+        throw std::logic_error(fmt::format(
+            "ZeroAdamW: parameter {} received a gradient with gradient sync off after a backward with sync on, "
+            "before step(); turn sync on for the last micro-step only",
+            index));
+      }
+      return;
+    }
     auto b = static_cast<size_t>(layout.param_bucket[static_cast<size_t>(index)]);
     if (seen[static_cast<size_t>(index)]) {
       // Its bucket may be reduced already: this gradient would be lost or reduced twice.
@@ -296,6 +308,13 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
             c10::toString(dtype), param.device().str(), c10::toString(s.dtype), s.device.str()));
       }
       if (param.numel() == 0) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} is empty", index));
+      if (!param.is_leaf()) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} is not a leaf tensor", index));
+      for (size_t j = 0; j < s.params.size(); ++j) {
+        if (s.params[j].unsafeGetTensorImpl() == param.unsafeGetTensorImpl()) {
+          throw std::invalid_argument(
+              fmt::format("ZeroAdamW: parameters {} and {} are the same tensor (pass tied weights once)", j, index));
+        }
+      }
       s.params.push_back(param);
       numels.push_back(param.numel());
       group_of.push_back(static_cast<int64_t>(g));
@@ -381,7 +400,13 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
 }
 
 ZeroAdamW::~ZeroAdamW() {
-  for (size_t i = 0; i < impl_->accumulators.size(); ++i) impl_->accumulators[i]->del_post_hook(impl_->hook_keys[i]);
+  for (size_t i = 0; i < impl_->hook_keys.size(); ++i) impl_->accumulators[i]->del_post_hook(impl_->hook_keys[i]);
+  for (auto& work : impl_->works) {
+    try {
+      work.wait();  // buffers stay alive until the backend is done with them
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 void ZeroAdamW::set_gradient_sync(bool sync) {
@@ -389,12 +414,23 @@ void ZeroAdamW::set_gradient_sync(bool sync) {
   impl_->sync = sync;
 }
 
-bool ZeroAdamW::gradient_sync() const { return impl_->sync; }
+bool ZeroAdamW::gradient_sync() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->sync;
+}
 const dist::BucketLayout& ZeroAdamW::layout() const { return impl_->layout; }
 const dist::ProcessGroup& ZeroAdamW::process_group() const { return impl_->group; }
 
 void ZeroAdamW::zero_grad(bool /*set_to_none*/) {
   Impl& s = *impl_;
+  // Reductions of this step already launched (a backward without step(), e.g. a skipped batch)
+  // are completed, so that every rank runs the same collectives in the same order.
+  bool started = false;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    started = s.next_launch > 0 || std::find(s.seen.begin(), s.seen.end(), true) != s.seen.end();
+  }
+  if (started) s.finish_reduction();
   std::lock_guard<std::mutex> lock(s.mutex);
   if (s.options.stage() == 1) {
     s.grad_flat.zero_();
@@ -498,12 +534,111 @@ ZeroMemory ZeroAdamW::memory() const {
   return memory;
 }
 
-void ZeroAdamW::save(torch::serialize::OutputArchive& /*archive*/) const {
-  throw std::logic_error("ZeroAdamW::save: sharded checkpoints are not in this version");
+std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
+  at::NoGradGuard no_grad;
+  const Impl& s = *impl_;
+  std::vector<ZeroParamState> state(s.params.size());
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+    const auto& bucket = s.layout.buckets[b];
+    double step = s.steps[b].item<double>();
+    auto gather = [&](const at::Tensor& shard, at::Tensor ZeroParamState::*field) {
+      at::Tensor whole = at::empty({bucket.numel}, fp32);
+      s.group.all_gather(whole, s.shard_chunk(shard, b)).wait();
+      for (int64_t index : bucket.params) {
+        auto i = static_cast<size_t>(index);
+        state[i].*field = s.slot(whole, b, index).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+      }
+    };
+    gather(s.exp_avg, &ZeroParamState::exp_avg);
+    gather(s.exp_avg_sq, &ZeroParamState::exp_avg_sq);
+    if (s.master.defined()) gather(s.master, &ZeroParamState::master);
+    for (int64_t index : bucket.params) state[static_cast<size_t>(index)].step = step;
+  }
+  return state;
 }
 
-void ZeroAdamW::load(torch::serialize::InputArchive& /*archive*/) {
-  throw std::logic_error("ZeroAdamW::load: sharded checkpoints are not in this version");
+void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
+  at::NoGradGuard no_grad;
+  Impl& s = *impl_;
+  if (state.size() != s.params.size()) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: {} parameter states for {} parameters",
+                                            state.size(), s.params.size()));
+  }
+  for (size_t i = 0; i < state.size(); ++i) {
+    auto check = [&](const at::Tensor& t, const char* name, bool required) {
+      if (!t.defined()) {
+        if (required) throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: parameter {} has no {}", i, name));
+        return;
+      }
+      if (t.numel() != s.params[i].numel()) {
+        throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: parameter {} {} has {} elements (expected {})", i,
+                                                name, t.numel(), s.params[i].numel()));
+      }
+    };
+    check(state[i].exp_avg, "exp_avg", true);
+    check(state[i].exp_avg_sq, "exp_avg_sq", true);
+    check(state[i].master, "master", false);
+    if (!(state[i].step >= 0)) {
+      throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: parameter {} step {} (expected >= 0)", i, state[i].step));
+    }
+  }
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+    const auto& bucket = s.layout.buckets[b];
+    auto scatter = [&](at::Tensor& shard, at::Tensor ZeroParamState::*field, bool from_params) {
+      at::Tensor whole = at::zeros({bucket.numel}, fp32);
+      for (int64_t index : bucket.params) {
+        const auto& value = state[static_cast<size_t>(index)].*field;
+        at::Tensor target = s.slot(whole, b, index);
+        if (value.defined()) {
+          target.copy_(value.view(target.sizes()));
+        } else if (from_params) {
+          target.copy_(s.params[static_cast<size_t>(index)]);  // no master saved (an fp32 run): the parameters
+        }
+      }
+      s.shard_chunk(shard, b).copy_(whole.narrow(0, s.rank * bucket.chunk_numel(s.world), bucket.chunk_numel(s.world)));
+    };
+    scatter(s.exp_avg, &ZeroParamState::exp_avg, false);
+    scatter(s.exp_avg_sq, &ZeroParamState::exp_avg_sq, false);
+    if (s.master.defined()) scatter(s.master, &ZeroParamState::master, true);
+    s.steps[b].fill_(state[static_cast<size_t>(bucket.params.front())].step);
+  }
+  // A low-precision model takes its values from the masters (every rank has them all).
+  if (s.master.defined()) {
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      if (state[i].master.defined()) s.params[i].copy_(state[i].master.view(s.params[i].sizes()));
+    }
+  }
+}
+
+void ZeroAdamW::save(torch::serialize::OutputArchive& archive) const {
+  auto state = gather_state();
+  archive.write("parameters", at::scalar_tensor(static_cast<int64_t>(state.size()), at::kLong));
+  for (size_t i = 0; i < state.size(); ++i) {
+    std::string key = "param_" + std::to_string(i) + "/";
+    archive.write(key + "step", at::scalar_tensor(state[i].step, at::kDouble));
+    archive.write(key + "exp_avg", state[i].exp_avg);
+    archive.write(key + "exp_avg_sq", state[i].exp_avg_sq);
+    if (state[i].master.defined()) archive.write(key + "master", state[i].master);
+  }
+}
+
+void ZeroAdamW::load(torch::serialize::InputArchive& archive) {
+  at::Tensor count;
+  archive.read("parameters", count);
+  std::vector<ZeroParamState> state(static_cast<size_t>(count.item<int64_t>()));
+  for (size_t i = 0; i < state.size(); ++i) {
+    std::string key = "param_" + std::to_string(i) + "/";
+    at::Tensor step;
+    archive.read(key + "step", step);
+    state[i].step = step.item<double>();
+    archive.read(key + "exp_avg", state[i].exp_avg);
+    archive.read(key + "exp_avg_sq", state[i].exp_avg_sq);
+    at::Tensor master;
+    if (archive.try_read(key + "master", master)) state[i].master = master;
+  }
+  scatter_state(state);
 }
 
 }  // namespace scaletrain::optim

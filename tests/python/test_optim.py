@@ -34,13 +34,17 @@ def batches(step, accum):
     return [(torch.randn(ROWS, 13), torch.randn(ROWS, 5)) for _ in range(accum)]
 
 
-def reference_run(accum, clip):
+def reference_run(accum, clip, scheduler=True, first=0, load=None):
     """torch.optim.AdamW on the whole global batch, one process; returns parameters and norms per step."""
     model = make_model()
     opt = torch.optim.AdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    if load is not None:
+        saved = torch.load(load)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
     params, norms = [], []
-    for step in range(STEPS):
+    for step in range(first, STEPS):
         opt.zero_grad()
         for x, y in batches(step, accum):
             (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
@@ -51,14 +55,19 @@ def reference_run(accum, clip):
     return params, norms
 
 
-def zero_run(rank, world, stage, accum, clip):
+def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS), load=None, save=None):
     model = make_model()
+    if load is not None:
+        saved = torch.load(load)
+        model.load_state_dict(saved["model"])
     opt = ZeroAdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95), stage=stage, bucket_mb=0.001,
                     max_grad_norm=clip)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    if load is not None:
+        opt.load_state_dict(saved["optimizer"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
     local = ROWS // world
     params, norms = [], []
-    for step in range(STEPS):
+    for step in steps:
         for i, (x, y) in enumerate(batches(step, accum)):
             rows = slice(rank * local, (rank + 1) * local)
             with opt.no_sync() if i + 1 < accum else contextlib.nullcontext():
@@ -68,13 +77,18 @@ def zero_run(rank, world, stage, accum, clip):
         sched.step()
         norms.append(float(opt.last_norm))
         params.append([p.detach().clone() for p in model.parameters()])
+    if save is not None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # every rank: a collective
+        if rank == 0:
+            torch.save(state, save)
     return params, norms, opt.memory(), opt.shard_numel
 
 
 def compare(got, expected):
     got_params, got_norms = got[0], got[1]
     want_params, want_norms = expected
-    for step in range(STEPS):
+    assert len(got_params) == len(want_params)
+    for step in range(len(want_params)):
         for a, b in zip(got_params[step], want_params[step]):
             assert float((a - b).abs().max() / b.abs().max()) <= 1e-6, f"step {step}"
         assert abs(got_norms[step] - want_norms[step]) <= 1e-5 * want_norms[step], f"norm at step {step}"
@@ -90,29 +104,35 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rank_main(rank, world, port, stage, accum, clip, queue):
+def rank_main(rank, world, port, stage, accum, clip, queue, run=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        params, norms, memory, shard = zero_run(rank, world, stage, accum, clip)
+        params, norms, memory, shard = zero_run(rank, world, stage, accum, clip, **(run or {}))
         queue.put((rank, [[p.tolist() for p in step] for step in params], norms, memory, shard))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,stage,accum,clip", [(2, 1, 1, 0.0), (2, 2, 3, 0.2), (3, 2, 2, 0.2)])
-def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip):
+def run_ranks(world, stage, accum, clip, run=None):
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    procs = [context.Process(target=rank_main, args=(r, world, port, stage, accum, clip, queue)) for r in range(world)]
+    procs = [context.Process(target=rank_main, args=(r, world, port, stage, accum, clip, queue, run))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=240) for _ in range(world)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.parametrize("world,stage,accum,clip", [(2, 1, 1, 0.0), (2, 2, 3, 0.2), (3, 2, 2, 0.2)])
+def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip):
+    results = run_ranks(world, stage, accum, clip)
     expected = reference_run(accum, clip)
     n_params = sum(p.numel() for p in make_model().parameters())
     for rank, params, norms, memory, shard in results:
@@ -123,6 +143,22 @@ def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, c
         assert shard < n_params / world + 64 * 8
 
 
+def test_state_dict_reshards_and_is_torch_adamws(tmp_path):
+    """4 steps on 2 ranks at stage 2, saved; 4 more on 3 ranks at stage 1, and 4 more in
+    torch.optim.AdamW from the same file: both equal 8 uninterrupted torch.optim.AdamW steps."""
+    path = str(tmp_path / "zero.pt")
+    first = run_ranks(2, 2, 2, 0.2, run=dict(scheduler=False, steps=range(4), save=path))
+    expected = reference_run(2, 0.2, scheduler=False)
+    compare(([[torch.tensor(p) for p in step] for step in first[0][1]], first[0][2]), (expected[0][:4], expected[1][:4]))
+    resumed = run_ranks(3, 1, 2, 0.2, run=dict(scheduler=False, steps=range(4, STEPS), load=path))
+    for rank, params, norms, memory, shard in resumed:
+        compare(([[torch.tensor(p) for p in step] for step in params], norms), (expected[0][4:], expected[1][4:]))
+    in_torch = reference_run(2, 0.2, scheduler=False, first=4, load=path)
+    compare(in_torch, (expected[0][4:], expected[1][4:]))
+    with pytest.raises(ValueError, match="param groups hold"):
+        ZeroAdamW(make_model().parameters()).load_state_dict(torch.load(path)["optimizer"])
+
+
 def test_bad_arguments_name_themselves():
     model = make_model()
     with pytest.raises(ValueError, match="stage 3"):
@@ -131,8 +167,8 @@ def test_bad_arguments_name_themselves():
         ZeroAdamW(model.parameters(), bucket_mb=-1)
     with pytest.raises(ValueError, match="cpu_offload"):
         ZeroAdamW(model.parameters(), cpu_offload=True)
-    with pytest.raises(NotImplementedError, match="sharded checkpoints"):
-        ZeroAdamW(make_model().parameters()).state_dict()
+    with pytest.raises(NotImplementedError, match="fixed at construction"):
+        ZeroAdamW(model[0].parameters()).add_param_group({"params": list(model[2].parameters())})
 
 
 def test_is_a_torch_optimizer_with_help():

@@ -1,8 +1,8 @@
 #pragma once
 // Where each parameter lives in a flat buffer split into buckets, for sharded data parallelism.
 //
-// Parameters (and their gradients) are laid out back to front, in the order backward produces
-// their gradients, in buckets of about `bucket_numel` elements. A bucket holds whole parameters of
+// Parameters (and their gradients) are laid out param group by param group, each group back to
+// front (the order backward produces its gradients), in buckets of about `bucket_numel` elements. A bucket holds whole parameters of
 // one param group, each starting at a multiple of `align` elements, and is padded with zeros to a
 // multiple of world_size x `align` elements so that
 // it splits into world_size equal chunks: rank r owns chunk r of every bucket. A bucket's gradients

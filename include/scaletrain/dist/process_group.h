@@ -117,17 +117,17 @@ class ProcessGroup {
   std::chrono::milliseconds timeout() const;
 
   // In place over all ranks. `tensor` contiguous, same shape and dtype on every rank.
-  Work all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::sum);
+  Work all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::sum) const;
   // `input` holds size() equal contiguous chunks; rank r receives the reduction of chunk r into
   // `output` (input.numel() == size() * output.numel(), same dtype and device). `output` may be
   // rank()'s chunk of `input` itself.
-  Work reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::sum);
+  Work reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::sum) const;
   // `output` holds size() chunks of input.numel(); chunk r receives rank r's `input`. `input` may
   // be rank()'s chunk of `output` itself (gathering in place).
-  Work all_gather(at::Tensor& output, const at::Tensor& input);
-  Work broadcast(at::Tensor& tensor, int root);
+  Work all_gather(at::Tensor& output, const at::Tensor& input) const;
+  Work broadcast(at::Tensor& tensor, int root) const;
   // Waits until every rank has arrived (a one-element all-reduce, so it is bounded by the timeout).
-  void barrier();
+  void barrier() const;
 
   // Whether reduce-scatter / all-gather run natively or through all-reduce (see GroupOptions).
   bool native_reduce_scatter() const;

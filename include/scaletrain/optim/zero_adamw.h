@@ -25,7 +25,8 @@
 //   adamw.zero_grad();
 //
 // With one process (a default ProcessGroup) it is AdamW over flat buffers. Stage 3 (sharded
-// parameters) and CPU offload are not in this version; asking for them is an error.
+// parameters) and CPU offload are not in this version; asking for them is an error. Checkpoints
+// hold the whole state gathered from every rank (gather_state), loadable on another world size.
 #include <cstdint>
 #include <memory>
 #include <tuple>
@@ -75,6 +76,14 @@ struct ZeroStepResult {
   at::Tensor norm;       // one float32 element
 };
 
+// One parameter's AdamW state, whole (as torch.optim.AdamW holds it), on the CPU.
+struct ZeroParamState {
+  double step = 0;
+  at::Tensor exp_avg;     // fp32, the parameter's shape
+  at::Tensor exp_avg_sq;  // fp32
+  at::Tensor master;      // fp32 values of a bf16/fp16 model; undefined for an fp32 model
+};
+
 // Bytes of the tensors a rank holds now, by kind (ZeRO's accounting).
 struct ZeroMemory {
   int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer)
@@ -114,7 +123,16 @@ class ZeroAdamW : public torch::optim::Optimizer {
   const dist::ProcessGroup& process_group() const;
   ZeroMemory memory() const;
 
-  // Sharded checkpoints are not in this version: both throw std::logic_error.
+  // The whole state per parameter (param-group order), gathered from every rank's chunks: a
+  // collective, call it on every rank; each receives all of it. It does not depend on the world
+  // size, stage or buckets, so scatter_state() of another run takes it (resharding), and it is
+  // torch.optim.AdamW's state (Python's state_dict() is this).
+  std::vector<ZeroParamState> gather_state() const;
+  // Takes this rank's chunks of `state` (one entry per parameter, shapes checked; std::invalid_argument
+  // naming the parameter otherwise). A bf16/fp16 model also gets its parameters from the masters.
+  void scatter_state(const std::vector<ZeroParamState>& state);
+
+  // gather_state() / scatter_state() through an archive ("param_<i>/exp_avg", ...). Collectives.
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 

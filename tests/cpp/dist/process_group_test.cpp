@@ -14,26 +14,28 @@ namespace {
 using scaletrain::testing::outputs;
 using scaletrain::testing::run_ranks;
 
-TEST(BucketLayout, BackToFrontAlignedAndPaddedToEqualChunks) {
-  // Parameters 0..3 (group 0, 0, 1, 1); backward produces 3 first.
+TEST(BucketLayout, GroupByGroupBackToFrontAlignedAndPaddedToEqualChunks) {
+  // Parameters 0..3 (groups 0, 0, 1, 1): group 0 first, back to front, then group 1.
   auto layout = plan_buckets({10, 3, 5, 7}, {0, 0, 1, 1}, /*bucket_numel=*/16, /*world_size=*/2, /*align=*/4);
   ASSERT_EQ(layout.buckets.size(), 2u);
-  // Bucket 0: parameter 3 at 0, parameter 2 at 8 (aligned), used 13, padded to 16 (2 x 4 x 2).
-  EXPECT_EQ(layout.buckets[0].params, (std::vector<int64_t>{3, 2}));
-  EXPECT_EQ(layout.param_offset[3], 0);
-  EXPECT_EQ(layout.param_offset[2], 8);
-  EXPECT_EQ(layout.buckets[0].used, 13);
+  // Bucket 0: parameter 1 at 0, parameter 0 at 4 (aligned), used 14, padded to 16 (2 x 4 x 2).
+  EXPECT_EQ(layout.buckets[0].params, (std::vector<int64_t>{1, 0}));
+  EXPECT_EQ(layout.param_offset[1], 0);
+  EXPECT_EQ(layout.param_offset[0], 4);
+  EXPECT_EQ(layout.buckets[0].used, 14);
   EXPECT_EQ(layout.buckets[0].numel, 16);
-  // Bucket 1 (group 0 starts a new bucket): parameter 1 at 16, parameter 0 at 20, used 14, numel 16.
-  EXPECT_EQ(layout.buckets[1].params, (std::vector<int64_t>{1, 0}));
-  EXPECT_EQ(layout.param_offset[1], 16);
-  EXPECT_EQ(layout.param_offset[0], 20);
+  EXPECT_EQ(layout.buckets[0].group, 0);
+  // Bucket 1 (group 1): parameter 3 at 16, parameter 2 at 24 (23 aligned up), used 13, numel 16.
+  EXPECT_EQ(layout.buckets[1].params, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(layout.param_offset[3], 16);
+  EXPECT_EQ(layout.param_offset[2], 24);
+  EXPECT_EQ(layout.buckets[1].used, 13);
   EXPECT_EQ(layout.buckets[1].numel, 16);
-  EXPECT_EQ(layout.buckets[1].group, 0);
+  EXPECT_EQ(layout.buckets[1].group, 1);
   EXPECT_EQ(layout.total_numel, 32);
   EXPECT_EQ(layout.shard_numel(), 16);
   EXPECT_EQ(layout.buckets[1].chunk_offset(1, 2), 24);
-  EXPECT_EQ(layout.param_bucket, (std::vector<int64_t>{1, 1, 0, 0}));
+  EXPECT_EQ(layout.param_bucket, (std::vector<int64_t>{0, 0, 1, 1}));
 }
 
 TEST(BucketLayout, ParameterLargerThanABucketGetsItsOwn) {

@@ -98,6 +98,64 @@ TEST(ZeroAdamW, ASecondBackwardWithSyncOnIsAnError) {
   EXPECT_NE(message.find("set_gradient_sync(false)"), std::string::npos) << message;
 }
 
+TEST(ZeroAdamW, SyncOffAfterASyncedBackwardIsAnError) {
+  torch::nn::Linear linear(3, 2);
+  ZeroAdamW adamw(linear->parameters(), ZeroAdamWOptions(1e-3).stage(1));
+  auto x = at::randn({4, 3});
+  linear->forward(x).sum().backward();
+  adamw.set_gradient_sync(false);
+  std::string message = message_of([&] { linear->forward(x).sum().backward(); });
+  EXPECT_NE(message.find("sync off after a backward with sync on"), std::string::npos) << message;
+}
+
+TEST(ZeroAdamW, RefusesTiedParametersAndNonLeaves) {
+  torch::nn::Linear linear(3, 2);
+  std::vector<at::Tensor> tied{linear->weight, linear->bias, linear->weight};
+  EXPECT_NE(message_of([&] { ZeroAdamW(tied, ZeroAdamWOptions(1e-3)); }).find("parameters 0 and 2 are the same tensor"),
+            std::string::npos);
+  std::vector<at::Tensor> derived{linear->weight * 2};
+  std::string derived_message = message_of([&] { ZeroAdamW(derived, ZeroAdamWOptions(1e-3)); });
+  EXPECT_NE(derived_message.find("non-leaf"), std::string::npos) << derived_message;  // torch::optim::Optimizer says so first
+}
+
+// A parameter that gets no gradient counts as a zero gradient (as DeepSpeed's flat buffers do):
+// reference torch::optim::AdamW with an explicit zero gradient for it.
+TEST(ZeroAdamW, AParameterWithoutGradientStepsAsZero) {
+  for (int64_t stage : {1, 2}) {
+    torch::manual_seed(5);
+    torch::nn::Linear used(6, 4);
+    auto unused = at::randn({5}).requires_grad_();
+    std::vector<at::Tensor> reference{used->weight.detach().clone().requires_grad_(),
+                                      used->bias.detach().clone().requires_grad_(), unused.detach().clone().requires_grad_()};
+    torch::optim::AdamW reference_adamw(reference, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+    ZeroAdamW adamw(std::vector<at::Tensor>{used->weight, used->bias, unused},
+                    ZeroAdamWOptions(1e-2).weight_decay(0.1).stage(stage).bucket_mb(0.0001));
+    for (int step = 0; step < 3; ++step) {
+      auto x = at::randn({8, 6});
+      at::matmul(x, reference[0].t()).add(reference[1]).square().mean().backward();
+      reference[2].mutable_grad() = at::zeros({5});
+      reference_adamw.step();
+      reference_adamw.zero_grad();
+      used->forward(x).square().mean().backward();
+      adamw.step();
+      adamw.zero_grad();
+      EXPECT_LT((unused - reference[2]).abs().max().item<double>(), 1e-6) << "stage " << stage;
+      EXPECT_LT((used->weight - reference[0]).abs().max().item<double>(), 1e-6) << "stage " << stage;
+    }
+  }
+}
+
+// Stage 2 lets go of each bucket buffer once its reduce-scatter is launched: after backward a rank
+// holds its gradient chunks only (one process: the whole shard), no bucket buffers.
+TEST(ZeroAdamW, Stage2HoldsNoBucketBuffersAfterBackward) {
+  torch::nn::Linear linear(64, 64);
+  ZeroAdamW adamw(linear->parameters(), ZeroAdamWOptions(1e-3).stage(2).bucket_mb(0.004));
+  ASSERT_GT(adamw.layout().buckets.size(), 1u);
+  linear->forward(at::randn({4, 64})).sum().backward();
+  EXPECT_EQ(adamw.memory().gradient_bytes, 4 * adamw.layout().shard_numel());
+  EXPECT_FALSE(linear->weight.grad().defined());
+}
+
 TEST(ZeroAdamW, ParametersBecomeViewsOfOneBufferAndKeepTheirValues) {
   torch::manual_seed(1);
   torch::nn::Linear linear(5, 3);
