@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -43,5 +44,15 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// The message of the exception `f` throws, or "no error".
+inline std::string error_message(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
 
 }  // namespace scaletrain::testing

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "dist/ranks.h"
+#include "test_util.h"
 #include "scaletrain/dist/bucket_layout.h"
 #include "scaletrain/dist/process_group.h"
 
@@ -93,14 +94,7 @@ TEST(EnvRendezvous, ReadsTorchrunSlurmOrNothing) {
 
 TEST(EnvRendezvous, NamesTheBadVariable) {
   EnvGuard guard;
-  auto message_of = [] {
-    try {
-      read_env_rendezvous();
-    } catch (const DistError& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  auto message_of = [] { return scaletrain::testing::error_message([] { read_env_rendezvous(); }); };
   ::setenv("RANK", "0", 1);
   EXPECT_NE(message_of().find("WORLD_SIZE is not set"), std::string::npos) << message_of();
   ::setenv("WORLD_SIZE", "two", 1);

@@ -8,6 +8,7 @@
 #include <torch/optim/adamw.h>
 
 #include "dist/ranks.h"
+#include "test_util.h"
 #include "scaletrain/optim/zero_adamw.h"
 
 namespace scaletrain::optim {
@@ -62,14 +63,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 1, 1, 0.2, false, 1024, 3}),
     name_of);
 
-std::string message_of(const std::function<void()>& make) {
-  try {
-    make();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using scaletrain::testing::error_message;
+const auto& message_of = error_message;
 
 TEST(ZeroAdamW, RefusesWhatItDoesNotDo) {
   torch::nn::Linear linear(3, 2);
