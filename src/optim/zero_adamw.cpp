@@ -122,7 +122,7 @@ struct ZeroAdamW::Impl {
   std::mutex mutex;
   bool sync = true;
   std::vector<at::Tensor> bucket_grad;     // stage 2: buffers of buckets being filled or reduced
-  std::vector<std::vector<bool>> filled;   // stage 2: per bucket and parameter slot
+  std::vector<bool> filled;                // stage 2: per parameter: its gradient is in its bucket
   std::vector<bool> seen;                  // per parameter: its gradient of this step arrived
   std::vector<int64_t> ready_count;
   std::vector<bool> ready;
@@ -151,12 +151,9 @@ struct ZeroAdamW::Impl {
   at::Tensor grad_chunk(size_t b) const {
     return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);
   }
-  int64_t slot_index(size_t b, int64_t param) const {
-    const auto& ps = layout.buckets[b].params;
-    for (size_t i = 0; i < ps.size(); ++i) {
-      if (ps[i] == param) return static_cast<int64_t>(i);
-    }
-    return -1;
+  // Parameter i's slot in the whole flat buffer `flat` (parameters or stage-1 gradients).
+  at::Tensor param_view(const at::Tensor& flat, size_t i) const {
+    return flat.narrow(0, layout.param_offset[i], params[i].numel()).view(params[i].sizes());
   }
 
   void reset_step_state() {
@@ -166,8 +163,7 @@ struct ZeroAdamW::Impl {
     works.clear();
     works.resize(n);
     bucket_grad.assign(n, at::Tensor());
-    filled.assign(n, {});
-    for (size_t b = 0; b < n; ++b) filled[b].assign(layout.buckets[b].params.size(), false);
+    filled.assign(params.size(), false);
     next_launch = 0;
     seen.assign(params.size(), false);
   }
@@ -187,8 +183,7 @@ struct ZeroAdamW::Impl {
     auto& param = params[static_cast<size_t>(index)];
     const at::Tensor& grad = param.grad();
     if (options.stage() == 2) {
-      int64_t i = slot_index(b, index);
-      if (filled[b][static_cast<size_t>(i)]) return;
+      if (filled[static_cast<size_t>(index)]) return;
       at::Tensor target = slot(stage2_buffer(b), b, index);
       if (grad.defined()) {
         target.copy_(grad);
@@ -196,10 +191,10 @@ struct ZeroAdamW::Impl {
       } else {
         target.zero_();
       }
-      filled[b][static_cast<size_t>(i)] = true;
+      filled[static_cast<size_t>(index)] = true;
       return;
     }
-    at::Tensor target = slot(bucket_view(grad_flat, layout.buckets[b]), b, index);
+    at::Tensor target = param_view(grad_flat, static_cast<size_t>(index));
     if (grad.defined() && grad.data_ptr() == target.data_ptr()) return;
     if (grad.defined()) {
       target.copy_(grad);
@@ -337,7 +332,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
   {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < s.params.size(); ++i) {
-      at::Tensor view = s.param_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+      at::Tensor view = s.param_view(s.param_flat, i);
       view.copy_(s.params[i]);
       s.params[i].set_data(view);
     }
@@ -377,8 +372,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
   if (defaults.stage() == 1) {
     s.grad_flat = at::zeros({s.layout.total_numel}, model_options);
     for (size_t i = 0; i < s.params.size(); ++i) {
-      s.params[i].mutable_grad() =
-          s.grad_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+      s.params[i].mutable_grad() = s.param_view(s.grad_flat, i);
     }
   }
   s.reset_step_state();
@@ -435,7 +429,7 @@ void ZeroAdamW::zero_grad(bool /*set_to_none*/) {
   if (s.options.stage() == 1) {
     s.grad_flat.zero_();
     for (size_t i = 0; i < s.params.size(); ++i) {
-      at::Tensor view = s.grad_flat.narrow(0, s.layout.param_offset[i], s.params[i].numel()).view(s.params[i].sizes());
+      at::Tensor view = s.param_view(s.grad_flat, i);
       if (!s.params[i].grad().defined() || s.params[i].grad().data_ptr() != view.data_ptr()) {
         s.params[i].mutable_grad() = view;
       }
