@@ -41,8 +41,8 @@ void bind_optim(py::module_& parent) {
   // Per param group: (params, lr, beta1, beta2, eps, weight_decay).
   using Group = std::tuple<std::vector<at::Tensor>, double, double, double, double, double>;
   py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW")
-      .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, double bucket_mb,
-                       double max_grad_norm, bool average_gradients, const py::object& process_group,
+      .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, bool overlap_forward,
+                       double bucket_mb, double max_grad_norm, bool average_gradients, const py::object& process_group,
                        const std::string& device_type) {
              std::vector<torch::optim::OptimizerParamGroup> param_groups;
              for (const auto& [params, lr, beta1, beta2, eps, weight_decay] : groups) {
@@ -52,6 +52,7 @@ void bind_optim(py::module_& parent) {
              auto defaults = optim::ZeroAdamWOptions()
                                  .stage(stage)
                                  .cpu_offload(cpu_offload)
+                                 .overlap_forward(overlap_forward)
                                  .bucket_mb(bucket_mb)
                                  .max_grad_norm(max_grad_norm)
                                  .average_gradients(average_gradients);
@@ -65,7 +66,7 @@ void bind_optim(py::module_& parent) {
                throw py::value_error(e.what());
              }
            }),
-           py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
+           py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("overlap_forward"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
            py::arg("average_gradients"), py::arg("process_group"), py::arg("device_type"))
       .def(
           "set_group",
@@ -112,6 +113,9 @@ void bind_optim(py::module_& parent) {
           },
           py::arg("state"))
       .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
+      .def("wait_parameter", &optim::ZeroAdamW::wait_parameter, py::arg("index"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &optim::ZeroAdamW::synchronize, py::call_guard<py::gil_scoped_release>())
       .def("set_gradient_sync", &optim::ZeroAdamW::set_gradient_sync, py::arg("sync"))
       .def("gradient_sync", &optim::ZeroAdamW::gradient_sync)
       .def("memory",
@@ -121,6 +125,7 @@ void bind_optim(py::module_& parent) {
              d["parameter_bytes"] = memory.parameter_bytes;
              d["gradient_bytes"] = memory.gradient_bytes;
              d["optimizer_bytes"] = memory.optimizer_bytes;
+             d["host_bytes"] = memory.host_bytes;
              return d;
            })
       .def("shard_numel", [](const optim::ZeroAdamW& self) { return self.layout().shard_numel(); })

@@ -2,14 +2,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <exception>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
@@ -21,7 +28,14 @@
 #include <torch/optim/adamw.h>
 #include <torch/serialize/archive.h>
 
+#include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
 #include "scaletrain/optim/adamw.h"
+
+#ifdef SCALETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace scaletrain::optim {
 
@@ -77,7 +91,9 @@ void check_whole_options(const ZeroAdamWOptions& options) {
   if (options.stage() != 1 && options.stage() != 2) {
     throw std::invalid_argument(fmt::format("ZeroAdamW: stage {} (expected 1 or 2)", options.stage()));
   }
-  if (options.cpu_offload()) throw std::invalid_argument("ZeroAdamW: cpu_offload is not in this version (expected false)");
+  if (options.overlap_forward() && !options.cpu_offload()) {
+    throw std::invalid_argument("ZeroAdamW: overlap_forward needs cpu_offload (the step it overlaps is the CPU's)");
+  }
   if (!(options.bucket_mb() > 0) || !std::isfinite(options.bucket_mb())) {
     throw std::invalid_argument(fmt::format("ZeroAdamW: bucket_mb {} (expected a finite number > 0)", options.bucket_mb()));
   }
@@ -132,6 +148,42 @@ struct ZeroAdamW::Impl {
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<uintptr_t> hook_keys;
 
+  // CPU offload: master, exp_avg and exp_avg_sq of this rank's chunks live in host memory (pinned
+  // for a CUDA model) and the CPU AdamW steps them, on a worker thread that takes jobs in order:
+  //   land b: wait for bucket b's reduction, copy this rank's chunk to host_grad on the copy
+  //           stream, sum its squares (queued as backward launches the bucket);
+  //   step b: AdamW on bucket b's chunk, its values copied back on the copy stream (and
+  //           all-gathered), an event recorded (queued by step() once the norm is known).
+  // The main thread waits for a bucket's step where its parameters are needed next: every one
+  // at the end of step(), or (overlap_forward) each before the forward that uses it.
+  struct Job {
+    bool step;
+    size_t bucket;
+  };
+  enum class Pending : uint8_t { none, queued, stepped };
+  bool offload = false;
+  at::Tensor host_grad;              // model dtype: this rank's reduced gradient chunks
+  at::Tensor host_copy;              // model dtype (bf16/fp16 model): the stepped values, rounded, to copy back
+  std::vector<at::Tensor> reduced;   // stage 2, per bucket being landed: the reduction's output on the device
+  std::vector<double> squares;       // per bucket: sum of squares of this rank's landed chunk
+  StepScale host_scale;              // the queued step's factor and found-inf flag (CPU)
+  std::vector<torch::optim::AdamWOptions> step_options;  // per param group, as at step() (a scheduler may change lr after)
+  std::vector<Pending> pending;      // per bucket: its step's state
+  std::vector<dist::Work> gathers;   // per bucket stepped: the all-gather of its values (world > 1)
+  std::thread worker;
+  mutable std::mutex worker_mutex;   // guards the queue, counts, pending, worker_error, reduced
+  std::condition_variable worker_cv;
+  std::condition_variable done_cv;
+  std::deque<Job> queue;
+  size_t launched = 0;
+  size_t landed = 0;
+  bool stopping = false;
+  std::exception_ptr worker_error;
+#ifdef SCALETRAIN_WITH_CUDA
+  std::optional<c10::cuda::CUDAStream> copy_stream;
+  std::vector<std::optional<at::cuda::CUDAEvent>> copied;  // per bucket: its copy back is done
+#endif
+
   at::Tensor bucket_view(const at::Tensor& flat, const dist::Bucket& bucket) const {
     return flat.narrow(0, bucket.offset, bucket.numel);
   }
@@ -166,6 +218,17 @@ struct ZeroAdamW::Impl {
     filled.assign(params.size(), false);
     next_launch = 0;
     seen.assign(params.size(), false);
+    if (offload) {  // the worker is idle: every launched bucket has landed
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      reduced.assign(n, at::Tensor());
+      squares.assign(n, 0.0);
+      launched = landed = 0;
+      if (pending.empty()) pending.assign(n, Pending::none);
+      if (gathers.empty()) gathers.resize(n);
+#ifdef SCALETRAIN_WITH_CUDA
+      if (copied.empty()) copied.resize(n);
+#endif
+    }
   }
 
   // Stage 2: the bucket's buffer, allocated on first use with its padding zeroed.
@@ -205,13 +268,185 @@ struct ZeroAdamW::Impl {
   }
 
   void launch(size_t b) {
+    // Offload: the last step's all-gathers are issued before this step's reductions, in this order
+    // on every rank.
+    if (offload) wait_all_stepped();
     const auto& bucket = layout.buckets[b];
     at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
-    at::Tensor output = grad_chunk(b);
+    at::Tensor output;
+    if (offload && options.stage() == 2) {
+      output = at::empty({bucket.chunk_numel(world)}, param_flat.options());
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      reduced[b] = output;
+    } else {
+      output = grad_chunk(b);
+    }
     works[b] = group.reduce_scatter(output, input);
     // Stage 2: the collective keeps its input alive (Gloo's work holds it, NCCL records it on its
     // stream); this rank lets go, so only the buckets in flight hold memory.
     bucket_grad[b] = at::Tensor();
+    if (offload) {
+      {
+        std::lock_guard<std::mutex> lock(worker_mutex);
+        queue.push_back({false, b});
+        ++launched;
+      }
+      worker_cv.notify_one();
+    }
+  }
+
+  // Offload, on the worker thread: bucket b's chunk of reduced gradients to the host.
+  void land(size_t b) {
+    works[b].wait();  // NCCL: the copy stream (current here) waits; Gloo: this thread waits
+    at::Tensor source;
+    {
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      source = options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : reduced[b];
+    }
+    at::Tensor target = shard_chunk(host_grad, b);
+    target.copy_(source, /*non_blocking=*/true);
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copy_stream) copy_stream->synchronize();
+#endif
+    double norm = at::linalg_vector_norm(target, 2, std::nullopt, false, at::kFloat).item<double>();
+    std::lock_guard<std::mutex> lock(worker_mutex);
+    squares[b] = norm * norm;
+    reduced[b] = at::Tensor();  // stage 2: the device buffer goes back to the allocator
+  }
+
+  // Offload, on the worker thread (the copy stream current): bucket b's AdamW step on the host and
+  // its values back to the device.
+  void step_bucket(size_t b) {
+    const auto& bucket = layout.buckets[b];
+    at::Tensor value = shard_chunk(master, b);
+    at::Tensor copy = host_copy.defined() ? shard_chunk(host_copy, b) : at::Tensor();
+    adamw_step_({value}, {shard_chunk(host_grad, b)}, {shard_chunk(exp_avg, b)}, {shard_chunk(exp_avg_sq, b)},
+                {steps[b]}, {copy}, step_options[static_cast<size_t>(bucket.group)], host_scale);
+    at::Tensor chunk = chunk_of(param_flat, bucket);
+    chunk.copy_(copy.defined() ? copy : value, /*non_blocking=*/true);
+    if (world > 1) {
+      at::Tensor whole = bucket_view(param_flat, bucket);
+      gathers[b] = group.all_gather(whole, chunk);  // NCCL: after the copy (the copy stream is current)
+    }
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copy_stream) {
+      copied[b].emplace();
+      copied[b]->record(*copy_stream);
+    }
+#endif
+  }
+
+  void worker_loop() {
+    at::NoGradGuard no_grad;
+#ifdef SCALETRAIN_WITH_CUDA
+    std::optional<c10::cuda::CUDAStreamGuard> on_copy_stream;
+    if (copy_stream) on_copy_stream.emplace(*copy_stream);
+#endif
+    for (;;) {
+      Job job{};
+      {
+        std::unique_lock<std::mutex> lock(worker_mutex);
+        worker_cv.wait(lock, [this] { return stopping || !queue.empty(); });
+        if (stopping) return;
+        job = queue.front();
+        queue.pop_front();
+      }
+      try {
+        if (job.step) {
+          step_bucket(job.bucket);
+        } else {
+          land(job.bucket);
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(worker_mutex);
+        if (!worker_error) worker_error = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(worker_mutex);
+        if (job.step) {
+          pending[job.bucket] = Pending::stepped;
+        } else {
+          ++landed;
+        }
+      }
+      done_cv.notify_all();
+    }
+  }
+
+  void rethrow_worker_error() {
+    if (worker_error) {
+      auto error = std::exchange(worker_error, nullptr);
+      std::rethrow_exception(error);
+    }
+  }
+
+  // Offload: waits until every launched bucket has landed; rethrows the first failure.
+  void wait_landed() {
+    std::unique_lock<std::mutex> lock(worker_mutex);
+    done_cv.wait(lock, [this] { return landed == launched; });
+    rethrow_worker_error();
+  }
+
+  // Offload: waits for bucket b's queued step; the current stream then waits for its copy back
+  // and all-gather (the host does not). Nothing to do when no step of it is pending.
+  void wait_stepped(size_t b) {
+    dist::Work gather;
+    {
+      std::unique_lock<std::mutex> lock(worker_mutex);
+      if (pending.empty() || pending[b] == Pending::none) return;
+      done_cv.wait(lock, [this, b] { return pending[b] == Pending::stepped; });
+      pending[b] = Pending::none;
+      gather = std::move(gathers[b]);
+      rethrow_worker_error();
+    }
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copied[b]) copied[b]->block(c10::cuda::getCurrentCUDAStream(device.index()));
+#endif
+    gather.wait();
+  }
+
+  void wait_all_stepped() {
+    if (!offload) return;
+    {
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      if (std::all_of(pending.begin(), pending.end(), [](Pending p) { return p == Pending::none; })) return;
+    }
+    for (size_t b = 0; b < layout.buckets.size(); ++b) wait_stepped(b);
+  }
+
+  // Offload: queues the step of every bucket, from the model's first parameters (the next
+  // forward's first need).
+  void queue_steps(const std::vector<torch::optim::OptimizerParamGroup>& groups, const StepScale& scale) {
+    host_scale = scale;
+    step_options.clear();
+    for (const auto& g : groups) step_options.push_back(adamw_options(static_cast<const ZeroAdamWOptions&>(g.options())));
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copy_stream) {
+      // The copies back come after whatever the compute stream has queued (backward's last reads
+      // of the parameters).
+      at::cuda::CUDAEvent queued;
+      queued.record(c10::cuda::getCurrentCUDAStream(device.index()));
+      queued.block(*copy_stream);
+    }
+#endif
+    {
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      for (size_t b = layout.buckets.size(); b-- > 0;) {
+        pending[b] = Pending::queued;
+        queue.push_back({true, b});
+      }
+    }
+    worker_cv.notify_one();
+  }
+
+  void stop_worker() {
+    if (!worker.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(worker_mutex);
+      stopping = true;
+    }
+    worker_cv.notify_all();
+    worker.join();
   }
 
   void launch_ready_in_order() {
@@ -259,9 +494,14 @@ struct ZeroAdamW::Impl {
       }
     }
     launch_ready_in_order();
-    for (auto& work : works) work.wait();
+    if (offload) {
+      wait_landed();
+    } else {
+      for (auto& work : works) work.wait();
+    }
     bucket_grad.assign(layout.buckets.size(), at::Tensor());  // stage 2: release the bucket buffers
   }
+
 };
 
 ZeroAdamW::ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults, dist::ProcessGroup group)
@@ -358,17 +598,27 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     }
     if (bucket.numel > cursor) s.gaps[b].emplace_back(cursor, bucket.numel - cursor);
   }
-  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
-  if (defaults.stage() == 2) s.grad_shard = at::zeros({shard_numel}, model_options);
+  s.offload = defaults.cpu_offload();
+  // The optimizer state's home: the model's device, or host memory (pinned for a CUDA model).
+  auto fp32 = s.offload ? at::TensorOptions().dtype(at::kFloat).pinned_memory(s.device.is_cuda())
+                        : at::TensorOptions().dtype(at::kFloat).device(s.device);
+  if (defaults.stage() == 2 && !s.offload) s.grad_shard = at::zeros({shard_numel}, model_options);
   s.exp_avg = at::zeros({shard_numel}, fp32);
   s.exp_avg_sq = at::zeros({shard_numel}, fp32);
-  if (s.dtype != at::kFloat) {
+  if (s.dtype != at::kFloat || s.offload) {
     s.master = at::empty({shard_numel}, fp32);
     for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
       s.shard_chunk(s.master, b).copy_(s.chunk_of(s.param_flat, s.layout.buckets[b]));
     }
   }
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) s.steps.push_back(at::zeros({1}, fp32));
+  if (s.offload) {
+    s.host_grad = at::zeros({shard_numel}, fp32.dtype(s.dtype));
+    if (s.dtype != at::kFloat) s.host_copy = at::empty({shard_numel}, fp32.dtype(s.dtype));
+#ifdef SCALETRAIN_WITH_CUDA
+    if (s.device.is_cuda()) s.copy_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, s.device.index());
+#endif
+  }
   if (defaults.stage() == 1) {
     s.grad_flat = at::zeros({s.layout.total_numel}, model_options);
     for (size_t i = 0; i < s.params.size(); ++i) {
@@ -376,6 +626,10 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     }
   }
   s.reset_step_state();
+  if (s.offload) {
+    Impl* impl = impl_.get();
+    s.worker = std::thread([impl] { impl->worker_loop(); });
+  }
 
   // A post-hook on each parameter's gradient accumulator: it runs once backward has added the
   // parameter's gradient into .grad.
@@ -395,6 +649,11 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
 
 ZeroAdamW::~ZeroAdamW() {
   for (size_t i = 0; i < impl_->hook_keys.size(); ++i) impl_->accumulators[i]->del_post_hook(impl_->hook_keys[i]);
+  try {
+    impl_->wait_all_stepped();
+  } catch (const std::exception&) {
+  }
+  impl_->stop_worker();
   for (auto& work : impl_->works) {
     try {
       work.wait();  // buffers stay alive until the backend is done with them
@@ -457,17 +716,28 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
     throw std::invalid_argument(fmt::format("ZeroAdamW::step_scaled: inv_scale must be one element on {} (got {} on {})",
                                             s.device.str(), inv_scale.numel(), inv_scale.device().str()));
   }
+  s.wait_all_stepped();
   s.finish_reduction();
 
   // The global norm: this rank's sum of squares (fp32), summed over ranks.
-  std::vector<at::Tensor> chunks;
-  for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.grad_chunk(b));
-  at::Tensor squares = at::stack(at::_foreach_norm(chunks, 2, at::kFloat)).square().sum().reshape({1});
+  at::Tensor squares;
+  if (s.offload) {
+    double local = 0;
+    for (double q : s.squares) local += q;
+    squares = at::full({1}, local, at::TensorOptions().dtype(at::kFloat).device(s.device));
+  } else {
+    std::vector<at::Tensor> chunks;
+    for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.grad_chunk(b));
+    squares = at::stack(at::_foreach_norm(chunks, 2, at::kFloat)).square().sum().reshape({1});
+  }
   s.group.all_reduce(squares).wait();
-  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  // Offload: the scale arithmetic runs where the step does, on the host.
+  const at::Device step_device = s.offload ? at::Device(at::kCPU) : s.device;
+  squares = squares.to(step_device);
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(step_device);
   at::Tensor grad_scale = at::ones({1}, fp32);
   if (s.options.average_gradients()) grad_scale.fill_(1.0 / static_cast<double>(s.world));
-  if (inv_scale.defined()) grad_scale = grad_scale * inv_scale.to(at::kFloat);
+  if (inv_scale.defined()) grad_scale = grad_scale * inv_scale.to(step_device, at::kFloat);
   ZeroStepResult result;
   result.norm = squares.sqrt() * grad_scale;
   result.found_inf = at::isfinite(result.norm).logical_not().to(at::kFloat);
@@ -476,6 +746,17 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
     factor = grad_scale * (s.options.max_grad_norm() / (result.norm + 1e-6)).clamp_max(1.0);
   }
   StepScale scale{factor, result.found_inf};
+  if (s.offload) {
+    if (result.found_inf.item<float>() == 0.f) {
+      s.queue_steps(param_groups_, scale);
+      if (!s.options.overlap_forward()) s.wait_all_stepped();
+    }
+    result.norm = result.norm.to(s.device);
+    result.found_inf = result.found_inf.to(s.device);
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.reset_step_state();
+    return result;
+  }
 
   // AdamW on this rank's chunks, one call per param group.
   for (size_t g = 0; g < param_groups_.size(); ++g) {
@@ -513,7 +794,19 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
   return result;
 }
 
+void ZeroAdamW::synchronize() { impl_->wait_all_stepped(); }
+
+void ZeroAdamW::wait_parameter(int64_t index) {
+  Impl& s = *impl_;
+  if (index < 0 || index >= static_cast<int64_t>(s.params.size())) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW::wait_parameter: index {} (expected 0 to {})", index,
+                                            s.params.size() - 1));
+  }
+  s.wait_stepped(static_cast<size_t>(s.layout.param_bucket[static_cast<size_t>(index)]));
+}
+
 ZeroMemory ZeroAdamW::memory() const {
+  impl_->wait_all_stepped();
   const Impl& s = *impl_;
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
   ZeroMemory memory;
@@ -523,13 +816,21 @@ ZeroMemory ZeroAdamW::memory() const {
   if (s.options.stage() == 2) {
     for (const auto& param : s.params) memory.gradient_bytes += bytes(param.grad());
   }
-  memory.optimizer_bytes = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
-  for (const auto& step : s.steps) memory.optimizer_bytes += bytes(step);
+  int64_t optimizer = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
+  for (const auto& step : s.steps) optimizer += bytes(step);
+  if (s.offload) {
+    memory.host_bytes = optimizer + bytes(s.host_grad) + bytes(s.host_copy);
+    std::lock_guard<std::mutex> lock(s.worker_mutex);
+    for (const auto& buffer : s.reduced) memory.gradient_bytes += bytes(buffer);
+  } else {
+    memory.optimizer_bytes = optimizer;
+  }
   return memory;
 }
 
 std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
   at::NoGradGuard no_grad;
+  impl_->wait_all_stepped();
   const Impl& s = *impl_;
   std::vector<ZeroParamState> state(s.params.size());
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
@@ -538,7 +839,7 @@ std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
     double step = s.steps[b].item<double>();
     auto gather = [&](const at::Tensor& shard, at::Tensor ZeroParamState::*field) {
       at::Tensor whole = at::empty({bucket.numel}, fp32);
-      s.group.all_gather(whole, s.shard_chunk(shard, b)).wait();
+      s.group.all_gather(whole, s.shard_chunk(shard, b).to(s.device)).wait();  // offload: from the host
       for (int64_t index : bucket.params) {
         auto i = static_cast<size_t>(index);
         state[i].*field = s.slot(whole, b, index).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
@@ -546,7 +847,7 @@ std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
     };
     gather(s.exp_avg, &ZeroParamState::exp_avg);
     gather(s.exp_avg_sq, &ZeroParamState::exp_avg_sq);
-    if (s.master.defined()) gather(s.master, &ZeroParamState::master);
+    if (s.dtype != at::kFloat) gather(s.master, &ZeroParamState::master);  // an fp32 model's values are its parameters
     for (int64_t index : bucket.params) state[static_cast<size_t>(index)].step = step;
   }
   return state;
@@ -555,6 +856,7 @@ std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
 void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
   at::NoGradGuard no_grad;
   Impl& s = *impl_;
+  s.wait_all_stepped();
   if (state.size() != s.params.size()) {
     throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: {} parameter states for {} parameters",
                                             state.size(), s.params.size()));
@@ -580,10 +882,11 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     const auto& bucket = s.layout.buckets[b];
+    // field null: every value from the parameters.
     auto scatter = [&](at::Tensor& shard, at::Tensor ZeroParamState::*field, bool from_params) {
       at::Tensor whole = at::zeros({bucket.numel}, fp32);
       for (int64_t index : bucket.params) {
-        const auto& value = state[static_cast<size_t>(index)].*field;
+        at::Tensor value = field != nullptr ? state[static_cast<size_t>(index)].*field : at::Tensor();
         at::Tensor target = s.slot(whole, b, index);
         if (value.defined()) {
           target.copy_(value.view(target.sizes()));
@@ -595,11 +898,12 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
     };
     scatter(s.exp_avg, &ZeroParamState::exp_avg, false);
     scatter(s.exp_avg_sq, &ZeroParamState::exp_avg_sq, false);
-    if (s.master.defined()) scatter(s.master, &ZeroParamState::master, true);
+    // An fp32 model offloaded keeps a host master of its parameters' values.
+    if (s.master.defined()) scatter(s.master, s.dtype != at::kFloat ? &ZeroParamState::master : nullptr, true);
     s.steps[b].fill_(state[static_cast<size_t>(bucket.params.front())].step);
   }
   // A low-precision model takes its values from the masters (every rank has them all).
-  if (s.master.defined()) {
+  if (s.dtype != at::kFloat) {
     for (size_t i = 0; i < s.params.size(); ++i) {
       if (state[i].master.defined()) s.params[i].copy_(state[i].master.view(s.params[i].sizes()));
     }

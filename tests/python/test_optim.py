@@ -55,28 +55,39 @@ def reference_run(accum, clip, scheduler=True, first=0, load=None):
     return params, norms
 
 
-def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS), load=None, save=None):
-    model = make_model()
+def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS), load=None, save=None,
+             offload=False, device="cpu", overlap=False):
+    model = make_model().to(device)
     if load is not None:
         saved = torch.load(load)
         model.load_state_dict(saved["model"])
     opt = ZeroAdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95), stage=stage, bucket_mb=0.001,
-                    max_grad_norm=clip)
+                    max_grad_norm=clip, cpu_offload=offload, overlap_forward=overlap)
     if load is not None:
         opt.load_state_dict(saved["optimizer"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
     local = ROWS // world
     params, norms = [], []
+    def snapshot():
+        params.append([p.detach().cpu().clone() for p in model.parameters()])
+
     for step in steps:
         for i, (x, y) in enumerate(batches(step, accum)):
             rows = slice(rank * local, (rank + 1) * local)
             with opt.no_sync() if i + 1 < accum else contextlib.nullcontext():
-                (torch.nn.functional.mse_loss(model(x[rows]), y[rows]) / accum).backward()
+                loss = torch.nn.functional.mse_loss(model(x[rows].to(device)), y[rows].to(device)) / accum
+                if overlap and i == 0 and step != steps[0]:
+                    snapshot()  # the last step's values: this forward waited for each module's own
+                loss.backward()
         opt.step()
         opt.zero_grad()
         sched.step()
         norms.append(float(opt.last_norm))
-        params.append([p.detach().clone() for p in model.parameters()])
+        if not overlap:
+            snapshot()
+    if overlap:
+        opt.synchronize()
+        snapshot()
     if save is not None:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # every rank: a collective
         if rank == 0:
@@ -96,6 +107,27 @@ def compare(got, expected):
 
 def test_one_process_matches_torch_adamw():
     compare(zero_run(0, 1, stage=2, accum=2, clip=0.2), reference_run(accum=2, clip=0.2))
+
+
+@pytest.mark.parametrize("stage,overlap", [(1, False), (2, False), (2, True)])
+def test_cpu_offload_in_one_process_matches_torch_adamw(stage, overlap):
+    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, overlap=overlap)
+    compare(got, reference_run(accum=2, clip=0.2))
+    memory, shard = got[2], got[3]
+    # The optimizer state lives on the host: fp32 master and moments, fp32 gradient chunks.
+    assert memory["optimizer_bytes"] == 0
+    assert 16 * shard <= memory["host_bytes"] < 16 * shard + 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("stage,overlap", [(1, False), (2, False), (1, True), (2, True)])
+def test_cpu_offload_on_cuda_matches_torch_adamw(stage, overlap):
+    """A CUDA model with no torch.distributed set-up: the state on the (pinned) host, the copies
+    back on a side stream (overlap: waited for by each module's forward); torch.optim.AdamW on
+    the CPU is the reference."""
+    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, device="cuda", overlap=overlap)
+    compare(got, reference_run(accum=2, clip=0.2))
+    assert got[2]["optimizer_bytes"] == 0 and (stage == 1 or got[2]["gradient_bytes"] == 0)
 
 
 def free_port():
@@ -130,24 +162,30 @@ def run_ranks(world, stage, accum, clip, run=None):
     return results
 
 
-@pytest.mark.parametrize("world,stage,accum,clip", [(2, 1, 1, 0.0), (2, 2, 3, 0.2), (3, 2, 2, 0.2)])
-def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip):
-    results = run_ranks(world, stage, accum, clip)
+@pytest.mark.parametrize("world,stage,accum,clip,offload,overlap",
+                         [(2, 1, 1, 0.0, False, False), (2, 2, 3, 0.2, False, False), (3, 2, 2, 0.2, False, False),
+                          (2, 2, 2, 0.2, True, False), (3, 1, 1, 0.2, True, True)])
+def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip, offload, overlap):
+    results = run_ranks(world, stage, accum, clip, run=dict(offload=offload, overlap=overlap))
     expected = reference_run(accum, clip)
     n_params = sum(p.numel() for p in make_model().parameters())
     for rank, params, norms, memory, shard in results:
         compare(([[torch.tensor(p) for p in step] for step in params], norms), expected)
-        # ZeRO's accounting: fp32 moments (8 bytes per element) of this rank's share only.
+        # ZeRO's accounting: fp32 moments (8 bytes per element) of this rank's share only
+        # (offloaded: with an fp32 master and the gradient chunks, on the host).
         assert shard * world >= n_params
-        assert memory["optimizer_bytes"] - 8 * shard < 64
+        if offload:
+            assert memory["optimizer_bytes"] == 0 and memory["host_bytes"] - 16 * shard < 64
+        else:
+            assert memory["optimizer_bytes"] - 8 * shard < 64
         assert shard < n_params / world + 64 * 8
 
 
 def test_state_dict_reshards_and_is_torch_adamws(tmp_path):
-    """4 steps on 2 ranks at stage 2, saved; 4 more on 3 ranks at stage 1, and 4 more in
-    torch.optim.AdamW from the same file: both equal 8 uninterrupted torch.optim.AdamW steps."""
+    """4 steps on 2 ranks at stage 2 with CPU offload, saved; 4 more on 3 ranks at stage 1, and 4
+    more in torch.optim.AdamW from the same file: both equal 8 uninterrupted torch.optim.AdamW steps."""
     path = str(tmp_path / "zero.pt")
-    first = run_ranks(2, 2, 2, 0.2, run=dict(scheduler=False, steps=range(4), save=path))
+    first = run_ranks(2, 2, 2, 0.2, run=dict(scheduler=False, steps=range(4), save=path, offload=True))
     expected = reference_run(2, 0.2, scheduler=False)
     compare(([[torch.tensor(p) for p in step] for step in first[0][1]], first[0][2]), (expected[0][:4], expected[1][:4]))
     resumed = run_ranks(3, 1, 2, 0.2, run=dict(scheduler=False, steps=range(4, STEPS), load=path))
@@ -165,8 +203,8 @@ def test_bad_arguments_name_themselves():
         ZeroAdamW(model.parameters(), stage=3)
     with pytest.raises(ValueError, match="bucket_mb"):
         ZeroAdamW(model.parameters(), bucket_mb=-1)
-    with pytest.raises(ValueError, match="cpu_offload"):
-        ZeroAdamW(model.parameters(), cpu_offload=True)
+    with pytest.raises(ValueError, match="overlap_forward needs cpu_offload"):
+        ZeroAdamW(model.parameters(), overlap_forward=True)
     with pytest.raises(NotImplementedError, match="fixed at construction"):
         ZeroAdamW(model[0].parameters()).add_param_group({"params": list(model[2].parameters())})
 

@@ -24,9 +24,19 @@
 //   adamw.step();
 //   adamw.zero_grad();
 //
+// cpu_offload (stages 1 and 2) keeps AdamW's state of this rank's chunks (fp32 master, exp_avg,
+// exp_avg_sq) in host memory, pinned for a CUDA model, so the device holds the model's parameters
+// and the gradients in flight only (about 2 bytes per parameter for a bf16 model at stage 2). As
+// each bucket is reduced during backward, a worker thread copies this rank's chunk to the host on
+// a side stream and sums its squares; step() then runs the CPU AdamW (optim/adamw_cpu) bucket by
+// bucket on that thread, from the model's first parameters, while the previous bucket's values
+// are copied back and all-gathered. The step is exact (the clip factor needs the whole norm
+// first), so the CPU step cannot overlap backward; with overlap_forward it overlaps the next
+// forward instead.
+//
 // With one process (a default ProcessGroup) it is AdamW over flat buffers. Stage 3 (sharded
-// parameters) and CPU offload are not in this version; asking for them is an error. Checkpoints
-// hold the whole state gathered from every rank (gather_state), loadable on another world size.
+// parameters) is not in this version; asking for it is an error. Checkpoints hold the whole state
+// gathered from every rank (gather_state), loadable on another world size, stage or offload.
 #include <cstdint>
 #include <memory>
 #include <tuple>
@@ -51,8 +61,14 @@ struct ZeroAdamWOptions : public torch::optim::OptimizerCloneableOptions<ZeroAda
   TORCH_ARG(double, weight_decay) = 1e-2;
   // 1: shard optimizer state; 2: also gradients.
   TORCH_ARG(int64_t, stage) = 1;
-  // Not in this version (an error when true).
+  // Keep the optimizer state in host memory and step it on the CPU (see above).
   TORCH_ARG(bool, cpu_offload) = false;
+  // cpu_offload: step() returns once the norm is known and the CPU steps the buckets behind it,
+  // from the model's first parameters; the caller waits for a parameter's bucket before the
+  // forward that uses it (wait_parameter; Python's ZeroAdamW does it in a forward pre-hook), so
+  // the CPU step overlaps the next forward. Parameters read before then are stale: synchronize()
+  // first. Every other call of the optimizer waits for the step itself.
+  TORCH_ARG(bool, overlap_forward) = false;
   // Gradient bucket size in MiB (of the model's dtype): the unit of reduce-scatter and all-gather.
   TORCH_ARG(double, bucket_mb) = 25.0;
   // Clip the global gradient norm to this (0: no clipping), as torch.nn.utils.clip_grad_norm_.
@@ -88,7 +104,10 @@ struct ZeroParamState {
 struct ZeroMemory {
   int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer)
   int64_t gradient_bytes = 0;   // gradient buffers: the flat one (stage 1), this rank's chunks, buckets in flight
-  int64_t optimizer_bytes = 0;  // exp_avg, exp_avg_sq, fp32 master, step counts
+  int64_t optimizer_bytes = 0;  // exp_avg, exp_avg_sq, fp32 master, step counts (0 with cpu_offload)
+  // cpu_offload: host memory: the optimizer state above, this rank's gradient chunks and (bf16/fp16
+  // model) the rounded values to copy back.
+  int64_t host_bytes = 0;
 };
 
 class ZeroAdamW : public torch::optim::Optimizer {
@@ -118,6 +137,12 @@ class ZeroAdamW : public torch::optim::Optimizer {
   // locally and are reduced once.
   void set_gradient_sync(bool sync);
   bool gradient_sync() const;
+
+  // overlap_forward: waits for the step of parameter `index`'s bucket (host) and makes the current
+  // CUDA stream wait for its values (the device); synchronize() does it for every parameter. Both
+  // return at once when no step is pending.
+  void wait_parameter(int64_t index);
+  void synchronize();
 
   const dist::BucketLayout& layout() const;
   const dist::ProcessGroup& process_group() const;

@@ -3,7 +3,7 @@
 //
 //   scaletrain_dist_worker collectives [fallback]
 //       every collective of dist::ProcessGroup against values computed here from all ranks' inputs.
-//   scaletrain_dist_worker zero STAGE ACCUM CLIP FALLBACK LOSS_SCALE [SKIP_AT [DEVICE]]
+//   scaletrain_dist_worker zero STAGE ACCUM CLIP FALLBACK LOSS_SCALE [SKIP_AT [DEVICE [OFFLOAD]]]
 //       10 steps of ZeroAdamW against torch::optim::AdamW (LibTorch's) on the whole global batch in
 //       this process; SKIP_AT: rank 0's loss is inf on that step (every rank must skip it); DEVICE
 //       cuda: NCCL, one GPU per rank.
@@ -128,7 +128,7 @@ double relative_error(const at::Tensor& got, const at::Tensor& expected) {
 }
 
 void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss_scale, int skip_at,
-          const std::string& device_name) {
+          const std::string& device_name, int offload) {
   ProcessGroup group = join(fallbacks, device_name);
   // The group may be one process alone: the tensors' device is then the one asked for.
   at::Device device = device_name == "cpu" ? at::Device(at::kCPU) : at::Device(at::kCUDA, 0);
@@ -156,7 +156,8 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   }
   scaletrain::optim::ZeroAdamW adamw(
       groups_of(model, scaletrain::optim::ZeroAdamWOptions(lr).betas({0.9, 0.95}).eps(eps)),
-      scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(clip), group);
+      scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(clip).cpu_offload(offload > 0).overlap_forward(offload == 2),
+      group);
   expect(adamw.layout().buckets.size() > 2, "the test model spans several buckets");
 
   auto model_params = model->parameters();
@@ -193,6 +194,11 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
     }
     auto result = adamw.step_scaled(at::full({1}, 1.0 / loss_scale, at::TensorOptions().device(device)));
     adamw.zero_grad();
+    // offload 2 (overlap_forward): the step runs behind step()'s return; C++ modules have no forward
+    // hooks, so wait for each parameter's bucket before reading it (the next step would wait too).
+    if (offload == 2) {
+      for (int64_t i = static_cast<int64_t>(model_params.size()); i-- > 0;) adamw.wait_parameter(i);
+    }
     if (step == 0) first_norm = result.norm.item<double>();
     if (!skip) {
       double norm_error = std::abs(result.norm.item<double>() - reference_norm) / reference_norm;
@@ -222,17 +228,22 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   expect(layout.total_numel >= psi && layout.total_numel <= psi + 64 * (world * buckets + 6),
          "padding is at most one alignment per parameter and world x alignment per bucket");
   expect(memory.parameter_bytes == 4 * layout.total_numel, "parameter bytes: 4 x flat buffer");
-  expect(memory.optimizer_bytes == 8 * shard + 4 * buckets,
-         "optimizer bytes: 8 per element of this rank's chunks (+ step counts): got " +
-             std::to_string(memory.optimizer_bytes) + ", expected " + std::to_string(8 * shard + 4 * buckets));
-  int64_t expected_gradients = stage == 1 ? 4 * layout.total_numel : 4 * shard;
+  // Offload moves the moments to the host, with an fp32 master of the chunks (the step's values)
+  // and the chunks' gradients; nothing of the optimizer stays on the model's device.
+  int64_t expected_optimizer = offload ? 0 : 8 * shard + 4 * buckets;
+  int64_t expected_host = offload ? 16 * shard + 4 * buckets : 0;
+  expect(memory.optimizer_bytes == expected_optimizer && memory.host_bytes == expected_host,
+         "optimizer bytes " + std::to_string(memory.optimizer_bytes) + " (expected " + std::to_string(expected_optimizer) +
+             "), host bytes " + std::to_string(memory.host_bytes) + " (expected " + std::to_string(expected_host) + ")");
+  int64_t expected_gradients = stage == 1 ? 4 * layout.total_numel : (offload ? 0 : 4 * shard);
   expect(memory.gradient_bytes == expected_gradients, "gradient bytes after the step: got " +
                                                           std::to_string(memory.gradient_bytes) + ", expected " +
                                                           std::to_string(expected_gradients));
   std::printf(
-      "rank %lld of %lld (%s): stage %lld accum %lld clip %g (first norm %.3g): worst relative error %.3g over %d "
+      "rank %lld of %lld (%s): stage %lld%s accum %lld clip %g (first norm %.3g): worst relative error %.3g over %d "
       "steps, %lld buckets\n",
       static_cast<long long>(rank), static_cast<long long>(world), group.backend_name().c_str(), static_cast<long long>(stage),
+      offload == 2 ? " offload overlap_forward" : offload ? " offload" : "",
       static_cast<long long>(accum), clip, first_norm, worst, steps, static_cast<long long>(buckets));
 }
 
@@ -259,7 +270,7 @@ int main(int argc, char** argv) {
       collectives(args.size() > 1 && args[1] == "fallback");
     } else if (args[0] == "zero" && args.size() >= 6) {
       zero(std::stoll(args[1]), std::stoll(args[2]), std::stod(args[3]), args[4] == "1", std::stod(args[5]),
-           args.size() > 6 ? std::stoi(args[6]) : -1, args.size() > 7 ? args[7] : "cpu");
+           args.size() > 6 ? std::stoi(args[6]) : -1, args.size() > 7 ? args[7] : "cpu", args.size() > 8 ? std::stoi(args[8]) : 0);
     } else if (args[0] == "die") {
       die();
     } else {

@@ -25,11 +25,12 @@ struct Case {
   bool fallbacks;
   double loss_scale;
   int skip_at;
+  int offload = 0;  // 1: cpu_offload; 2: also overlap_forward
 };
 
 void PrintTo(const Case& c, std::ostream* os) {
   *os << c.world << " ranks, stage " << c.stage << ", accum " << c.accum << ", clip " << c.clip << ", fallbacks "
-      << c.fallbacks << ", loss scale " << c.loss_scale << ", inf at step " << c.skip_at;
+      << c.fallbacks << ", loss scale " << c.loss_scale << ", inf at step " << c.skip_at << ", offload " << c.offload;
 }
 
 std::string name_of(const ::testing::TestParamInfo<Case>& info) {
@@ -40,6 +41,8 @@ std::string name_of(const ::testing::TestParamInfo<Case>& info) {
   if (c.fallbacks) name += "_fallbacks";
   if (c.loss_scale != 1) name += "_scaled";
   if (c.skip_at >= 0) name += "_inf";
+  if (c.offload > 0) name += "_offload";
+  if (c.offload == 2) name += "_overlap";
   return name;
 }
 
@@ -49,7 +52,8 @@ TEST_P(ZeroAdamWRanks, MatchesTorchAdamWOnTheGlobalBatch) {
   const Case& c = GetParam();
   auto results = run_ranks(c.world,
                            {"zero", std::to_string(c.stage), std::to_string(c.accum), std::to_string(c.clip),
-                            c.fallbacks ? "1" : "0", std::to_string(c.loss_scale), std::to_string(c.skip_at)},
+                            c.fallbacks ? "1" : "0", std::to_string(c.loss_scale), std::to_string(c.skip_at), "cpu",
+                            std::to_string(c.offload)},
                            240);
   for (const auto& result : results) ASSERT_EQ(result.exit_code, 0) << outputs(results);
 }
@@ -60,7 +64,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 1, 1, 0, false, 1, -1}, Case{2, 2, 3, 0, false, 1, -1},
                       Case{3, 1, 2, 0.2, false, 1024, -1}, Case{3, 2, 1, 0.2, true, 1, -1},
                       Case{4, 1, 3, 0, false, 1, -1}, Case{4, 2, 2, 0.2, false, 1024, 4},
-                      Case{2, 1, 1, 0.2, false, 1024, 3}),
+                      Case{2, 1, 1, 0.2, false, 1024, 3},
+                      // CPU offload: the same matrix's corners (the worker thread, host state, copies back).
+                      Case{1, 1, 2, 0.2, false, 1, -1, 1}, Case{1, 2, 1, 0, false, 1, -1, 1},
+                      Case{2, 2, 2, 0.2, false, 1024, 4, 1}, Case{3, 1, 3, 0, false, 1, -1, 1},
+                      Case{4, 2, 1, 0.2, true, 1, -1, 1}, Case{2, 1, 2, 0.2, false, 1024, 3, 2}),
     name_of);
 
 using scaletrain::testing::error_message;
@@ -71,9 +79,6 @@ TEST(ZeroAdamW, RefusesWhatItDoesNotDo) {
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(3)); }).find("stage 3"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(0)); }).find("stage 0"),
-            std::string::npos);
-  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).cpu_offload(true)); })
-                .find("cpu_offload"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(-1.0)); }).find("lr -1"),
             std::string::npos);
@@ -165,14 +170,15 @@ TEST(ZeroAdamW, ParametersBecomeViewsOfOneBufferAndKeepTheirValues) {
 // the model. Reference: torch::optim::AdamW on fp32 copies of the initial parameters, stepped with
 // the bf16 model's own gradients (in fp32; stage 1 keeps them readable); the model must hold
 // the reference rounded to bf16.
-void expect_bf16_model_follows_fp32_reference(const at::Device& device) {
+void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool offload) {
   torch::manual_seed(3);
   torch::nn::Linear linear(70, 30);
   linear->to(device, at::kBFloat16);
   std::vector<at::Tensor> reference;
   for (auto& p : linear->parameters()) reference.push_back(p.detach().to(at::kFloat).clone().requires_grad_());
   torch::optim::AdamW reference_adamw(reference, torch::optim::AdamWOptions(1e-2).eps(1e-5).weight_decay(0.1));
-  ZeroAdamW adamw(linear->parameters(), ZeroAdamWOptions(1e-2).eps(1e-5).weight_decay(0.1).stage(1).bucket_mb(0.001));
+  ZeroAdamW adamw(linear->parameters(),
+                  ZeroAdamWOptions(1e-2).eps(1e-5).weight_decay(0.1).stage(1).bucket_mb(0.001).cpu_offload(offload));
   for (int step = 0; step < 5; ++step) {
     auto x = at::randn({8, 70}, at::TensorOptions().device(device).dtype(at::kBFloat16));
     linear->forward(x).square().mean().backward();
@@ -190,22 +196,32 @@ void expect_bf16_model_follows_fp32_reference(const at::Device& device) {
           << "step " << step << " parameter " << i << ": max difference " << (got - expected).abs().max().item<double>();
     }
   }
-  EXPECT_EQ(adamw.memory().optimizer_bytes, 12 * adamw.layout().shard_numel() + 4 * static_cast<int64_t>(adamw.layout().buckets.size()));
+  // fp32 master, exp_avg, exp_avg_sq and the step counts; offloaded, on the host with the bf16
+  // gradient chunks and the bf16 values to copy back.
+  int64_t optimizer = 12 * adamw.layout().shard_numel() + 4 * static_cast<int64_t>(adamw.layout().buckets.size());
+  EXPECT_EQ(adamw.memory().optimizer_bytes, offload ? 0 : optimizer);
+  EXPECT_EQ(adamw.memory().host_bytes, offload ? optimizer + 4 * adamw.layout().shard_numel() : 0);
 }
 
-TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCpu) { expect_bf16_model_follows_fp32_reference(at::kCPU); }
+TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCpu) {
+  expect_bf16_model_follows_fp32_reference(at::kCPU, false);
+  expect_bf16_model_follows_fp32_reference(at::kCPU, true);
+}
 
 TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCuda) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0));
+  expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), false);
+  expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), true);
 }
 
 TEST(ZeroAdamW, Fp32OnCudaMatchesTorchAdamW) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   for (const char* stage : {"1", "2"}) {
-    auto results = run_ranks(1, {"zero", stage, "2", "0.2", "0", "1024", "3", "cuda"}, 240);
-    ASSERT_EQ(results[0].exit_code, 0) << outputs(results);
-    EXPECT_NE(results[0].output.find("(nccl)"), std::string::npos) << outputs(results);
+    for (const char* offload : {"0", "1", "2"}) {
+      auto results = run_ranks(1, {"zero", stage, "2", "0.2", "0", "1024", "3", "cuda", offload}, 240);
+      ASSERT_EQ(results[0].exit_code, 0) << outputs(results);
+      EXPECT_NE(results[0].output.find("(nccl)"), std::string::npos) << outputs(results);
+    }
   }
 }
 
