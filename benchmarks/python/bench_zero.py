@@ -6,6 +6,11 @@
                     group of one (torch.distributed initialised as torchrun would)
   scaletrain zero2 bf16 params   the model in bf16, ZeroAdamW keeps the fp32 master (DeepSpeed's bf16 mode)
   deepspeed zero2   DeepSpeed 0.19.8, bf16, ZeRO-2 (when installed; see ../shared/anchors)
+  scaletrain zero2 offload [overlap]   ZeroAdamW(stage=2, cpu_offload=True[, overlap_forward=True]) on one
+                    GPU with no torch.distributed set-up; fp32 params + autocast, or bf16 params
+  torchao offload   torchao 0.18 CPUOffloadOptimizer(AdamW fused, offload_gradients=True), fp32 params +
+                    autocast; it cannot clip (the gradients leave the GPU), so it runs without clipping
+  deepspeed zero2 offload   DeepSpeed ZeRO-2 with offload_optimizer to pinned CPU memory (DeepSpeedCPUAdam)
 
 Each case runs in its own subprocess (fresh memory statistics). Rows per BENCHMARKS.md: ours
 against torch eager and against DeepSpeed ZeRO-2 measured in this run.
@@ -75,14 +80,16 @@ def torch_eager():
     return timed(step)
 
 
-def scaletrain_zero(stage, bf16_params=False):
+def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False):
     import torch
 
     from scaletrain.optim import ZeroAdamW
 
-    init_group(29521)
+    if not offload:
+        init_group(29521)  # offload runs on one GPU as a plain script would: no process group
     m = model(torch.bfloat16 if bf16_params else None)
-    opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=stage, max_grad_norm=1.0)
+    opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=stage, max_grad_norm=1.0, cpu_offload=offload,
+                    overlap_forward=overlap)
     x = torch.randint(0, 50257, (B, T), device="cuda")
 
     def step():
@@ -97,7 +104,26 @@ def scaletrain_zero(stage, bf16_params=False):
     return result
 
 
-def deepspeed_zero2():
+def torchao_offload():
+    import torch
+    from torchao.optim import CPUOffloadOptimizer
+
+    m = model()
+    opt = CPUOffloadOptimizer(m.parameters(), torch.optim.AdamW, offload_gradients=True, fused=True, lr=3e-4,
+                              weight_decay=0.1)
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = m(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return timed(step)
+
+
+def deepspeed_zero2(offload=False):
     import deepspeed
     import torch
 
@@ -107,6 +133,8 @@ def deepspeed_zero2():
     cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
            "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
            "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     m = model()
     engine, *_ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
     x = torch.randint(0, 50257, (B, T), device="cuda")
@@ -125,10 +153,24 @@ CASES = {
     "scaletrain_zero2": lambda: scaletrain_zero(2),
     "scaletrain_zero2_bf16": lambda: scaletrain_zero(2, bf16_params=True),
     "deepspeed_zero2": deepspeed_zero2,
+    "scaletrain_zero2_offload": lambda: scaletrain_zero(2, offload=True),
+    "scaletrain_zero2_offload_overlap": lambda: scaletrain_zero(2, offload=True, overlap=True),
+    "scaletrain_zero2_bf16_offload_overlap": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True),
+    "torchao_offload": torchao_offload,
+    "deepspeed_zero2_offload": lambda: deepspeed_zero2(offload=True),
 }
 
 OURS = {"scaletrain_zero1": "zero-1 fp32 params bf16 autocast", "scaletrain_zero2": "zero-2 fp32 params bf16 autocast",
         "scaletrain_zero2_bf16": "zero-2 bf16 params fp32 master"}
+# Offload rows: against the peers' offload, and against the same set-up without offload.
+OFFLOAD = {"scaletrain_zero2_offload": ("zero-2 cpu offload fp32 params bf16 autocast", "scaletrain_zero2"),
+           "scaletrain_zero2_offload_overlap": ("zero-2 cpu offload overlap_forward fp32 params bf16 autocast",
+                                                "scaletrain_zero2"),
+           "scaletrain_zero2_bf16_offload_overlap": ("zero-2 cpu offload overlap_forward bf16 params fp32 master",
+                                                     "scaletrain_zero2_bf16")}
+OFFLOAD_BASES = {"torch_eager": "torch eager fused AdamW bf16 autocast",
+                 "torchao_offload": "torchao 0.18 CPUOffloadOptimizer fused AdamW bf16 autocast (no clipping)",
+                 "deepspeed_zero2_offload": "deepspeed 0.19.8 zero-2 offload_optimizer bf16"}
 
 
 def main():
@@ -155,6 +197,16 @@ def main():
     for ours, words in OURS.items():
         for base, base_name in (("torch_eager", "torch eager fused AdamW bf16 autocast"),
                                 ("deepspeed_zero2", "deepspeed 0.19.8 zero-2 bf16")):
+            if "tok_s" in cases.get(ours, {}) and "tok_s" in cases.get(base, {}):
+                rows.append({"name": f"train hf-gpt2-124m {words} 1 gpu tok/s", "unit": "tok/s",
+                             "ours": cases[ours]["tok_s"], "baseline": cases[base]["tok_s"], "baseline_name": base_name,
+                             "ratio": cases[ours]["tok_s"] / cases[base]["tok_s"], "higher_is_better": True})
+                rows.append({"name": f"train hf-gpt2-124m {words} 1 gpu peak memory", "unit": "GiB",
+                             "ours": cases[ours]["peak_GiB"], "baseline": cases[base]["peak_GiB"],
+                             "baseline_name": base_name, "higher_is_better": False})
+    for ours, (words, same) in OFFLOAD.items():
+        bases = dict(OFFLOAD_BASES, **{same: f"scaletrain {same[11:].replace('_', ' ')} without offload (same set-up)"})
+        for base, base_name in bases.items():
             if "tok_s" in cases.get(ours, {}) and "tok_s" in cases.get(base, {}):
                 rows.append({"name": f"train hf-gpt2-124m {words} 1 gpu tok/s", "unit": "tok/s",
                              "ours": cases[ours]["tok_s"], "baseline": cases[base]["tok_s"], "baseline_name": base_name,

@@ -21,6 +21,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <fmt/format.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -182,6 +183,7 @@ struct ZeroAdamW::Impl {
 #ifdef SCALETRAIN_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> copy_stream;
   std::vector<std::optional<at::cuda::CUDAEvent>> copied;  // per bucket: its copy back is done
+  std::vector<std::optional<at::cuda::CUDAEvent>> launched_event;  // per bucket: its reduction is queued
 #endif
 
   at::Tensor bucket_view(const at::Tensor& flat, const dist::Bucket& bucket) const {
@@ -227,6 +229,7 @@ struct ZeroAdamW::Impl {
       if (gathers.empty()) gathers.resize(n);
 #ifdef SCALETRAIN_WITH_CUDA
       if (copied.empty()) copied.resize(n);
+      if (launched_event.empty()) launched_event.resize(n);
 #endif
     }
   }
@@ -282,6 +285,12 @@ struct ZeroAdamW::Impl {
       output = grad_chunk(b);
     }
     works[b] = group.reduce_scatter(output, input);
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copy_stream) {
+      launched_event[b].emplace();
+      launched_event[b]->record(c10::cuda::getCurrentCUDAStream(device.index()));
+    }
+#endif
     // Stage 2: the collective keeps its input alive (Gloo's work holds it, NCCL records it on its
     // stream); this rank lets go, so only the buckets in flight hold memory.
     bucket_grad[b] = at::Tensor();
@@ -297,6 +306,11 @@ struct ZeroAdamW::Impl {
 
   // Offload, on the worker thread: bucket b's chunk of reduced gradients to the host.
   void land(size_t b) {
+    RECORD_FUNCTION("ZeroAdamW::land", std::vector<c10::IValue>());
+#ifdef SCALETRAIN_WITH_CUDA
+    // The copy stream waits for the gradients (a group of one reduces by a copy on that stream).
+    if (copy_stream) launched_event[b]->block(*copy_stream);
+#endif
     works[b].wait();  // NCCL: the copy stream (current here) waits; Gloo: this thread waits
     at::Tensor source;
     {
@@ -317,6 +331,7 @@ struct ZeroAdamW::Impl {
   // Offload, on the worker thread (the copy stream current): bucket b's AdamW step on the host and
   // its values back to the device.
   void step_bucket(size_t b) {
+    RECORD_FUNCTION("ZeroAdamW::step_bucket", std::vector<c10::IValue>());
     const auto& bucket = layout.buckets[b];
     at::Tensor value = shard_chunk(master, b);
     at::Tensor copy = host_copy.defined() ? shard_chunk(host_copy, b) : at::Tensor();
