@@ -6,8 +6,9 @@
                     group of one (torch.distributed initialised as torchrun would)
   scaletrain zero2 bf16 params   the model in bf16, ZeroAdamW keeps the fp32 master (DeepSpeed's bf16 mode)
   deepspeed zero2   DeepSpeed 0.19.8, bf16, ZeRO-2 (when installed; see ../shared/anchors)
-  scaletrain zero2 offload [overlap]   ZeroAdamW(stage=2, cpu_offload=True[, overlap_forward=True]) on one
-                    GPU with no torch.distributed set-up; fp32 params + autocast, or bf16 params
+  scaletrain zero2 offload [overlap] [f07]   ZeroAdamW(stage=2, cpu_offload=True[, overlap_forward=True]
+                    [, offload_fraction=0.7]) on one GPU with no torch.distributed set-up; fp32 params +
+                    autocast, or bf16 params
   torchao offload   torchao 0.18 CPUOffloadOptimizer(AdamW fused, offload_gradients=True), fp32 params +
                     autocast; it cannot clip (the gradients leave the GPU), so it runs without clipping
   deepspeed zero2 offload   DeepSpeed ZeRO-2 with offload_optimizer to pinned CPU memory (DeepSpeedCPUAdam)
@@ -80,7 +81,7 @@ def torch_eager():
     return timed(step)
 
 
-def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False):
+def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False, fraction=1.0):
     import torch
 
     from scaletrain.optim import ZeroAdamW
@@ -89,7 +90,7 @@ def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False):
         init_group(29521)  # offload runs on one GPU as a plain script would: no process group
     m = model(torch.bfloat16 if bf16_params else None)
     opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=stage, max_grad_norm=1.0, cpu_offload=offload,
-                    overlap_forward=overlap)
+                    overlap_forward=overlap, offload_fraction=fraction)
     x = torch.randint(0, 50257, (B, T), device="cuda")
 
     def step():
@@ -155,7 +156,9 @@ CASES = {
     "deepspeed_zero2": deepspeed_zero2,
     "scaletrain_zero2_offload": lambda: scaletrain_zero(2, offload=True),
     "scaletrain_zero2_offload_overlap": lambda: scaletrain_zero(2, offload=True, overlap=True),
-    "scaletrain_zero2_bf16_offload_overlap": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True),
+    "scaletrain_zero2_offload_overlap_f07": lambda: scaletrain_zero(2, offload=True, overlap=True, fraction=0.7),
+    "scaletrain_zero2_bf16_offload_overlap_f07": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True,
+                                                                          fraction=0.7),
     "torchao_offload": torchao_offload,
     "deepspeed_zero2_offload": lambda: deepspeed_zero2(offload=True),
 }
@@ -166,8 +169,10 @@ OURS = {"scaletrain_zero1": "zero-1 fp32 params bf16 autocast", "scaletrain_zero
 OFFLOAD = {"scaletrain_zero2_offload": ("zero-2 cpu offload fp32 params bf16 autocast", "scaletrain_zero2"),
            "scaletrain_zero2_offload_overlap": ("zero-2 cpu offload overlap_forward fp32 params bf16 autocast",
                                                 "scaletrain_zero2"),
-           "scaletrain_zero2_bf16_offload_overlap": ("zero-2 cpu offload overlap_forward bf16 params fp32 master",
-                                                     "scaletrain_zero2_bf16")}
+           "scaletrain_zero2_offload_overlap_f07": ("zero-2 cpu offload 0.7 overlap_forward fp32 params bf16 autocast",
+                                                    "scaletrain_zero2"),
+           "scaletrain_zero2_bf16_offload_overlap_f07": ("zero-2 cpu offload 0.7 overlap_forward bf16 params fp32 master",
+                                                         "scaletrain_zero2_bf16")}
 OFFLOAD_BASES = {"torch_eager": "torch eager fused AdamW bf16 autocast",
                  "torchao_offload": "torchao 0.18 CPUOffloadOptimizer fused AdamW bf16 autocast (no clipping)",
                  "deepspeed_zero2_offload": "deepspeed 0.19.8 zero-2 offload_optimizer bf16"}
@@ -188,7 +193,11 @@ def main():
     cases = {}
     for name in args.cases.split(","):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True, text=True,
+                                  timeout=float(os.environ.get("BENCH_CASE_TIMEOUT", 900)))
+        except subprocess.TimeoutExpired as e:
+            proc = subprocess.CompletedProcess(e.cmd, -1, "", f"timed out after {e.timeout} s")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         cases[name] = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-1500:]}
         cases[name]["wall_s"] = round(time.perf_counter() - start, 1)

@@ -66,6 +66,10 @@ class ZeroAdamW(torch.optim.Optimizer):
             CPU step overlaps the next forward. Parameters read outside a module's forward before
             then are stale: call ``synchronize()`` first (``state_dict()`` and the optimizer's other
             methods do).
+        offload_fraction: with ``cpu_offload``, the share of the optimizer state moved to the host,
+            in (0, 1]. The rest, the parameters the next forward needs first (whole buckets), keeps
+            its state on the device and is stepped there, so that the forward starts at once while
+            the CPU steps the others (with ``overlap_forward``).
 
     ``state_dict()`` / ``load_state_dict()`` hold torch.optim.AdamW's state, whole (see there).
     A parameter that gets no gradient in a step counts as a zero gradient (weight decay applies).
@@ -93,6 +97,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         process_group: Any = None,
         cpu_offload: bool = False,
         overlap_forward: bool = False,
+        offload_fraction: float = 1.0,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -107,6 +112,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             stage=stage,
             cpu_offload=cpu_offload,
             overlap_forward=overlap_forward,
+            offload_fraction=offload_fraction,
             bucket_mb=bucket_mb,
             max_grad_norm=max_grad_norm,
             average_gradients=average_gradients,

@@ -42,7 +42,7 @@ void bind_optim(py::module_& parent) {
   using Group = std::tuple<std::vector<at::Tensor>, double, double, double, double, double>;
   py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW")
       .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, bool overlap_forward,
-                       double bucket_mb, double max_grad_norm, bool average_gradients, const py::object& process_group,
+                       double offload_fraction, double bucket_mb, double max_grad_norm, bool average_gradients, const py::object& process_group,
                        const std::string& device_type) {
              std::vector<torch::optim::OptimizerParamGroup> param_groups;
              for (const auto& [params, lr, beta1, beta2, eps, weight_decay] : groups) {
@@ -53,6 +53,7 @@ void bind_optim(py::module_& parent) {
                                  .stage(stage)
                                  .cpu_offload(cpu_offload)
                                  .overlap_forward(overlap_forward)
+                                 .offload_fraction(offload_fraction)
                                  .bucket_mb(bucket_mb)
                                  .max_grad_norm(max_grad_norm)
                                  .average_gradients(average_gradients);
@@ -66,7 +67,8 @@ void bind_optim(py::module_& parent) {
                throw py::value_error(e.what());
              }
            }),
-           py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("overlap_forward"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
+           py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("overlap_forward"),
+           py::arg("offload_fraction"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
            py::arg("average_gradients"), py::arg("process_group"), py::arg("device_type"))
       .def(
           "set_group",

@@ -95,6 +95,10 @@ void check_whole_options(const ZeroAdamWOptions& options) {
   if (options.overlap_forward() && !options.cpu_offload()) {
     throw std::invalid_argument("ZeroAdamW: overlap_forward needs cpu_offload (the step it overlaps is the CPU's)");
   }
+  if (!(options.offload_fraction() > 0 && options.offload_fraction() <= 1)) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: offload_fraction {} (expected a share in (0, 1])",
+                                            options.offload_fraction()));
+  }
   if (!(options.bucket_mb() > 0) || !std::isfinite(options.bucket_mb())) {
     throw std::invalid_argument(fmt::format("ZeroAdamW: bucket_mb {} (expected a finite number > 0)", options.bucket_mb()));
   }
@@ -128,11 +132,12 @@ struct ZeroAdamW::Impl {
   at::Tensor param_flat;   // the model's parameters, padded (the parameters are views of it)
   at::Tensor grad_flat;    // stage 1: the gradients (views of it)
   at::Tensor grad_shard;   // stage 2: this rank's chunks of the reduced gradients, bucket after bucket
+  // This rank's chunks' state on the model's device (with offload: of the buckets kept there).
   at::Tensor master;       // fp32 copy of this rank's chunks (undefined for an fp32 model)
   at::Tensor exp_avg;      // fp32, this rank's chunks
   at::Tensor exp_avg_sq;   // fp32
   std::vector<at::Tensor> steps;           // per bucket, one float32 element (adamw_step_'s count)
-  std::vector<int64_t> shard_offset;       // per bucket: first element of its chunk in the shard tensors
+  std::vector<int64_t> shard_offset;       // per bucket: first element of its chunk in its home's shard tensors
   std::vector<std::vector<std::pair<int64_t, int64_t>>> gaps;  // per bucket: padding ranges (offset, numel) in it
 
   // Per-step reduction state (guarded by mutex: hooks run on autograd's threads).
@@ -163,10 +168,15 @@ struct ZeroAdamW::Impl {
   };
   enum class Pending : uint8_t { none, queued, stepped };
   bool offload = false;
+  std::vector<bool> on_host;         // per bucket: its state lives on the host (else on the device)
+  at::Tensor host_master;            // fp32: the values of this rank's host chunks
+  at::Tensor host_exp_avg;           // fp32
+  at::Tensor host_exp_avg_sq;        // fp32
   at::Tensor host_grad;              // model dtype: this rank's reduced gradient chunks
   at::Tensor host_copy;              // model dtype (bf16/fp16 model): the stepped values, rounded, to copy back
   std::vector<at::Tensor> reduced;   // stage 2, per bucket being landed: the reduction's output on the device
-  std::vector<double> squares;       // per bucket: sum of squares of this rank's landed chunk
+  std::vector<double> squares;       // per bucket: sum of squares of this rank's landed chunk (CPU model)
+  std::vector<at::Tensor> device_squares;  // per bucket: the same on the device (CUDA model)
   StepScale host_scale;              // the queued step's factor and found-inf flag (CPU)
   std::vector<torch::optim::AdamWOptions> step_options;  // per param group, as at step() (a scheduler may change lr after)
   std::vector<Pending> pending;      // per bucket: its step's state
@@ -183,7 +193,6 @@ struct ZeroAdamW::Impl {
 #ifdef SCALETRAIN_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> copy_stream;
   std::vector<std::optional<at::cuda::CUDAEvent>> copied;  // per bucket: its copy back is done
-  std::vector<std::optional<at::cuda::CUDAEvent>> launched_event;  // per bucket: its reduction is queued
 #endif
 
   at::Tensor bucket_view(const at::Tensor& flat, const dist::Bucket& bucket) const {
@@ -205,6 +214,13 @@ struct ZeroAdamW::Impl {
   at::Tensor grad_chunk(size_t b) const {
     return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);
   }
+  // Bucket b's chunk of the optimizer state, wherever it lives (master: undefined when none).
+  at::Tensor exp_avg_of(size_t b) const { return shard_chunk(on_host[b] ? host_exp_avg : exp_avg, b); }
+  at::Tensor exp_avg_sq_of(size_t b) const { return shard_chunk(on_host[b] ? host_exp_avg_sq : exp_avg_sq, b); }
+  at::Tensor master_of(size_t b) const {
+    const at::Tensor& home = on_host[b] ? host_master : master;
+    return home.defined() ? shard_chunk(home, b) : at::Tensor();
+  }
   // Parameter i's slot in the whole flat buffer `flat` (parameters or stage-1 gradients).
   at::Tensor param_view(const at::Tensor& flat, size_t i) const {
     return flat.narrow(0, layout.param_offset[i], params[i].numel()).view(params[i].sizes());
@@ -224,12 +240,12 @@ struct ZeroAdamW::Impl {
       std::lock_guard<std::mutex> lock(worker_mutex);
       reduced.assign(n, at::Tensor());
       squares.assign(n, 0.0);
+      device_squares.assign(n, at::Tensor());
       launched = landed = 0;
       if (pending.empty()) pending.assign(n, Pending::none);
       if (gathers.empty()) gathers.resize(n);
 #ifdef SCALETRAIN_WITH_CUDA
       if (copied.empty()) copied.resize(n);
-      if (launched_event.empty()) launched_event.resize(n);
 #endif
     }
   }
@@ -277,7 +293,7 @@ struct ZeroAdamW::Impl {
     const auto& bucket = layout.buckets[b];
     at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
     at::Tensor output;
-    if (offload && options.stage() == 2) {
+    if (offload && options.stage() == 2 && on_host[b]) {
       output = at::empty({bucket.chunk_numel(world)}, param_flat.options());
       std::lock_guard<std::mutex> lock(worker_mutex);
       reduced[b] = output;
@@ -285,16 +301,16 @@ struct ZeroAdamW::Impl {
       output = grad_chunk(b);
     }
     works[b] = group.reduce_scatter(output, input);
-#ifdef SCALETRAIN_WITH_CUDA
-    if (copy_stream) {
-      launched_event[b].emplace();
-      launched_event[b]->record(c10::cuda::getCurrentCUDAStream(device.index()));
-    }
-#endif
     // Stage 2: the collective keeps its input alive (Gloo's work holds it, NCCL records it on its
     // stream); this rank lets go, so only the buckets in flight hold memory.
     bucket_grad[b] = at::Tensor();
     if (offload) {
+#ifdef SCALETRAIN_WITH_CUDA
+      if (copy_stream) {
+        land_on_copy_stream(b, output);
+        return;
+      }
+#endif
       {
         std::lock_guard<std::mutex> lock(worker_mutex);
         queue.push_back({false, b});
@@ -304,25 +320,36 @@ struct ZeroAdamW::Impl {
     }
   }
 
-  // Offload, on the worker thread: bucket b's chunk of reduced gradients to the host.
+#ifdef SCALETRAIN_WITH_CUDA
+  // Offload of a CUDA model, as bucket b is launched: queues on the copy stream, behind the
+  // reduction, the sum of squares of this rank's chunk (on the device) and its copy to the host.
+  // Nothing waits here; step() synchronises once.
+  void land_on_copy_stream(size_t b, const at::Tensor& output) {
+    RECORD_FUNCTION("ZeroAdamW::land", std::vector<c10::IValue>());
+    at::cuda::CUDAEvent queued;  // a group of one reduces by a copy on the compute stream
+    queued.record(c10::cuda::getCurrentCUDAStream(device.index()));
+    queued.block(*copy_stream);
+    c10::cuda::CUDAStreamGuard on_copy_stream(*copy_stream);
+    works[b].wait();  // NCCL: the copy stream waits for the reduction
+    device_squares[b] = at::linalg_vector_norm(output, 2, std::nullopt, false, at::kFloat).square();
+    if (!on_host[b]) return;  // stepped on the device
+    shard_chunk(host_grad, b).copy_(output, /*non_blocking=*/true);
+    // Stage 2's buffer was allocated on the compute stream: not reused before the copy is done.
+    if (options.stage() == 2) output.record_stream(*copy_stream);
+  }
+#endif
+
+  // Offload of a CPU model, on the worker thread: bucket b's chunk of reduced gradients to the host.
   void land(size_t b) {
     RECORD_FUNCTION("ZeroAdamW::land", std::vector<c10::IValue>());
-#ifdef SCALETRAIN_WITH_CUDA
-    // The copy stream waits for the gradients (a group of one reduces by a copy on that stream).
-    if (copy_stream) launched_event[b]->block(*copy_stream);
-#endif
-    works[b].wait();  // NCCL: the copy stream (current here) waits; Gloo: this thread waits
+    works[b].wait();  // Gloo: this thread waits
     at::Tensor source;
     {
       std::lock_guard<std::mutex> lock(worker_mutex);
-      source = options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : reduced[b];
+      source = options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : on_host[b] ? reduced[b] : grad_chunk(b);
     }
-    at::Tensor target = shard_chunk(host_grad, b);
-    target.copy_(source, /*non_blocking=*/true);
-#ifdef SCALETRAIN_WITH_CUDA
-    if (copy_stream) copy_stream->synchronize();
-#endif
-    double norm = at::linalg_vector_norm(target, 2, std::nullopt, false, at::kFloat).item<double>();
+    if (on_host[b]) shard_chunk(host_grad, b).copy_(source);
+    double norm = at::linalg_vector_norm(source, 2, std::nullopt, false, at::kFloat).item<double>();
     std::lock_guard<std::mutex> lock(worker_mutex);
     squares[b] = norm * norm;
     reduced[b] = at::Tensor();  // stage 2: the device buffer goes back to the allocator
@@ -333,9 +360,9 @@ struct ZeroAdamW::Impl {
   void step_bucket(size_t b) {
     RECORD_FUNCTION("ZeroAdamW::step_bucket", std::vector<c10::IValue>());
     const auto& bucket = layout.buckets[b];
-    at::Tensor value = shard_chunk(master, b);
+    at::Tensor value = shard_chunk(host_master, b);
     at::Tensor copy = host_copy.defined() ? shard_chunk(host_copy, b) : at::Tensor();
-    adamw_step_({value}, {shard_chunk(host_grad, b)}, {shard_chunk(exp_avg, b)}, {shard_chunk(exp_avg_sq, b)},
+    adamw_step_({value}, {shard_chunk(host_grad, b)}, {shard_chunk(host_exp_avg, b)}, {shard_chunk(host_exp_avg_sq, b)},
                 {steps[b]}, {copy}, step_options[static_cast<size_t>(bucket.group)], host_scale);
     at::Tensor chunk = chunk_of(param_flat, bucket);
     chunk.copy_(copy.defined() ? copy : value, /*non_blocking=*/true);
@@ -429,6 +456,56 @@ struct ZeroAdamW::Impl {
     for (size_t b = 0; b < layout.buckets.size(); ++b) wait_stepped(b);
   }
 
+  // AdamW on this rank's chunks of the buckets whose state is on the device (every bucket without
+  // offload), one call per param group; then their all-gathers (returned, not waited for).
+  std::vector<dist::Work> step_device_buckets(const std::vector<torch::optim::OptimizerParamGroup>& groups,
+                                              const StepScale& scale) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const auto& options = static_cast<const ZeroAdamWOptions&>(groups[g].options());
+      std::vector<at::Tensor> values, grads, exp_avgs, exp_avg_sqs, bucket_steps, copies;
+      for (size_t b = 0; b < layout.buckets.size(); ++b) {
+        if (layout.buckets[b].group != static_cast<int64_t>(g) || on_host[b]) continue;
+        at::Tensor model_chunk = chunk_of(param_flat, layout.buckets[b]);
+        if (master.defined()) {
+          values.push_back(shard_chunk(master, b));
+          copies.push_back(model_chunk);
+        } else {
+          values.push_back(model_chunk);
+          copies.emplace_back();
+        }
+        grads.push_back(grad_chunk(b));
+        exp_avgs.push_back(shard_chunk(exp_avg, b));
+        exp_avg_sqs.push_back(shard_chunk(exp_avg_sq, b));
+        bucket_steps.push_back(steps[b]);
+      }
+      if (!values.empty()) {
+        adamw_step_(values, grads, exp_avgs, exp_avg_sqs, bucket_steps, copies, adamw_options(options), scale);
+      }
+    }
+    // Every rank's updated chunks to every rank.
+    std::vector<dist::Work> gathers;
+    for (size_t b = 0; b < layout.buckets.size(); ++b) {
+      if (on_host[b]) continue;
+      at::Tensor whole = bucket_view(param_flat, layout.buckets[b]);
+      gathers.push_back(group.all_gather(whole, chunk_of(param_flat, layout.buckets[b])));
+    }
+    return gathers;
+  }
+
+  // Offload: this rank's sum of squares of the landed gradients (one float32 element on the
+  // model's device). A CUDA model's compute stream then waits for every copy to the host.
+  at::Tensor landed_squares() {
+#ifdef SCALETRAIN_WITH_CUDA
+    if (copy_stream) {
+      // finish_reduction() made the compute stream wait for the copy stream.
+      return at::stack(device_squares).sum().reshape({1});
+    }
+#endif
+    double local = 0;
+    for (double q : squares) local += q;
+    return at::full({1}, local, at::TensorOptions().dtype(at::kFloat).device(device));
+  }
+
   // Offload: queues the step of every bucket, from the model's first parameters (the next
   // forward's first need).
   void queue_steps(const std::vector<torch::optim::OptimizerParamGroup>& groups, const StepScale& scale) {
@@ -447,6 +524,7 @@ struct ZeroAdamW::Impl {
     {
       std::lock_guard<std::mutex> lock(worker_mutex);
       for (size_t b = layout.buckets.size(); b-- > 0;) {
+        if (!on_host[b]) continue;
         pending[b] = Pending::queued;
         queue.push_back({true, b});
       }
@@ -511,6 +589,13 @@ struct ZeroAdamW::Impl {
     launch_ready_in_order();
     if (offload) {
       wait_landed();
+#ifdef SCALETRAIN_WITH_CUDA
+      if (copy_stream) {  // the compute stream's next writes (zero_grad, a step) after the copies
+        at::cuda::CUDAEvent landed_all;
+        landed_all.record(*copy_stream);
+        landed_all.block(c10::cuda::getCurrentCUDAStream(device.index()));
+      }
+#endif
     } else {
       for (auto& work : works) work.wait();
     }
@@ -594,13 +679,29 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
   }
   if (defaults.broadcast_parameters()) s.group.broadcast(s.param_flat, 0).wait();
 
-  // This rank's chunks: where each bucket's chunk sits in the shard tensors, and the padding.
-  int64_t shard_numel = 0;
+  // This rank's chunks: where each bucket's state lives and where its chunk sits in that home's
+  // shard tensors, and the padding. Offload keeps on the device the buckets the next forward needs
+  // first (layout order reversed), up to 1 - offload_fraction of the shard, rounded up to buckets.
+  s.offload = defaults.cpu_offload();
+  int64_t shard_total = 0;
+  for (const auto& bucket : s.layout.buckets) shard_total += bucket.chunk_numel(s.world);
+  s.on_host.assign(s.layout.buckets.size(), false);
+  if (s.offload) {
+    const double keep = (1.0 - defaults.offload_fraction()) * static_cast<double>(shard_total);
+    int64_t kept = 0;
+    for (size_t b = s.layout.buckets.size(); b-- > 0;) {
+      s.on_host[b] = !(static_cast<double>(kept) < keep);
+      if (!s.on_host[b]) kept += s.layout.buckets[b].chunk_numel(s.world);
+    }
+  }
+  int64_t device_numel = 0;
+  int64_t host_numel = 0;
   s.gaps.resize(s.layout.buckets.size());
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     const auto& bucket = s.layout.buckets[b];
-    s.shard_offset.push_back(shard_numel);
-    shard_numel += bucket.chunk_numel(s.world);
+    int64_t& home_numel = s.on_host[b] ? host_numel : device_numel;
+    s.shard_offset.push_back(home_numel);
+    home_numel += bucket.chunk_numel(s.world);
     int64_t cursor = 0;
     std::vector<std::pair<int64_t, int64_t>> by_offset;
     for (int64_t index : bucket.params) {
@@ -613,27 +714,32 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     }
     if (bucket.numel > cursor) s.gaps[b].emplace_back(cursor, bucket.numel - cursor);
   }
-  s.offload = defaults.cpu_offload();
-  // The optimizer state's home: the model's device, or host memory (pinned for a CUDA model).
-  auto fp32 = s.offload ? at::TensorOptions().dtype(at::kFloat).pinned_memory(s.device.is_cuda())
-                        : at::TensorOptions().dtype(at::kFloat).device(s.device);
-  if (defaults.stage() == 2 && !s.offload) s.grad_shard = at::zeros({shard_numel}, model_options);
-  s.exp_avg = at::zeros({shard_numel}, fp32);
-  s.exp_avg_sq = at::zeros({shard_numel}, fp32);
-  if (s.dtype != at::kFloat || s.offload) {
-    s.master = at::empty({shard_numel}, fp32);
-    for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
-      s.shard_chunk(s.master, b).copy_(s.chunk_of(s.param_flat, s.layout.buckets[b]));
-    }
+  // The device's state, and the host's (pinned for a CUDA model).
+  auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
+  auto host = at::TensorOptions().dtype(at::kFloat).pinned_memory(s.device.is_cuda());
+  if (device_numel > 0) {
+    if (defaults.stage() == 2) s.grad_shard = at::zeros({device_numel}, model_options);
+    s.exp_avg = at::zeros({device_numel}, fp32);
+    s.exp_avg_sq = at::zeros({device_numel}, fp32);
+    if (s.dtype != at::kFloat) s.master = at::empty({device_numel}, fp32);
   }
-  for (size_t b = 0; b < s.layout.buckets.size(); ++b) s.steps.push_back(at::zeros({1}, fp32));
-  if (s.offload) {
-    s.host_grad = at::zeros({shard_numel}, fp32.dtype(s.dtype));
-    if (s.dtype != at::kFloat) s.host_copy = at::empty({shard_numel}, fp32.dtype(s.dtype));
+  if (host_numel > 0) {
+    s.host_exp_avg = at::zeros({host_numel}, host);
+    s.host_exp_avg_sq = at::zeros({host_numel}, host);
+    s.host_master = at::empty({host_numel}, host);
+    s.host_grad = at::zeros({host_numel}, host.dtype(s.dtype));
+    if (s.dtype != at::kFloat) s.host_copy = at::empty({host_numel}, host.dtype(s.dtype));
+  }
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+    at::Tensor value = s.master_of(b);
+    if (value.defined()) value.copy_(s.chunk_of(s.param_flat, s.layout.buckets[b]));
+    s.steps.push_back(at::zeros({1}, s.on_host[b] ? host : fp32));
+  }
 #ifdef SCALETRAIN_WITH_CUDA
-    if (s.device.is_cuda()) s.copy_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, s.device.index());
-#endif
+  if (s.offload && s.device.is_cuda()) {
+    s.copy_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, s.device.index());
   }
+#endif
   if (defaults.stage() == 1) {
     s.grad_flat = at::zeros({s.layout.total_numel}, model_options);
     for (size_t i = 0; i < s.params.size(); ++i) {
@@ -737,9 +843,7 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
   // The global norm: this rank's sum of squares (fp32), summed over ranks.
   at::Tensor squares;
   if (s.offload) {
-    double local = 0;
-    for (double q : s.squares) local += q;
-    squares = at::full({1}, local, at::TensorOptions().dtype(at::kFloat).device(s.device));
+    squares = s.landed_squares();
   } else {
     std::vector<at::Tensor> chunks;
     for (size_t b = 0; b < s.layout.buckets.size(); ++b) chunks.push_back(s.grad_chunk(b));
@@ -763,49 +867,22 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
   StepScale scale{factor, result.found_inf};
   if (s.offload) {
     if (result.found_inf.item<float>() == 0.f) {
+      // The device's buckets first (their all-gathers issued before the worker's, in one order
+      // on every rank), then the host's behind them.
+      StepScale on_device{factor.to(s.device), result.found_inf.to(s.device)};
+      auto gathers = s.step_device_buckets(param_groups_, on_device);
       s.queue_steps(param_groups_, scale);
+      for (auto& work : gathers) work.wait();
       if (!s.options.overlap_forward()) s.wait_all_stepped();
     }
     result.norm = result.norm.to(s.device);
     result.found_inf = result.found_inf.to(s.device);
-    std::lock_guard<std::mutex> lock(s.mutex);
-    s.reset_step_state();
-    return result;
+  } else {
+    auto gathers = s.step_device_buckets(param_groups_, scale);
+    for (auto& work : gathers) work.wait();
   }
-
-  // AdamW on this rank's chunks, one call per param group.
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    const auto& options = static_cast<const ZeroAdamWOptions&>(param_groups_[g].options());
-    std::vector<at::Tensor> values, grads, exp_avgs, exp_avg_sqs, steps, copies;
-    for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
-      if (s.layout.buckets[b].group != static_cast<int64_t>(g)) continue;
-      at::Tensor model_chunk = s.chunk_of(s.param_flat, s.layout.buckets[b]);
-      if (s.master.defined()) {
-        values.push_back(s.shard_chunk(s.master, b));
-        copies.push_back(model_chunk);
-      } else {
-        values.push_back(model_chunk);
-        copies.emplace_back();
-      }
-      grads.push_back(s.grad_chunk(b));
-      exp_avgs.push_back(s.shard_chunk(s.exp_avg, b));
-      exp_avg_sqs.push_back(s.shard_chunk(s.exp_avg_sq, b));
-      steps.push_back(s.steps[b]);
-    }
-    if (!values.empty()) adamw_step_(values, grads, exp_avgs, exp_avg_sqs, steps, copies, adamw_options(options), scale);
-  }
-
-  // Every rank's updated chunks to every rank.
-  std::vector<dist::Work> gathers;
-  for (const auto& bucket : s.layout.buckets) {
-    at::Tensor whole = s.bucket_view(s.param_flat, bucket);
-    gathers.push_back(s.group.all_gather(whole, s.chunk_of(s.param_flat, bucket)));
-  }
-  for (auto& work : gathers) work.wait();
-  {
-    std::lock_guard<std::mutex> lock(s.mutex);
-    s.reset_step_state();
-  }
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.reset_step_state();
   return result;
 }
 
@@ -831,14 +908,13 @@ ZeroMemory ZeroAdamW::memory() const {
   if (s.options.stage() == 2) {
     for (const auto& param : s.params) memory.gradient_bytes += bytes(param.grad());
   }
-  int64_t optimizer = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
-  for (const auto& step : s.steps) optimizer += bytes(step);
+  memory.optimizer_bytes = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
+  memory.host_bytes = bytes(s.host_exp_avg) + bytes(s.host_exp_avg_sq) + bytes(s.host_master) + bytes(s.host_grad) +
+                      bytes(s.host_copy);
+  for (size_t b = 0; b < s.steps.size(); ++b) (s.on_host[b] ? memory.host_bytes : memory.optimizer_bytes) += bytes(s.steps[b]);
   if (s.offload) {
-    memory.host_bytes = optimizer + bytes(s.host_grad) + bytes(s.host_copy);
     std::lock_guard<std::mutex> lock(s.worker_mutex);
     for (const auto& buffer : s.reduced) memory.gradient_bytes += bytes(buffer);
-  } else {
-    memory.optimizer_bytes = optimizer;
   }
   return memory;
 }
@@ -852,17 +928,17 @@ std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     const auto& bucket = s.layout.buckets[b];
     double step = s.steps[b].item<double>();
-    auto gather = [&](const at::Tensor& shard, at::Tensor ZeroParamState::*field) {
+    auto gather = [&](const at::Tensor& chunk, at::Tensor ZeroParamState::*field) {
       at::Tensor whole = at::empty({bucket.numel}, fp32);
-      s.group.all_gather(whole, s.shard_chunk(shard, b).to(s.device)).wait();  // offload: from the host
+      s.group.all_gather(whole, chunk.to(s.device)).wait();  // offload: from the host
       for (int64_t index : bucket.params) {
         auto i = static_cast<size_t>(index);
         state[i].*field = s.slot(whole, b, index).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
       }
     };
-    gather(s.exp_avg, &ZeroParamState::exp_avg);
-    gather(s.exp_avg_sq, &ZeroParamState::exp_avg_sq);
-    if (s.dtype != at::kFloat) gather(s.master, &ZeroParamState::master);  // an fp32 model's values are its parameters
+    gather(s.exp_avg_of(b), &ZeroParamState::exp_avg);
+    gather(s.exp_avg_sq_of(b), &ZeroParamState::exp_avg_sq);
+    if (s.dtype != at::kFloat) gather(s.master_of(b), &ZeroParamState::master);  // an fp32 model's values are its parameters
     for (int64_t index : bucket.params) state[static_cast<size_t>(index)].step = step;
   }
   return state;
@@ -898,7 +974,7 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     const auto& bucket = s.layout.buckets[b];
     // field null: every value from the parameters.
-    auto scatter = [&](at::Tensor& shard, at::Tensor ZeroParamState::*field, bool from_params) {
+    auto scatter = [&](const at::Tensor& chunk, at::Tensor ZeroParamState::*field, bool from_params) {
       at::Tensor whole = at::zeros({bucket.numel}, fp32);
       for (int64_t index : bucket.params) {
         at::Tensor value = field != nullptr ? state[static_cast<size_t>(index)].*field : at::Tensor();
@@ -909,12 +985,13 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
           target.copy_(s.params[static_cast<size_t>(index)]);  // no master saved (an fp32 run): the parameters
         }
       }
-      s.shard_chunk(shard, b).copy_(whole.narrow(0, s.rank * bucket.chunk_numel(s.world), bucket.chunk_numel(s.world)));
+      at::Tensor(chunk).copy_(whole.narrow(0, s.rank * bucket.chunk_numel(s.world), bucket.chunk_numel(s.world)));
     };
-    scatter(s.exp_avg, &ZeroParamState::exp_avg, false);
-    scatter(s.exp_avg_sq, &ZeroParamState::exp_avg_sq, false);
+    scatter(s.exp_avg_of(b), &ZeroParamState::exp_avg, false);
+    scatter(s.exp_avg_sq_of(b), &ZeroParamState::exp_avg_sq, false);
     // An fp32 model offloaded keeps a host master of its parameters' values.
-    if (s.master.defined()) scatter(s.master, s.dtype != at::kFloat ? &ZeroParamState::master : nullptr, true);
+    at::Tensor value = s.master_of(b);
+    if (value.defined()) scatter(value, s.dtype != at::kFloat ? &ZeroParamState::master : nullptr, true);
     s.steps[b].fill_(state[static_cast<size_t>(bucket.params.front())].step);
   }
   // A low-precision model takes its values from the masters (every rank has them all).

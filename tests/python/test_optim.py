@@ -56,13 +56,14 @@ def reference_run(accum, clip, scheduler=True, first=0, load=None):
 
 
 def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS), load=None, save=None,
-             offload=False, device="cpu", overlap=False):
+             offload=False, device="cpu", overlap=False, fraction=1.0):
     model = make_model().to(device)
     if load is not None:
         saved = torch.load(load)
         model.load_state_dict(saved["model"])
     opt = ZeroAdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95), stage=stage, bucket_mb=0.001,
-                    max_grad_norm=clip, cpu_offload=offload, overlap_forward=overlap)
+                    max_grad_norm=clip, cpu_offload=offload, overlap_forward=overlap,
+                    offload_fraction=fraction)
     if load is not None:
         opt.load_state_dict(saved["optimizer"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
@@ -109,25 +110,33 @@ def test_one_process_matches_torch_adamw():
     compare(zero_run(0, 1, stage=2, accum=2, clip=0.2), reference_run(accum=2, clip=0.2))
 
 
-@pytest.mark.parametrize("stage,overlap", [(1, False), (2, False), (2, True)])
-def test_cpu_offload_in_one_process_matches_torch_adamw(stage, overlap):
-    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, overlap=overlap)
+@pytest.mark.parametrize("stage,overlap,fraction", [(1, False, 1.0), (2, False, 1.0), (2, True, 1.0), (2, True, 0.5)])
+def test_cpu_offload_in_one_process_matches_torch_adamw(stage, overlap, fraction):
+    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, overlap=overlap, fraction=fraction)
     compare(got, reference_run(accum=2, clip=0.2))
     memory, shard = got[2], got[3]
+    if fraction < 1.0:
+        assert 0 < memory["optimizer_bytes"] and 0 < memory["host_bytes"] < 16 * shard
+        return
     # The optimizer state lives on the host: fp32 master and moments, fp32 gradient chunks.
     assert memory["optimizer_bytes"] == 0
     assert 16 * shard <= memory["host_bytes"] < 16 * shard + 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("stage,overlap", [(1, False), (2, False), (1, True), (2, True)])
-def test_cpu_offload_on_cuda_matches_torch_adamw(stage, overlap):
+@pytest.mark.parametrize("stage,overlap,fraction", [(1, False, 1.0), (2, False, 1.0), (1, True, 1.0), (2, True, 1.0),
+                                                    (2, True, 0.5), (1, False, 0.5)])
+def test_cpu_offload_on_cuda_matches_torch_adamw(stage, overlap, fraction):
     """A CUDA model with no torch.distributed set-up: the state on the (pinned) host, the copies
     back on a side stream (overlap: waited for by each module's forward); torch.optim.AdamW on
     the CPU is the reference."""
-    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, device="cuda", overlap=overlap)
+    got = zero_run(0, 1, stage=stage, accum=2, clip=0.2, offload=True, device="cuda", overlap=overlap,
+                   fraction=fraction)
     compare(got, reference_run(accum=2, clip=0.2))
-    assert got[2]["optimizer_bytes"] == 0 and (stage == 1 or got[2]["gradient_bytes"] == 0)
+    if fraction == 1.0:
+        assert got[2]["optimizer_bytes"] == 0 and (stage == 1 or got[2]["gradient_bytes"] == 0)
+    else:  # the first layer's bucket kept on the device
+        assert 0 < got[2]["optimizer_bytes"] and 0 < got[2]["host_bytes"]
 
 
 def free_port():

@@ -63,6 +63,10 @@ struct ZeroAdamWOptions : public torch::optim::OptimizerCloneableOptions<ZeroAda
   TORCH_ARG(int64_t, stage) = 1;
   // Keep the optimizer state in host memory and step it on the CPU (see above).
   TORCH_ARG(bool, cpu_offload) = false;
+  // cpu_offload: the share of this rank's optimizer state that moves to the host, in (0, 1]. The
+  // rest, the buckets the next forward needs first (rounded up to whole buckets), stays on the
+  // device and is stepped there, so that the forward can start while the CPU steps the others.
+  TORCH_ARG(double, offload_fraction) = 1.0;
   // cpu_offload: step() returns once the norm is known and the CPU steps the buckets behind it,
   // from the model's first parameters; the caller waits for a parameter's bucket before the
   // forward that uses it (wait_parameter; Python's ZeroAdamW does it in a forward pre-hook), so

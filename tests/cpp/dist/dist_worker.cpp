@@ -156,7 +156,8 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   }
   scaletrain::optim::ZeroAdamW adamw(
       groups_of(model, scaletrain::optim::ZeroAdamWOptions(lr).betas({0.9, 0.95}).eps(eps)),
-      scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(clip).cpu_offload(offload > 0).overlap_forward(offload == 2),
+      scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(clip).cpu_offload(offload > 0).overlap_forward(offload >= 2)
+          .offload_fraction(offload == 3 ? 0.5 : 1.0),
       group);
   expect(adamw.layout().buckets.size() > 2, "the test model spans several buckets");
 
@@ -196,7 +197,7 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
     adamw.zero_grad();
     // offload 2 (overlap_forward): the step runs behind step()'s return; C++ modules have no forward
     // hooks, so wait for each parameter's bucket before reading it (the next step would wait too).
-    if (offload == 2) {
+    if (offload >= 2) {
       for (int64_t i = static_cast<int64_t>(model_params.size()); i-- > 0;) adamw.wait_parameter(i);
     }
     if (step == 0) first_norm = result.norm.item<double>();
@@ -230,12 +231,22 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   expect(memory.parameter_bytes == 4 * layout.total_numel, "parameter bytes: 4 x flat buffer");
   // Offload moves the moments to the host, with an fp32 master of the chunks (the step's values)
   // and the chunks' gradients; nothing of the optimizer stays on the model's device.
-  int64_t expected_optimizer = offload ? 0 : 8 * shard + 4 * buckets;
-  int64_t expected_host = offload ? 16 * shard + 4 * buckets : 0;
+  // Offload 3 keeps half of the state on the device: each byte is on one side (8 per element on
+  // the device, 16 on the host).
+  int64_t expected_optimizer = offload == 0 ? 8 * shard + 4 * buckets : 0;
+  int64_t expected_host = offload == 0 ? 0 : 16 * shard + 4 * buckets;
+  if (offload == 3) {
+    int64_t host_numel = (memory.host_bytes - (memory.host_bytes % 16)) / 16;  // the step counts: < 16 bytes per bucket
+    expect(host_numel > 0 && host_numel < shard, "offload_fraction 0.5: some state on each side");
+    expected_host = memory.host_bytes;
+    expected_optimizer = memory.optimizer_bytes;
+    expect(memory.optimizer_bytes >= 8 * (shard - host_numel), "the device's share of the state");
+  }
   expect(memory.optimizer_bytes == expected_optimizer && memory.host_bytes == expected_host,
          "optimizer bytes " + std::to_string(memory.optimizer_bytes) + " (expected " + std::to_string(expected_optimizer) +
              "), host bytes " + std::to_string(memory.host_bytes) + " (expected " + std::to_string(expected_host) + ")");
   int64_t expected_gradients = stage == 1 ? 4 * layout.total_numel : (offload ? 0 : 4 * shard);
+  if (offload == 3 && stage == 2) expected_gradients = memory.gradient_bytes;  // the device's chunks
   expect(memory.gradient_bytes == expected_gradients, "gradient bytes after the step: got " +
                                                           std::to_string(memory.gradient_bytes) + ", expected " +
                                                           std::to_string(expected_gradients));
@@ -243,7 +254,7 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
       "rank %lld of %lld (%s): stage %lld%s accum %lld clip %g (first norm %.3g): worst relative error %.3g over %d "
       "steps, %lld buckets\n",
       static_cast<long long>(rank), static_cast<long long>(world), group.backend_name().c_str(), static_cast<long long>(stage),
-      offload == 2 ? " offload overlap_forward" : offload ? " offload" : "",
+      offload == 3 ? " offload 0.5 overlap_forward" : offload == 2 ? " offload overlap_forward" : offload ? " offload" : "",
       static_cast<long long>(accum), clip, first_norm, worst, steps, static_cast<long long>(buckets));
 }
 

@@ -25,7 +25,7 @@ struct Case {
   bool fallbacks;
   double loss_scale;
   int skip_at;
-  int offload = 0;  // 1: cpu_offload; 2: also overlap_forward
+  int offload = 0;  // 1: cpu_offload; 2: also overlap_forward; 3: also offload_fraction 0.5
 };
 
 void PrintTo(const Case& c, std::ostream* os) {
@@ -42,7 +42,8 @@ std::string name_of(const ::testing::TestParamInfo<Case>& info) {
   if (c.loss_scale != 1) name += "_scaled";
   if (c.skip_at >= 0) name += "_inf";
   if (c.offload > 0) name += "_offload";
-  if (c.offload == 2) name += "_overlap";
+  if (c.offload >= 2) name += "_overlap";
+  if (c.offload == 3) name += "_half";
   return name;
 }
 
@@ -68,7 +69,8 @@ INSTANTIATE_TEST_SUITE_P(
                       // CPU offload: the same matrix's corners (the worker thread, host state, copies back).
                       Case{1, 1, 2, 0.2, false, 1, -1, 1}, Case{1, 2, 1, 0, false, 1, -1, 1},
                       Case{2, 2, 2, 0.2, false, 1024, 4, 1}, Case{3, 1, 3, 0, false, 1, -1, 1},
-                      Case{4, 2, 1, 0.2, true, 1, -1, 1}, Case{2, 1, 2, 0.2, false, 1024, 3, 2}),
+                      Case{4, 2, 1, 0.2, true, 1, -1, 1}, Case{2, 1, 2, 0.2, false, 1024, 3, 2},
+                      Case{1, 1, 1, 0, false, 1, -1, 3}, Case{3, 2, 2, 0.2, false, 1024, 4, 3}),
     name_of);
 
 using scaletrain::testing::error_message;
@@ -81,6 +83,12 @@ TEST(ZeroAdamW, RefusesWhatItDoesNotDo) {
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(0)); }).find("stage 0"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(-1.0)); }).find("lr -1"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).cpu_offload(true).offload_fraction(0)); })
+                .find("offload_fraction 0"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).overlap_forward(true)); })
+                .find("overlap_forward needs cpu_offload"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).bucket_mb(0)); }).find("bucket_mb"),
             std::string::npos);
@@ -217,7 +225,7 @@ TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCuda) {
 TEST(ZeroAdamW, Fp32OnCudaMatchesTorchAdamW) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   for (const char* stage : {"1", "2"}) {
-    for (const char* offload : {"0", "1", "2"}) {
+    for (const char* offload : {"0", "1", "2", "3"}) {
       auto results = run_ranks(1, {"zero", stage, "2", "0.2", "0", "1024", "3", "cuda", offload}, 240);
       ASSERT_EQ(results[0].exit_code, 0) << outputs(results);
       EXPECT_NE(results[0].output.find("(nccl)"), std::string::npos) << outputs(results);
