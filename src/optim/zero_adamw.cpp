@@ -944,6 +944,36 @@ std::vector<ZeroParamState> ZeroAdamW::gather_state() const {
   return state;
 }
 
+std::vector<ZeroParamSlice> ZeroAdamW::local_state() const {
+  at::NoGradGuard no_grad;
+  impl_->wait_all_stepped();
+  const Impl& s = *impl_;
+  std::vector<ZeroParamSlice> slices;
+  auto cpu_copy = [](const at::Tensor& t) { return t.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true); };
+  for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
+    const auto& bucket = s.layout.buckets[b];
+    const int64_t chunk_begin = s.rank * bucket.chunk_numel(s.world);
+    const int64_t chunk_end = chunk_begin + bucket.chunk_numel(s.world);
+    const double step = s.steps[b].item<double>();
+    for (int64_t index : bucket.params) {
+      const int64_t param_begin = s.layout.param_offset[static_cast<size_t>(index)] - bucket.offset;
+      const int64_t param_end = param_begin + s.params[static_cast<size_t>(index)].numel();
+      const int64_t lo = std::max(param_begin, chunk_begin);
+      const int64_t hi = std::min(param_end, chunk_end);
+      if (lo >= hi) continue;
+      ZeroParamSlice slice;
+      slice.param = index;
+      slice.start = lo - param_begin;
+      slice.step = step;
+      slice.exp_avg = cpu_copy(s.exp_avg_of(b).narrow(0, lo - chunk_begin, hi - lo));
+      slice.exp_avg_sq = cpu_copy(s.exp_avg_sq_of(b).narrow(0, lo - chunk_begin, hi - lo));
+      if (s.dtype != at::kFloat) slice.master = cpu_copy(s.master_of(b).narrow(0, lo - chunk_begin, hi - lo));
+      slices.push_back(std::move(slice));
+    }
+  }
+  return slices;
+}
+
 void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
   at::NoGradGuard no_grad;
   Impl& s = *impl_;

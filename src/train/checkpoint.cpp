@@ -145,24 +145,56 @@ std::string CheckpointStore::save(int64_t step, const std::vector<std::pair<std:
       throw std::invalid_argument("checkpoint file name '" + name + "' given twice");
     names.push_back(name);
   }
+  const std::string temporary = begin(step, std::to_string(::getpid()));
+  std::vector<WrittenFile> written;
+  try {
+    for (const auto& [name, contents] : files) written.push_back(write_into(temporary, name, contents));
+  } catch (...) {
+    try {
+      core::remove_tree(temporary);
+    } catch (const core::IOError&) {
+    }
+    throw;
+  }
+  return commit(step, temporary, written);
+}
+
+std::string CheckpointStore::temporary_path(int64_t step, const std::string& tag) const {
+  return dir_ + "/" + kTemporaryPrefix + step_name(step) + "-" + tag;
+}
+
+std::string CheckpointStore::begin(int64_t step, const std::string& tag) const {
+  if (step < 0) throw std::invalid_argument(fmt::format("checkpoint step {}: expected >= 0", step));
   if (!core::is_directory(dir_)) {
     core::create_directories(dir_);
     core::fsync_directory(core::parent_directory(dir_));
   }
   for (const auto& entry : core::list_directory(dir_))  // left by a crash (or a killed run)
     if (entry.rfind(kTemporaryPrefix, 0) == 0) core::remove_tree(dir_ + "/" + entry);
+  const std::string temporary = temporary_path(step, tag);
+  core::create_directories(temporary);
+  return temporary;
+}
 
+CheckpointStore::WrittenFile CheckpointStore::write_into(const std::string& temporary, const std::string& name,
+                                                         const std::string& contents) {
+  if (!is_plain_file_name(name))
+    throw std::invalid_argument("checkpoint file name '" + name + "': expected a plain name, not manifest.json");
+  core::write_file_atomic(temporary + "/" + name, contents);  // flushed to disk before the manifest
+  return {name, static_cast<uint64_t>(contents.size()), crc32_of(contents)};
+}
+
+std::string CheckpointStore::commit(int64_t step, const std::string& temporary,
+                                    const std::vector<WrittenFile>& files) const {
   const std::string pid = std::to_string(::getpid());
-  const std::string temporary = dir_ + "/" + kTemporaryPrefix + step_name(step) + "-" + pid;
   const std::string final_path = path_of(step);
   try {
-    core::create_directories(temporary);
     Json manifest{{"format", kFormat}, {"version", kVersion}, {"step", step}, {"created", utc_now()}};
     manifest["files"] = Json::array();
-    for (const auto& [name, contents] : files) {
-      core::write_file_atomic(temporary + "/" + name, contents);  // flushed to disk before the manifest
-      manifest["files"].push_back(
-          {{"name", name}, {"size", static_cast<uint64_t>(contents.size())}, {"crc32", hex32(crc32_of(contents))}});
+    for (const auto& file : files) {
+      if (!is_plain_file_name(file.name))
+        throw std::invalid_argument("checkpoint file name '" + file.name + "': expected a plain name");
+      manifest["files"].push_back({{"name", file.name}, {"size", file.size}, {"crc32", hex32(file.crc32)}});
     }
     manifest["manifest_crc32"] = manifest_checksum(manifest);
     core::write_file_atomic(temporary + "/" + kManifest, manifest.dump(2) + "\n");

@@ -104,6 +104,17 @@ struct ZeroParamState {
   at::Tensor master;      // fp32 values of a bf16/fp16 model; undefined for an fp32 model
 };
 
+// This rank's part of one parameter's state: elements [start, start + numel) of the flattened
+// parameter (those in this rank's chunks), on the CPU.
+struct ZeroParamSlice {
+  int64_t param = 0;      // index in param-group order
+  int64_t start = 0;
+  double step = 0;
+  at::Tensor exp_avg;     // fp32, 1-d
+  at::Tensor exp_avg_sq;  // fp32
+  at::Tensor master;      // fp32 values of a bf16/fp16 model; undefined for an fp32 model
+};
+
 // Bytes of the tensors a rank holds now, by kind (ZeRO's accounting).
 struct ZeroMemory {
   int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer)
@@ -157,6 +168,9 @@ class ZeroAdamW : public torch::optim::Optimizer {
   // size, stage or buckets, so scatter_state() of another run takes it (resharding), and it is
   // torch.optim.AdamW's state (Python's state_dict() is this).
   std::vector<ZeroParamState> gather_state() const;
+  // This rank's slices of the state (no collective): what a sharded checkpoint writes per rank
+  // (train/zero_checkpoint.h). Slices of every rank together cover every parameter once.
+  std::vector<ZeroParamSlice> local_state() const;
   // Takes this rank's chunks of `state` (one entry per parameter, shapes checked; std::invalid_argument
   // naming the parameter otherwise). A bf16/fp16 model also gets its parameters from the masters.
   void scatter_state(const std::vector<ZeroParamState>& state);

@@ -53,6 +53,26 @@ class CheckpointStore {
   // IOError (and leaves no new checkpoint) when a write fails, std::invalid_argument for a bad name.
   std::string save(int64_t step, const std::vector<std::pair<std::string, std::string>>& files) const;
 
+  // A checkpoint written by several processes (a sharded optimizer): one of them calls begin(),
+  // every one writes its files with write_into() into the folder begin() returned, and the first
+  // commits the manifest with what each wrote. Same guarantees as save(): until commit() renames
+  // the folder, a crash leaves no new checkpoint. `tag` names the temporary folder (every process
+  // computes the same path: temporary_path()).
+  struct WrittenFile {
+    std::string name;
+    uint64_t size = 0;
+    uint32_t crc32 = 0;
+  };
+  std::string temporary_path(int64_t step, const std::string& tag) const;
+  // Removes leftovers of earlier crashes and creates temporary_path(step, tag).
+  std::string begin(int64_t step, const std::string& tag) const;
+  // Writes `contents` as `name` into `temporary` and flushes it to disk (any process).
+  static WrittenFile write_into(const std::string& temporary, const std::string& name, const std::string& contents);
+  // Writes the manifest of `files` (each written into `temporary`), flushes, renames the folder to
+  // path_of(step) (replacing one of the same step) and returns that path. IOError (and the
+  // temporary folder removed) when it fails.
+  std::string commit(int64_t step, const std::string& temporary, const std::vector<WrittenFile>& files) const;
+
   // Steps of the checkpoint folders in dir (complete or not; verification is load's job),
   // newest first; empty when dir does not exist.
   std::vector<int64_t> list() const;

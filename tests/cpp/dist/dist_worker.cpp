@@ -7,6 +7,11 @@
 //       10 steps of ZeroAdamW against torch::optim::AdamW (LibTorch's) on the whole global batch in
 //       this process; SKIP_AT: rank 0's loss is inf on that step (every rank must skip it); DEVICE
 //       cuda: NCCL, one GPU per rank.
+//   scaletrain_dist_worker zero_checkpoint save|die|load DIR STAGE OFFLOAD
+//       6 steps against torch::optim::AdamW: save writes a sharded checkpoint after step 3 (and
+//       trains on); die saves after step 3, then the last rank kills itself (SIGKILL) during the
+//       save after step 5; load resumes from the newest valid checkpoint in DIR (on any number of
+//       ranks, stage, offload) and trains steps 4 to 6.
 //   scaletrain_dist_worker die
 //       the last rank kills itself (SIGKILL) during a collective loop: the others must fail.
 // Exit code 0 when every check holds; 1 with a message on stderr otherwise; 3 on a DistError.
@@ -14,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,6 +32,8 @@
 
 #include "scaletrain/dist/process_group.h"
 #include "scaletrain/optim/zero_adamw.h"
+#include "scaletrain/train/checkpoint.h"
+#include "scaletrain/train/zero_checkpoint.h"
 
 namespace {
 
@@ -258,6 +266,100 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
       static_cast<long long>(accum), clip, first_norm, worst, steps, static_cast<long long>(buckets));
 }
 
+// The model's parameters as one checkpoint file, and back.
+std::string save_parameters(torch::nn::Sequential& model) {
+  torch::serialize::OutputArchive archive;
+  auto params = model->parameters();
+  for (size_t i = 0; i < params.size(); ++i) archive.write("p" + std::to_string(i), params[i].detach().cpu());
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+void load_parameters(torch::nn::Sequential& model, const std::string& contents) {
+  torch::serialize::InputArchive archive;
+  std::istringstream in(contents);
+  archive.load_from(in);
+  auto params = model->parameters();
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor value;
+    archive.read("p" + std::to_string(i), value);
+    params[i].copy_(value);
+  }
+}
+
+void zero_checkpoint(const std::string& mode, const std::string& dir, int64_t stage, bool offload) {
+  ProcessGroup group = join(false);
+  const int64_t rank = group.rank();
+  const int64_t world = group.size();
+  const int64_t rows = 12;
+  const int steps = 6;
+  const int64_t saved_at = 3;
+  const double lr = 1e-3;
+  const double eps = 1e-5;
+  // The reference: 6 steps of torch's AdamW on the whole global batch, the parameters after each.
+  auto reference = make_model();
+  torch::optim::AdamW reference_adamw(groups_of(reference, torch::optim::AdamWOptions(lr).betas({0.9, 0.95}).eps(eps)));
+  auto batch = [&](int step) {
+    torch::manual_seed(100 + step);
+    auto x = at::randn({rows, 13});
+    return std::make_pair(x, at::randn({rows, 5}));
+  };
+  std::vector<std::vector<at::Tensor>> expected;
+  for (int step = 0; step < steps; ++step) {
+    reference_adamw.zero_grad();
+    auto [x, y] = batch(step);
+    at::mse_loss(reference->forward(x), y).backward();
+    torch::nn::utils::clip_grad_norm_(reference->parameters(), 0.2);
+    reference_adamw.step();
+    std::vector<at::Tensor> after;
+    for (auto& p : reference->parameters()) after.push_back(p.detach().clone());
+    expected.push_back(std::move(after));
+  }
+
+  auto model = make_model();
+  scaletrain::optim::ZeroAdamW adamw(
+      groups_of(model, scaletrain::optim::ZeroAdamWOptions(lr).betas({0.9, 0.95}).eps(eps)),
+      scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(0.2).cpu_offload(offload),
+      group);
+  scaletrain::train::CheckpointStore store(dir);
+  int first = 0;
+  if (mode == "load") {
+    auto checkpoint = store.latest_valid();
+    expect(checkpoint.has_value() && checkpoint->step == saved_at, "the newest valid checkpoint is step 3's");
+    if (!checkpoint) return;
+    load_parameters(model, checkpoint->file("model.pt"));
+    scaletrain::train::load_sharded(*checkpoint, adamw);
+    first = static_cast<int>(checkpoint->step);
+  }
+  const int64_t local = rows / world;
+  double worst = 0;
+  for (int step = first; step < steps; ++step) {
+    auto [x, y] = batch(step);
+    at::mse_loss(model->forward(x.narrow(0, rank * local, local)), y.narrow(0, rank * local, local)).backward();
+    adamw.step();
+    adamw.zero_grad();
+    auto params = model->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      double error = relative_error(params[i], expected[static_cast<size_t>(step)][i]);
+      worst = std::max(worst, error);
+      expect(error <= 1e-6, "step " + std::to_string(step + 1) + " parameter " + std::to_string(i) +
+                                ": relative error " + std::to_string(error));
+    }
+    const bool save = (mode != "load" && step + 1 == saved_at) || (mode == "die" && step + 1 == 5);
+    if (save) {
+      auto dying = [&] {
+        if (mode == "die" && step + 1 == 5 && rank == world - 1) std::raise(SIGKILL);
+      };
+      scaletrain::train::save_sharded(store, step + 1, adamw, {{"model.pt", save_parameters(model)}}, dying);
+    }
+  }
+  std::printf("rank %lld of %lld: %s stage %lld%s: steps %d to %d, worst relative error %.3g\n",
+              static_cast<long long>(rank), static_cast<long long>(world), mode.c_str(), static_cast<long long>(stage),
+              offload ? " offload" : "", first + 1, steps, worst);
+}
+
 void die() {
   ProcessGroup group = join(false);
   for (int i = 0; i < 1000; ++i) {
@@ -282,6 +384,8 @@ int main(int argc, char** argv) {
     } else if (args[0] == "zero" && args.size() >= 6) {
       zero(std::stoll(args[1]), std::stoll(args[2]), std::stod(args[3]), args[4] == "1", std::stod(args[5]),
            args.size() > 6 ? std::stoi(args[6]) : -1, args.size() > 7 ? args[7] : "cpu", args.size() > 8 ? std::stoi(args[8]) : 0);
+    } else if (args[0] == "zero_checkpoint" && args.size() == 5) {
+      zero_checkpoint(args[1], args[2], std::stoll(args[3]), args[4] == "1");
     } else if (args[0] == "die") {
       die();
     } else {
