@@ -204,6 +204,20 @@ class ZeroAdamW(torch.optim.Optimizer):
         """Elements of this rank's share of the flat buffer (the same on every rank)."""
         return int(self._core.shard_numel())
 
+    def save_checkpoint(self, directory: str, step: int, files: Optional[dict[str, bytes]] = None) -> str:
+        """Writes a sharded checkpoint (a collective: every rank, the same step): each rank its own
+        part of the state, rank 0 also ``files`` (e.g. the model's ``torch.save`` bytes) and the
+        manifest (sizes and CRC-32 of every file), into ``directory/step_<step>`` atomically: a
+        rank that dies during the save leaves no new checkpoint. Returns the checkpoint's folder."""
+        return self._core.save_sharded(directory, step, files or {})
+
+    def load_checkpoint(self, directory: str, step: Optional[int] = None) -> tuple[int, dict[str, bytes]]:
+        """Loads a checkpoint of ``save_checkpoint`` (the newest valid one when ``step`` is None)
+        written on any number of ranks, at any stage or offload setting; every rank calls it.
+        Returns its step and the other files saved with it. OSError when none verifies."""
+        step, files = self._core.load_sharded(directory, step)
+        return int(step), dict(files)
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``torch.optim.AdamW``'s state dict, whole: every rank's chunks gathered (a collective: call
         it on every rank). Per parameter ``step``, ``exp_avg``, ``exp_avg_sq`` (CPU, fp32) and, for a

@@ -8,10 +8,22 @@
 
 #include "scaletrain/optim/adamw.h"
 #include "scaletrain/optim/zero_adamw.h"
+#include "scaletrain/core/error.h"
+#include "scaletrain/train/zero_checkpoint.h"
 
 namespace py = pybind11;
 
 namespace scaletrain::python {
+
+namespace {
+
+// A checkpoint that cannot be written or read: OSError in Python (the GIL is held here).
+[[noreturn]] void raise_os_error(const core::IOError& e) {
+  PyErr_SetString(PyExc_OSError, e.what());
+  throw py::error_already_set();
+}
+
+}  // namespace
 
 void bind_optim(py::module_& parent) {
   py::module_ m = parent.def_submodule("optim", "optimizer kernels");
@@ -114,6 +126,44 @@ void bind_optim(py::module_& parent) {
             }
           },
           py::arg("state"))
+      .def(
+          "save_sharded",
+          [](const optim::ZeroAdamW& self, const std::string& dir, int64_t step, const std::map<std::string, py::bytes>& files) {
+            std::vector<std::pair<std::string, std::string>> contents;
+            for (const auto& [name, data] : files) contents.emplace_back(name, std::string(data));
+            try {
+              py::gil_scoped_release release;  // collectives
+              return train::save_sharded(train::CheckpointStore(dir), step, self, contents);
+            } catch (const core::IOError& e) {
+              raise_os_error(e);
+            }
+          },
+          py::arg("dir"), py::arg("step"), py::arg("files"))
+      .def(
+          "load_sharded",
+          [](optim::ZeroAdamW& self, const std::string& dir, std::optional<int64_t> step) {
+            train::Checkpoint checkpoint;
+            try {
+              py::gil_scoped_release release;
+              train::CheckpointStore store(dir);
+              if (step) {
+                checkpoint = store.load(*step);
+              } else {
+                auto latest = store.latest_valid();
+                if (!latest) throw core::IOError("checkpoint folder '" + dir + "': no valid checkpoint");
+                checkpoint = std::move(*latest);
+              }
+              train::load_sharded(checkpoint, self);
+            } catch (const core::IOError& e) {
+              raise_os_error(e);
+            }
+            py::dict files;
+            for (const auto& [name, contents] : checkpoint.files) {
+              if (name.rfind("zero_rank", 0) != 0) files[py::str(name)] = py::bytes(contents);
+            }
+            return py::make_tuple(checkpoint.step, files);
+          },
+          py::arg("dir"), py::arg("step") = py::none())
       .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
       .def("wait_parameter", &optim::ZeroAdamW::wait_parameter, py::arg("index"),
            py::call_guard<py::gil_scoped_release>())

@@ -214,6 +214,26 @@ struct ZeroAdamW::Impl {
   at::Tensor grad_chunk(size_t b) const {
     return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);
   }
+  // The parameters' version counters, summed: the user's in-place writes (load_state_dict, ...)
+  // change it; ours go through param_flat's views, whose counter is another.
+  int64_t params_version = 0;
+  int64_t current_params_version() const {
+    int64_t sum = 0;
+    for (const auto& p : params) sum += static_cast<int64_t>(p._version());
+    return sum;
+  }
+  // Before a step: parameters written since the last one (a model's weights loaded after the
+  // optimizer's state) replace the fp32 masters, which would otherwise overwrite them.
+  void adopt_written_parameters() {
+    const int64_t version = current_params_version();
+    if (version == params_version) return;
+    for (size_t b = 0; b < layout.buckets.size(); ++b) {
+      at::Tensor value = master_of(b);
+      if (value.defined()) value.copy_(chunk_of(param_flat, layout.buckets[b]));
+    }
+    params_version = version;
+  }
+
   // Bucket b's chunk of the optimizer state, wherever it lives (master: undefined when none).
   at::Tensor exp_avg_of(size_t b) const { return shard_chunk(on_host[b] ? host_exp_avg : exp_avg, b); }
   at::Tensor exp_avg_sq_of(size_t b) const { return shard_chunk(on_host[b] ? host_exp_avg_sq : exp_avg_sq, b); }
@@ -746,6 +766,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
       s.params[i].mutable_grad() = s.param_view(s.grad_flat, i);
     }
   }
+  s.params_version = s.current_params_version();
   s.reset_step_state();
   if (s.offload) {
     Impl* impl = impl_.get();
@@ -838,6 +859,7 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
                                             s.device.str(), inv_scale.numel(), inv_scale.device().str()));
   }
   s.wait_all_stepped();
+  s.adopt_written_parameters();
   s.finish_reduction();
 
   // The global norm: this rank's sum of squares (fp32), summed over ranks.
@@ -1030,6 +1052,7 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
       if (state[i].master.defined()) s.params[i].copy_(state[i].master.view(s.params[i].sizes()));
     }
   }
+  s.params_version = s.current_params_version();  // those writes were ours
 }
 
 void ZeroAdamW::save(torch::serialize::OutputArchive& archive) const {

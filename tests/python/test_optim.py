@@ -2,6 +2,7 @@
 torch.distributed (Gloo, separate processes) on the same global batch as one torch.optim.AdamW
 process; LR schedulers, no_sync accumulation, the memory the ranks hold, and bad arguments."""
 import contextlib
+import io
 import os
 import socket
 
@@ -56,7 +57,7 @@ def reference_run(accum, clip, scheduler=True, first=0, load=None):
 
 
 def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS), load=None, save=None,
-             offload=False, device="cpu", overlap=False, fraction=1.0):
+             offload=False, device="cpu", overlap=False, fraction=1.0, sharded=None):
     model = make_model().to(device)
     if load is not None:
         saved = torch.load(load)
@@ -66,6 +67,10 @@ def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS)
                     offload_fraction=fraction)
     if load is not None:
         opt.load_state_dict(saved["optimizer"])
+    if sharded is not None and steps[0] > 0:  # resume from the sharded checkpoint of step steps[0]
+        step, files = opt.load_checkpoint(sharded)
+        assert step == steps[0], step
+        model.load_state_dict(torch.load(io.BytesIO(files["model.pt"])))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
     local = ROWS // world
     params, norms = [], []
@@ -86,6 +91,10 @@ def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS)
         norms.append(float(opt.last_norm))
         if not overlap:
             snapshot()
+        if sharded is not None and step + 1 == 4 and steps[0] == 0:
+            buffer = io.BytesIO()
+            torch.save(model.state_dict(), buffer)
+            opt.save_checkpoint(sharded, step + 1, {"model.pt": buffer.getvalue()})
     if overlap:
         opt.synchronize()
         snapshot()
@@ -204,6 +213,22 @@ def test_state_dict_reshards_and_is_torch_adamws(tmp_path):
     compare(in_torch, (expected[0][4:], expected[1][4:]))
     with pytest.raises(ValueError, match="param groups hold"):
         ZeroAdamW(make_model().parameters()).load_state_dict(torch.load(path)["optimizer"])
+
+
+def test_sharded_checkpoints_reshard(tmp_path):
+    """Sharded: saved after 4 steps on 3 ranks at stage 1, resumed on 2 ranks at stage 2 with
+    offload: the resumed steps equal torch.optim.AdamW's uninterrupted ones (no scheduler)."""
+    directory = str(tmp_path / "ckpt")
+    expected = reference_run(2, 0.2, scheduler=False)
+    run_ranks(3, 1, 2, 0.2, run=dict(scheduler=False, steps=range(4), sharded=directory))
+    assert sorted(os.listdir(tmp_path / "ckpt" / "step_00000004")) == [
+        "manifest.json", "model.pt", "zero_rank00000_of00003.pt", "zero_rank00001_of00003.pt",
+        "zero_rank00002_of00003.pt"]
+    resumed = run_ranks(2, 2, 2, 0.2, run=dict(scheduler=False, steps=range(4, STEPS), sharded=directory, offload=True))
+    for rank, params, norms, memory, shard in resumed:
+        compare(([[torch.tensor(p) for p in step] for step in params], norms), (expected[0][4:], expected[1][4:]))
+    with pytest.raises(OSError, match="no valid checkpoint"):
+        ZeroAdamW(make_model().parameters()).load_checkpoint(str(tmp_path / "none"))
 
 
 def test_bad_arguments_name_themselves():

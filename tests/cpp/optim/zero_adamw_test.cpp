@@ -211,6 +211,28 @@ void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool off
   EXPECT_EQ(adamw.memory().host_bytes, offload ? optimizer + 4 * adamw.layout().shard_numel() : 0);
 }
 
+// A model's weights written after the optimizer was built or loaded (model.load_state_dict after
+// the optimizer's) are the values the next step starts from, not the optimizer's fp32 master.
+TEST(ZeroAdamW, ParametersWrittenBetweenStepsReplaceTheMasters) {
+  for (bool offload : {false, true}) {
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      torch::nn::Linear linear(5, 3);
+      linear->to(dtype);
+      ZeroAdamW adamw(linear->parameters(), ZeroAdamWOptions(0.0).weight_decay(0.0).stage(2).cpu_offload(offload));
+      linear->forward(at::randn({4, 5}, dtype)).sum().backward();
+      adamw.step();
+      adamw.zero_grad();
+      {
+        at::NoGradGuard no_grad;
+        linear->weight.fill_(0.5);
+      }
+      linear->forward(at::randn({4, 5}, dtype)).sum().backward();
+      adamw.step();  // lr 0: the values stay what they were before the step
+      EXPECT_TRUE(linear->weight.eq(0.5).all().item<bool>()) << "offload " << offload << " " << dtype;
+    }
+  }
+}
+
 TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCpu) {
   expect_bf16_model_follows_fp32_reference(at::kCPU, false);
   expect_bf16_model_follows_fp32_reference(at::kCPU, true);
