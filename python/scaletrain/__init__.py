@@ -21,7 +21,7 @@ def _check_torch() -> None:
 
 _check_torch()
 
-from scaletrain import _C, amp, attention, optim  # noqa: E402
+from scaletrain import _C, accum, amp, attention, optim  # noqa: E402
 from scaletrain._C import (
     ConfigError,
     InputError,
@@ -40,6 +40,7 @@ __version__ = _C.version()
 
 __all__ = [
     "ConfigError",
+    "accum",
     "amp",
     "attention",
     "optim",
