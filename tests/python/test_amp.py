@@ -3,6 +3,7 @@ update, same skipped steps and bit-identical weights on a crafted overflow seque
 against Megatron-LM's DynamicGradScaler rules; the fused clip against torch.nn.utils.clip_grad_norm_."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -207,3 +208,40 @@ def test_more_bad_input_is_named():
             LossScaler().unscale_(not_an_optimizer)
         with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer"):
             LossScaler().step(not_an_optimizer)
+
+
+def test_the_gradient_pass_is_a_dispatcher_op_torch_compile_traces():
+    """torch.ops.scaletrain.unscale_check_clip_ / gradient_factor against torch's arithmetic, eager
+    and under torch.compile(fullgraph=True) (the Meta kernels give the shapes)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(37, 5), torch.randn(11)]
+    scale, max_norm = 64.0, 0.5
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]) / scale)
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+
+    values, factor = torch.ops.scaletrain.gradient_factor(grads, torch.tensor([1 / scale]), max_norm)
+    assert float(values[0]) == 0 and abs(float(values[1]) - float(norm)) <= 1e-6 * float(norm)
+    assert abs(float(factor) - coef / scale) <= 1e-6 * coef / scale
+
+    compiled = torch.compile(lambda gs, s: torch.ops.scaletrain.gradient_factor(gs, s, max_norm), fullgraph=True,
+                             backend="eager")
+    c_values, c_factor = compiled(grads, torch.tensor([1 / scale]))
+    assert torch.equal(c_values, values) and torch.equal(c_factor, factor)
+
+    written = [g.clone() for g in grads]
+    values, factor = torch.ops.scaletrain.unscale_check_clip_(written, 1 / scale, max_norm)
+    for w, g in zip(written, grads):
+        torch.testing.assert_close(w, g * (coef / scale), rtol=1e-6, atol=0)
+    # The in-place op under torch.compile (functionalised) writes the same gradients.
+    compiled_ = torch.compile(lambda gs: torch.ops.scaletrain.unscale_check_clip_(gs, 1 / scale, max_norm),
+                              fullgraph=True)
+    again = [g.clone() for g in grads]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*alias.*")  # torch's warning about outputs that alias
+        c_values, _ = compiled_(again)
+    assert torch.equal(c_values, values) and all(torch.equal(a, w) for a, w in zip(again, written))
+    grads[1][3] = float("inf")
+    values, _ = torch.ops.scaletrain.unscale_check_clip_([g.clone() for g in grads], 1 / scale, max_norm)
+    assert float(values[0]) == 1
+    with pytest.raises(ValueError, match="grads is empty"):
+        torch.ops.scaletrain.gradient_factor([], torch.tensor([1.0]), 0.0)
