@@ -35,3 +35,10 @@ def test_train_gpt_under_torchrun():
     losses = run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
                   str(ROOT / "examples/python/train_gpt.py"), *SMALL])
     assert len(losses) >= 5 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_hf_gpt2_learns():
+    pytest.importorskip("transformers")
+    losses = run([sys.executable, str(ROOT / "examples/python/hf_gpt2.py"), "--steps", "30", "--seq", "32",
+                  "--batch", "4", "--cpu-offload"])
+    assert len(losses) >= 5 and losses[-1] < 0.8 * losses[0], losses
