@@ -63,33 +63,69 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()  # tied embeddings
 
 
-def main():
-    root = pathlib.Path(__file__).resolve().parents[2]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+def loop_arguments(description, steps, lr):
+    """The options of the loop (hf_gpt2.py shares them)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--cpu-offload", action="store_true")
-    parser.add_argument("--data", default=str(root / "README.md"))
-    args = parser.parse_args()
+    parser.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[2] / "README.md"))
+    return parser
 
+
+def init_distributed():
+    """(device, rank, world): torchrun's process group when launched by it (NCCL on GPUs, else Gloo)."""
     if "RANK" in os.environ:
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return device, dist.get_rank(), dist.get_world_size()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
 
-    data = torch.frombuffer(bytearray(pathlib.Path(args.data).read_bytes()), dtype=torch.uint8).long()
-    if data.numel() <= args.seq + 1:
-        raise SystemExit(f"--data {args.data}: {data.numel()} bytes, expected more than --seq + 1 = {args.seq + 1}")
+
+class ByteWindows:
+    """Random windows of seq + 1 bytes of a file, different on every rank and micro-batch."""
+
+    def __init__(self, args, rank, world, device):
+        self.data = torch.frombuffer(bytearray(pathlib.Path(args.data).read_bytes()), dtype=torch.uint8).long()
+        if self.data.numel() <= args.seq + 1:
+            raise SystemExit(f"--data {args.data}: {self.data.numel()} bytes, expected more than --seq + 1 = "
+                             f"{args.seq + 1}")
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+
+    def __call__(self, step, micro):
+        a = self.args
+        g = torch.Generator().manual_seed(((step * a.micro_batches + micro) * self.world + self.rank) * 7919)
+        starts = torch.randint(0, self.data.numel() - a.seq - 1, (a.batch,), generator=g)
+        return torch.stack([self.data[s:s + a.seq + 1] for s in starts.tolist()]).to(self.device)
+
+
+def report(args, step, loss, opt, start, world, rank, lr=None):
+    """Every steps / 8 steps and the last: the mean loss over ranks, the norm, tokens per second."""
+    if not (step % max(1, args.steps // 8) == 0 or step == args.steps - 1):
+        return
+    reported = loss.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(reported)
+    if rank == 0:
+        tokens = (step + 1) * args.micro_batches * args.batch * args.seq * world
+        rate = f"lr {lr:.2e}  " if lr is not None else ""
+        print(f"step {step:4d}  loss {float(reported) / world:.3f}  grad norm {float(opt.last_norm):.3f}  {rate}"
+              f"{tokens / (time.perf_counter() - start):,.0f} tok/s", flush=True)
+
+
+def main():
+    parser = loop_arguments(__doc__.splitlines()[0], steps=200, lr=3e-3)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    device, rank, world = init_distributed()
+    windows = ByteWindows(args, rank, world, device)
     torch.manual_seed(0)
     model = GPT(256, args.seq, args.layers, args.heads, args.dim).to(device)
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,  # scaletrain
@@ -100,29 +136,16 @@ def main():
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
     acc = scaletrain.accum.accumulate(model, opt, args.micro_batches, scheduler=sched)  # scaletrain
 
-    def micro_batch(step, micro):
-        """Random windows of the file, different on every rank and micro-batch."""
-        g = torch.Generator().manual_seed(((step * args.micro_batches + micro) * world + rank) * 7919)
-        starts = torch.randint(0, data.numel() - args.seq - 1, (args.batch,), generator=g)
-        window = torch.stack([data[s:s + args.seq + 1] for s in starts.tolist()])
-        return window[:, :-1].to(device), window[:, 1:].to(device)
-
     start = time.perf_counter()
     for step in range(args.steps):
         for micro in range(args.micro_batches):
-            x, y = micro_batch(step, micro)
+            window = windows(step, micro)
+            x, y = window[:, :-1], window[:, 1:]
             with acc:  # scaletrain: no_sync but on the last micro-batch, which steps the optimizer
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
                 acc.backward(loss, tokens=y.numel())  # scaletrain
-        if step % max(1, args.steps // 8) == 0 or step == args.steps - 1:
-            reported = loss.detach().clone()
-            if dist.is_initialized():
-                dist.all_reduce(reported)
-            if rank == 0:
-                tokens = (step + 1) * args.micro_batches * args.batch * args.seq * world
-                print(f"step {step:4d}  loss {float(reported) / world:.3f}  grad norm {float(opt.last_norm):.3f}  "
-                      f"lr {sched.get_last_lr()[0]:.2e}  {tokens / (time.perf_counter() - start):,.0f} tok/s", flush=True)
+        report(args, step, loss, opt, start, world, rank, lr=sched.get_last_lr()[0])
     if dist.is_initialized():
         dist.destroy_process_group()
 
