@@ -64,8 +64,10 @@ class ZeroAdamW(torch.optim.Optimizer):
             and the CPU steps the buckets behind it, from the model's first parameters; each
             module's forward waits (a global forward pre-hook) for its own parameters only, so the
             CPU step overlaps the next forward. Parameters read outside a module's forward before
-            then are stale: call ``synchronize()`` first (``state_dict()`` and the optimizer's other
-            methods do).
+            then are stale, and writes race with the copies back: call ``synchronize()`` first
+            (``state_dict()`` and the optimizer's other methods do). With several ranks the
+            optimizer makes its own process group (``dist.new_group``) for the collectives that run
+            behind ``step()``.
         offload_fraction: with ``cpu_offload``, the share of the optimizer state moved to the host,
             in (0, 1]. The rest, the parameters the next forward needs first (whole buckets), keeps
             its state on the device and is stepped there, so that the forward starts at once while
@@ -106,6 +108,14 @@ class ZeroAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             groups.append((list(group["params"]), group["lr"], beta1, beta2, group["eps"], group["weight_decay"]))
         first = self.param_groups[0]["params"][0]
+        group = _default_group(process_group)
+        if overlap_forward and group is not None:
+            import torch.distributed as dist
+
+            if dist.get_world_size(group) > 1:
+                # The step's all-gathers run on a worker thread after step() returns: on a group of
+                # their own, so that the script's collectives (a logged loss) cannot interleave.
+                group = dist.new_group(ranks=dist.get_process_group_ranks(group), use_local_synchronization=True)
         # Bad options or parameters raise ValueError naming them; a failed collective RuntimeError.
         self._core = _C.optim.ZeroAdamWCore(
             groups,
@@ -116,7 +126,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             bucket_mb=bucket_mb,
             max_grad_norm=max_grad_norm,
             average_gradients=average_gradients,
-            process_group=_default_group(process_group),
+            process_group=group,
             device_type=first.device.type,
         )
         self.stage = stage
@@ -136,7 +146,11 @@ class ZeroAdamW(torch.optim.Optimizer):
             opt = ref()
             if opt is None or not opt._waiting:
                 return
-            for p in module._parameters.values():
+            # A module with parameters of its own may also read its children's directly (as
+            # nn.MultiheadAttention reads out_proj's): it waits for those too.
+            own = list(module._parameters.values())
+            params = module.parameters() if own and next(module.children(), None) is not None else own
+            for p in params:
                 i = opt._waiting.pop(id(p), None) if p is not None else None
                 if i is not None:
                     opt._core.wait_parameter(i)

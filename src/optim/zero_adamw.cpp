@@ -315,8 +315,16 @@ struct ZeroAdamW::Impl {
     at::Tensor output;
     if (offload && options.stage() == 2 && on_host[b]) {
       output = at::empty({bucket.chunk_numel(world)}, param_flat.options());
-      std::lock_guard<std::mutex> lock(worker_mutex);
-      reduced[b] = output;
+      // A CPU model's worker copies it from reduced[b] (and lets go); a CUDA model's copy stream
+      // keeps it alive by record_stream, so that it returns to the allocator as soon as it is copied.
+      bool on_copy_stream = false;
+#ifdef SCALETRAIN_WITH_CUDA
+      on_copy_stream = copy_stream.has_value();
+#endif
+      if (!on_copy_stream) {
+        std::lock_guard<std::mutex> lock(worker_mutex);
+        reduced[b] = output;
+      }
     } else {
       output = grad_chunk(b);
     }
@@ -459,12 +467,14 @@ struct ZeroAdamW::Impl {
       done_cv.wait(lock, [this, b] { return pending[b] == Pending::stepped; });
       pending[b] = Pending::none;
       gather = std::move(gathers[b]);
-      rethrow_worker_error();
     }
+    // This bucket's copy back and all-gather first, even when another bucket's job failed.
 #ifdef SCALETRAIN_WITH_CUDA
     if (copied[b]) copied[b]->block(c10::cuda::getCurrentCUDAStream(device.index()));
 #endif
     gather.wait();
+    std::lock_guard<std::mutex> lock(worker_mutex);
+    rethrow_worker_error();
   }
 
   void wait_all_stepped() {
@@ -529,6 +539,11 @@ struct ZeroAdamW::Impl {
   // Offload: queues the step of every bucket, from the model's first parameters (the next
   // forward's first need).
   void queue_steps(const std::vector<torch::optim::OptimizerParamGroup>& groups, const StepScale& scale) {
+#ifdef SCALETRAIN_WITH_CUDA
+    // The gradients' copies to the host are done (the norm's read waited for them already; this
+    // keeps it so whatever the norm's arithmetic becomes).
+    if (copy_stream) copy_stream->synchronize();
+#endif
     host_scale = scale;
     step_options.clear();
     for (const auto& g : groups) step_options.push_back(adamw_options(static_cast<const ZeroAdamWOptions&>(g.options())));

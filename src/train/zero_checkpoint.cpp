@@ -66,10 +66,13 @@ std::string save_sharded(const CheckpointStore& store, int64_t step, const optim
   const int world = group.size();
   int64_t params = 0;
   for (const auto& g : adamw.param_groups()) params += static_cast<int64_t>(g.params().size());
+  // local_state() first: it waits for a step still running behind (overlap_forward), whose
+  // all-gathers must not interleave with the barrier below.
+  const auto slices = adamw.local_state();
   const std::string temporary = store.temporary_path(step, "zero");
   if (rank == 0) store.begin(step, "zero");
   group.barrier();  // the folder exists
-  const std::string shard = serialize_shard(adamw.local_state(), rank, world, params);
+  const std::string shard = serialize_shard(slices, rank, world, params);
   const auto written = CheckpointStore::write_into(temporary, shard_name(rank, world), shard);
   if (after_shard_written) after_shard_written();
   // Every rank's (size, CRC-32) to every rank; rank 0 writes the manifest.

@@ -70,8 +70,10 @@ struct ZeroAdamWOptions : public torch::optim::OptimizerCloneableOptions<ZeroAda
   // cpu_offload: step() returns once the norm is known and the CPU steps the buckets behind it,
   // from the model's first parameters; the caller waits for a parameter's bucket before the
   // forward that uses it (wait_parameter; Python's ZeroAdamW does it in a forward pre-hook), so
-  // the CPU step overlaps the next forward. Parameters read before then are stale: synchronize()
-  // first. Every other call of the optimizer waits for the step itself.
+  // the CPU step overlaps the next forward. Parameters read or written before then race with the
+  // copies back: synchronize() first. With more than one rank the worker thread all-gathers on
+  // the group meanwhile: give the optimizer a group no one else uses until then (Python's
+  // ZeroAdamW makes its own). Every other call of the optimizer waits for the step itself.
   TORCH_ARG(bool, overlap_forward) = false;
   // Gradient bucket size in MiB (of the model's dtype): the unit of reduce-scatter and all-gather.
   TORCH_ARG(double, bucket_mb) = 25.0;
