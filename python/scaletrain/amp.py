@@ -121,9 +121,18 @@ class LossScaler:
             )
         return [p.grad for group in groups for p in group["params"] if p.grad is not None]
 
+    @staticmethod
+    def _is_zero(optimizer) -> bool:
+        from scaletrain.optim import ZeroAdamW
+
+        return isinstance(optimizer, ZeroAdamW)
+
     def unscale_(self, optimizer, max_norm: float = 0.0) -> torch.Tensor:
         """Unscale the optimizer's gradients in place, check them for inf/NaN and, with max_norm > 0,
         clip their global norm. Returns the norm before clipping (a 0-dim device tensor)."""
+        if self._is_zero(optimizer):
+            raise RuntimeError("unscale_(): a ZeroAdamW unscales, checks and clips inside its step (its gradients "
+                               "are being reduced or freed): give it max_grad_norm and call scaler.step(optimizer)")
         max_norm = float(max_norm)
         if math.isnan(max_norm) or max_norm < 0:
             raise ValueError(f"max_norm: got {max_norm}, expected a number >= 0 (0 or inf: no clipping)")
@@ -145,6 +154,14 @@ class LossScaler:
         if not self._enabled:
             self._grads(optimizer)  # the same TypeError for a non-optimizer, enabled or not
             return optimizer.step(*args, **kwargs)
+        if self._is_zero(optimizer):
+            # ZeroAdamW: 1 / scale goes into its step, which skips on an inf on any rank; its flag
+            # and norm are this step's check.
+            device = next(p.device for g in optimizer.param_groups for p in g["params"])
+            inv_scale = torch.full((1,), 1.0 / self._core.get_scale(), dtype=torch.float32, device=device)
+            result = optimizer.step(*args, inv_scale=inv_scale, **kwargs)
+            self._checks[id(optimizer)] = torch.cat([optimizer.last_found_inf.reshape(1), optimizer.last_norm.reshape(1)])
+            return result
         if id(optimizer) not in self._checks:
             self.unscale_(optimizer)
         if self._checks[id(optimizer)][0].item() != 0:

@@ -76,7 +76,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     ``state_dict()`` / ``load_state_dict()`` hold torch.optim.AdamW's state, whole (see there).
     A parameter that gets no gradient in a step counts as a zero gradient (weight decay applies).
     ``torch.amp.GradScaler`` cannot see the gradients (stage 2 frees them; stage 1's are being
-    reduced): pass ``inv_scale`` to ``step`` instead (``scaletrain.amp.LossScaler`` does).
+    reduced): ``scaletrain.amp.LossScaler``'s ``scaler.step(opt)`` passes ``inv_scale`` to ``step``
+    (or pass it yourself).
     The parameters become views into one flat buffer (rank 0's values are broadcast to every
     rank). After ``step()``, ``last_found_inf`` and ``last_norm`` hold the step's inf flag (1: the
     step was skipped on every rank) and the global norm, as one-element tensors on the device (no

@@ -245,3 +245,38 @@ def test_the_gradient_pass_is_a_dispatcher_op_torch_compile_traces():
     assert float(values[0]) == 1
     with pytest.raises(ValueError, match="grads is empty"):
         torch.ops.scaletrain.gradient_factor([], torch.tensor([1.0]), 0.0)
+
+
+def test_with_zero_adamw_the_scale_goes_into_its_step():
+    """scaler.step(ZeroAdamW) passes 1 / scale into the optimizer's step (stage 2 frees the
+    gradients): the same parameters as torch's AdamW on the unscaled loss; an inf step is skipped
+    and the scale backs off."""
+    from scaletrain.optim import ZeroAdamW
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+
+    reference, model = make(), make()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-5)
+    opt = ZeroAdamW(model.parameters(), lr=1e-3, eps=1e-5, stage=2, max_grad_norm=0.5)
+    scaler = LossScaler(init_scale=1024.0, growth_interval=1000)
+    for step in range(6):
+        torch.manual_seed(10 + step)
+        x, y = torch.randn(5, 6), torch.randn(5, 2)
+        poison = step == 3
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if not poison:
+            torch.nn.functional.mse_loss(reference(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            ref_opt.step()
+            ref_opt.zero_grad()
+        for a, b in zip(model.parameters(), reference.parameters()):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-6, f"step {step}"
+    assert scaler.get_scale() == 512.0 and scaler.skipped_steps == 1
+    with pytest.raises(RuntimeError, match="give it max_grad_norm"):
+        scaler.unscale_(opt)
