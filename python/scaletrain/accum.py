@@ -126,8 +126,7 @@ class accumulate:  # noqa: N801  (used as a context manager, like torch.no_grad)
     def _step(self) -> None:
         factor = self._factor()
         if self._is_zero():
-            device = next(p.device for g in self.optimizer.param_groups for p in g["params"])
-            self.optimizer.step(inv_scale=None if factor is None else factor.to(device).reshape(1))
+            self.optimizer.step(inv_scale=factor)
             self.grad_norm = None
         else:
             grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -157,9 +157,7 @@ class LossScaler:
         if self._is_zero(optimizer):
             # ZeroAdamW: 1 / scale goes into its step, which skips on an inf on any rank; its flag
             # and norm are this step's check.
-            device = next(p.device for g in optimizer.param_groups for p in g["params"])
-            inv_scale = torch.full((1,), 1.0 / self._core.get_scale(), dtype=torch.float32, device=device)
-            result = optimizer.step(*args, inv_scale=inv_scale, **kwargs)
+            result = optimizer.step(*args, inv_scale=1.0 / self._core.get_scale(), **kwargs)
             self._checks[id(optimizer)] = torch.cat([optimizer.last_found_inf.reshape(1), optimizer.last_norm.reshape(1)])
             return result
         if id(optimizer) not in self._checks:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -82,7 +82,7 @@ class ZeroAdamW(torch.optim.Optimizer):
     rank). After ``step()``, ``last_found_inf`` and ``last_norm`` hold the step's inf flag (1: the
     step was skipped on every rank) and the global norm, as one-element tensors on the device (no
     synchronisation until read). ``step(inv_scale=t)`` multiplies the gradients by ``t`` first
-    (1 / loss scale, a one-element float32 tensor on the parameters' device).
+    (1 / loss scale: a number, or a one-element tensor on any device).
     """
 
     def __init__(
@@ -131,6 +131,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             device_type=first.device.type,
         )
         self.stage = stage
+        self._device = first.device
         self.last_found_inf: Optional[torch.Tensor] = None
         self.last_norm: Optional[torch.Tensor] = None
         self._hook = None
@@ -174,8 +175,9 @@ class ZeroAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure: Any = None, inv_scale: Optional[torch.Tensor] = None) -> Any:  # type: ignore[override]
-        """One step on every rank (call it on all ranks together)."""
+    def step(self, closure: Any = None, inv_scale: Union[float, torch.Tensor, None] = None) -> Any:  # type: ignore[override]
+        """One step on every rank (call it on all ranks together). ``inv_scale``: a number or a
+        one-element tensor (moved to the parameters' device as float32)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -183,6 +185,10 @@ class ZeroAdamW(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             self._core.set_group(index, float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+        if isinstance(inv_scale, torch.Tensor):
+            inv_scale = inv_scale.to(self._device, torch.float32).reshape(1)
+        elif inv_scale is not None:  # filled on the device: no host-to-device copy, no synchronisation
+            inv_scale = torch.full((1,), float(inv_scale), dtype=torch.float32, device=self._device)
         self.last_found_inf, self.last_norm = self._core.step(inv_scale)
         if self._hook is not None:
             self._waiting = dict(self._index)

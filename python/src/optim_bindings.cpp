@@ -159,7 +159,7 @@ void bind_optim(py::module_& parent) {
             }
             py::dict files;
             for (const auto& [name, contents] : checkpoint.files) {
-              if (name.rfind("zero_rank", 0) != 0) files[py::str(name)] = py::bytes(contents);
+              if (!train::is_shard_file(name)) files[py::str(name)] = py::bytes(contents);
             }
             return py::make_tuple(checkpoint.step, files);
           },

@@ -361,10 +361,13 @@ Work ProcessGroup::broadcast(at::Tensor& tensor, int root) const {
   }
 }
 
+at::Device ProcessGroup::device() const {
+  return state_->name == "nccl" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+}
+
 void ProcessGroup::barrier() const {
   if (!state_->backend) return;
-  std::string device = state_->name == "nccl" ? "cuda" : "cpu";
-  at::Tensor one = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(device));
+  at::Tensor one = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(device()));
   all_reduce(one).wait();
 }
 

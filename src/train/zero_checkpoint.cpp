@@ -52,10 +52,6 @@ std::string serialize_shard(const std::vector<optim::ZeroParamSlice>& slices, in
   return out.str();
 }
 
-at::Device collective_device(const dist::ProcessGroup& group) {
-  return group.backend_name() == "nccl" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
-}
-
 }  // namespace
 
 std::string save_sharded(const CheckpointStore& store, int64_t step, const optim::ZeroAdamW& adamw,
@@ -76,7 +72,7 @@ std::string save_sharded(const CheckpointStore& store, int64_t step, const optim
   const auto written = CheckpointStore::write_into(temporary, shard_name(rank, world), shard);
   if (after_shard_written) after_shard_written();
   // Every rank's (size, CRC-32) to every rank; rank 0 writes the manifest.
-  const auto device = collective_device(group);
+  const auto device = group.device();
   at::Tensor mine = at::tensor({static_cast<int64_t>(written.size), static_cast<int64_t>(written.crc32)},
                                at::TensorOptions().dtype(at::kLong)).to(device);
   at::Tensor all = at::empty({2 * world}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -89,7 +85,7 @@ std::string save_sharded(const CheckpointStore& store, int64_t step, const optim
                          static_cast<uint32_t>(sizes[2 * r + 1].item<int64_t>())});
     }
     for (const auto& [name, contents] : files) {
-      if (parse_shard_name(name).first >= 0) {
+      if (is_shard_file(name)) {
         throw std::invalid_argument("checkpoint file name '" + name + "': reserved for the optimizer's shards");
       }
       entries.push_back(CheckpointStore::write_into(temporary, name, contents));
@@ -100,9 +96,11 @@ std::string save_sharded(const CheckpointStore& store, int64_t step, const optim
   return store.path_of(step);
 }
 
+bool is_shard_file(const std::string& name) { return parse_shard_name(name).first >= 0; }
+
 bool has_shards(const Checkpoint& checkpoint) {
   for (const auto& entry : checkpoint.files) {
-    if (parse_shard_name(entry.first).first >= 0) return true;
+    if (is_shard_file(entry.first)) return true;
   }
   return false;
 }

@@ -114,6 +114,8 @@ class ProcessGroup {
   int rank() const;
   int size() const;
   std::string backend_name() const;  // "gloo", "nccl", or "single" for one process alone
+  // The device of the tensors the collectives take: CUDA (the current device) for NCCL, else CPU.
+  at::Device device() const;
   std::chrono::milliseconds timeout() const;
 
   // In place over all ranks. `tensor` contiguous, same shape and dtype on every rank.

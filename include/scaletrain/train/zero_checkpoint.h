@@ -35,6 +35,8 @@ std::string save_sharded(const CheckpointStore& store, int64_t step, const optim
                          const std::vector<std::pair<std::string, std::string>>& files,
                          const AfterShardWritten& after_shard_written = {});
 
+// Whether `name` is a ZeroAdamW shard's file name ("zero_rank00002_of00004.pt").
+bool is_shard_file(const std::string& name);
 // Whether `checkpoint` holds ZeroAdamW shards.
 bool has_shards(const Checkpoint& checkpoint);
 
