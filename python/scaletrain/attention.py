@@ -11,8 +11,8 @@ saved log-sum-exp.
   (torch's ``is_causal`` aligns top left; the two agree when q_len == k_len). A query that sees no
   key gets a zero output and zero gradients.
 - scale defaults to 1 / sqrt(head_dim).
-- float32, bfloat16 or float16; fp32 arithmetic. This build runs on CPU tensors; CUDA tensors are
-  refused with a ValueError saying so.
+- CPU tensors: float32, bfloat16 or float16, head_dim up to 256. CUDA tensors: bfloat16 or
+  float16, head_dim 64 or 128, tensor-core kernels (sm_80 and later). fp32 accumulation on both.
 
 Both are built on the dispatcher operators ``torch.ops.scaletrain.flash_attention_forward`` and
 ``flash_attention_backward`` (with fake-tensor kernels and an autograd formula registered here), so
@@ -38,8 +38,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
     dq, dk, dv = torch.ops.scaletrain.flash_attention_backward(
-        dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.causal, ctx.scale)
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -63,16 +65,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     """Attention in the scaled_dot_product_attention layout (batch, heads, seq, head_dim).
 
     k and v may have fewer heads than q (a divisor: grouped-query or multi-query attention).
-    Returns (batch, heads, q_len, head_dim) in q's dtype; differentiable in q, k and v.
+    Any strides with a dense head_dim (a transposed (batch, seq, heads, head_dim) buffer is read in
+    place). Returns (batch, heads, q_len, head_dim) in q's dtype and strides; differentiable in q,
+    k and v.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash_attention: q, k, v: {q.dim()}, {k.dim()} and {v.dim()} dimensions, expected 4 "
                          "(batch, heads, seq, head_dim)")
-    batch, heads, q_len, dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    offsets = torch.arange(batch + 1, dtype=torch.int64)
-    out = flash_attention_varlen(q.transpose(1, 2).reshape(batch * q_len, heads, dim),
-                                 k.transpose(1, 2).reshape(batch * k_len, kv_heads, k.shape[3]),
-                                 v.transpose(1, 2).reshape(batch * k_len, kv_heads, v.shape[3]),
-                                 offsets * q_len, offsets * k_len, causal, scale)
-    return out.view(batch, q_len, heads, dim).transpose(1, 2)
+    out, _ = torch.ops.scaletrain.flash_attention_forward(q, k, v, None, None, causal, scale)
+    return out

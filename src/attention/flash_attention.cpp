@@ -11,6 +11,16 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
+
+#ifdef SCALETRAIN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "core/tensor_dtype.h"
+#include "flash_attention_cuda.h"
+#endif
+
 namespace scaletrain::attention {
 namespace {
 
@@ -45,10 +55,19 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
       fail(std::string(names[i]) + ": head_dim stride " + std::to_string(t.stride(-1)) +
            ", expected 1 (the last dimension contiguous)");
   }
-  if (!q.is_cpu())
-    fail("q: on " + q.device().str() + ", but this build has flash attention kernels for CPU tensors only "
-         "(use attention sdpa on " + q.device().str() + ")");
   const int64_t d = q.size(-1);
+  if (q.is_cuda()) {
+#ifdef SCALETRAIN_WITH_CUDA
+    if (q.scalar_type() == at::kFloat)
+      fail("q: dtype Float on " + q.device().str() + ", the CUDA kernels take bfloat16 or float16 (cast q, k, v)");
+    if (!cuda::supports_head_dim(static_cast<int>(d)))
+      fail("q: head_dim " + std::to_string(d) + " on " + q.device().str() + ", the CUDA kernels take 64 or 128");
+#else
+    fail("q: on " + q.device().str() + ", but this build has no CUDA kernels (built without CUDA)");
+#endif
+  } else if (!q.is_cpu()) {
+    fail("q: on " + q.device().str() + ", expected a CPU or CUDA tensor");
+  }
   if (d > kMaxHeadDim) fail("q: head_dim " + std::to_string(d) + ", expected at most " + std::to_string(kMaxHeadDim));
   if (k.size(-1) != d || v.size(-1) != d)
     fail("k, v: head_dim " + std::to_string(k.size(-1)) + " and " + std::to_string(v.size(-1)) +
@@ -82,6 +101,12 @@ std::vector<int64_t> offsets_of(const at::Tensor& cu, const char* name, int64_t 
   return offsets;
 }
 
+float scale_of(int64_t dim, std::optional<double> scale) {
+  const double s = scale.value_or(1.0 / std::sqrt(static_cast<double>(dim)));
+  if (!std::isfinite(s)) fail("scale: got " + std::to_string(s) + ", expected a finite number");
+  return static_cast<float>(s);
+}
+
 struct Problem {
   std::vector<int64_t> q_offsets, k_offsets;
   int64_t heads = 0, kv_heads = 0, dim = 0;
@@ -99,9 +124,7 @@ Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
     fail("cu_seqlens_k: " + std::to_string(p.k_offsets.size() - 1) + " sequences, cu_seqlens_q has " +
          std::to_string(p.q_offsets.size() - 1));
   p.heads = q.size(1), p.kv_heads = k.size(1), p.dim = q.size(2), p.causal = causal;
-  const double s = scale.value_or(1.0 / std::sqrt(static_cast<double>(p.dim)));
-  if (!std::isfinite(s)) fail("scale: got " + std::to_string(s) + ", expected a finite number");
-  p.scale = static_cast<float>(s);
+  p.scale = scale_of(p.dim, scale);
   return p;
 }
 
@@ -271,22 +294,229 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_packed(const at::Tensor&
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
-void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
-  if (!dout.defined() || dout.sizes() != q.sizes())
-    fail("dout: expected q's shape " + c10::str(q.sizes()));
-  if (!out.defined() || out.sizes() != q.sizes()) fail("out: expected q's shape " + c10::str(q.sizes()));
-  if (!lse.defined() || lse.dim() != 2 || lse.size(0) != q.size(1) || lse.size(1) != q.size(0))
-    fail("lse: expected (heads, total_q) = (" + std::to_string(q.size(1)) + ", " + std::to_string(q.size(0)) + ")");
+// cu_seqlens: both (packed sequences) or neither (the dense layout).
+bool is_dense(const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k) {
+  const bool has_q = cu_q.has_value() && cu_q->defined(), has_k = cu_k.has_value() && cu_k->defined();
+  if (has_q != has_k)
+    fail(std::string(has_q ? "cu_seqlens_k" : "cu_seqlens_q") +
+         ": missing; pass both cu_seqlens (packed sequences) or neither (the dense layout)");
+  return !has_q;
 }
 
-// Autograd over the packed layout (the dense entry reshapes into it).
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool dense) {
+  check_qkv(q, k, v, dense ? 4 : 3);
+  if (dense && v.size(2) != k.size(2))
+    fail("v: sequence length " + std::to_string(v.size(2)) + ", expected k's " + std::to_string(k.size(2)));
+}
+
+// lse: (batch, heads, q_len) dense, (heads, total_q) packed.
+std::vector<int64_t> lse_shape(const at::Tensor& q, bool dense) {
+  return dense ? std::vector<int64_t>{q.size(0), q.size(1), q.size(2)} : std::vector<int64_t>{q.size(1), q.size(0)};
+}
+
+void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                           bool dense) {
+  const auto same = [&](const at::Tensor& t, const char* name) {
+    if (!t.defined() || t.sizes() != q.sizes())
+      fail(std::string(name) + ": expected q's shape " + c10::str(q.sizes()));
+    if (t.scalar_type() != q.scalar_type())
+      fail(std::string(name) + ": dtype " + dtype_name(t) + ", q is " + dtype_name(q) + " (expected one dtype)");
+    if (t.device() != q.device())
+      fail(std::string(name) + ": on " + t.device().str() + ", q is on " + q.device().str() + " (expected one device)");
+  };
+  same(dout, "dout");
+  same(out, "out");
+  const std::vector<int64_t> want = lse_shape(q, dense);
+  if (!lse.defined() || lse.sizes() != at::IntArrayRef(want) || lse.scalar_type() != at::kFloat ||
+      lse.device() != q.device())
+    fail("lse: expected float32 of shape " + c10::str(at::IntArrayRef(want)) + (dense ? " (batch, heads, q_len)" : " (heads, total_q)") +
+         " on " + q.device().str());
+}
+
+// `values` in the strides at::empty_like(like) has (what the Meta kernels promise).
+at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& values) {
+  at::Tensor r = at::empty_like(like, values.options());
+  if (r.strides() == values.strides()) return values;
+  r.copy_(values);
+  return r;
+}
+
+// ---- CPU: the dense layout through the packed kernels.
+
+at::Tensor pack(const at::Tensor& t) {  // (batch, heads, seq, dim) -> (batch * seq, heads, dim)
+  return t.transpose(1, 2).reshape({t.size(0) * t.size(2), t.size(1), t.size(3)});
+}
+at::Tensor unpack(const at::Tensor& t, int64_t batch) {
+  return t.view({batch, t.size(0) / batch, t.size(1), t.size(2)}).transpose(1, 2);
+}
+Problem dense_problem(const at::Tensor& q, const at::Tensor& k, bool causal, std::optional<double> scale) {
+  Problem p;
+  for (int64_t b = 0; b <= q.size(0); ++b) p.q_offsets.push_back(b * q.size(2)), p.k_offsets.push_back(b * k.size(2));
+  p.heads = q.size(1), p.kv_heads = k.size(1), p.dim = q.size(3), p.causal = causal, p.scale = scale_of(p.dim, scale);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const std::optional<at::Tensor>& cu_q,
+                                               const std::optional<at::Tensor>& cu_k, bool causal,
+                                               std::optional<double> scale, bool dense) {
+  if (!dense) {
+    auto [out, lse] = forward_packed(q, k, v, problem_of(q, k, *cu_q, *cu_k, causal, scale));
+    return {in_layout_of(q, out), lse};
+  }
+  const int64_t batch = q.size(0), heads = q.size(1), lq = q.size(2);
+  auto [out, lse] = forward_packed(pack(q), pack(k), pack(v), dense_problem(q, k, causal, scale));
+  return {in_layout_of(q, unpack(out, batch)), lse.view({heads, batch, lq}).transpose(0, 1).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse,
+                                                            const std::optional<at::Tensor>& cu_q,
+                                                            const std::optional<at::Tensor>& cu_k, bool causal,
+                                                            std::optional<double> scale, bool dense) {
+  if (!dense) {
+    auto [dq, dk, dv] = backward_packed(dout, q, k, v, out, lse, problem_of(q, k, *cu_q, *cu_k, causal, scale));
+    return {in_layout_of(q, dq), in_layout_of(k, dk), in_layout_of(v, dv)};
+  }
+  const int64_t batch = q.size(0);
+  const at::Tensor lse_packed = lse.transpose(0, 1).reshape({q.size(1), batch * q.size(2)});
+  auto [dq, dk, dv] = backward_packed(pack(dout), pack(q), pack(k), pack(v), pack(out), lse_packed,
+                                      dense_problem(q, k, causal, scale));
+  return {in_layout_of(q, unpack(dq, batch)), in_layout_of(k, unpack(dk, batch)), in_layout_of(v, unpack(dv, batch))};
+}
+
+#ifdef SCALETRAIN_WITH_CUDA
+// ---- CUDA
+
+void check_launch(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("flash_attention: ") + what + ": CUDA launch failed: " +
+                             cudaGetErrorString(status));
+}
+
+cuda::Strides strides_of(const at::Tensor& t, bool dense) {
+  return dense ? cuda::Strides{t.stride(0), t.stride(2), t.stride(1)} : cuda::Strides{0, t.stride(0), t.stride(1)};
+}
+cuda::Strides lse_strides(const at::Tensor& lse, bool dense) {
+  return dense ? cuda::Strides{lse.stride(0), 1, lse.stride(1)} : cuda::Strides{0, 1, lse.stride(0)};
+}
+
+// The kernels move 16-byte chunks of rows: a tensor whose data pointer or outer strides are not
+// multiples of 16 bytes is copied first.
+at::Tensor aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.stride(i) * t.element_size()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// The kernels' shape, and the device offsets it points at.
+struct CudaProblem {
+  cuda::Shape shape;
+  at::Tensor cu_q, cu_k;
+};
+
+CudaProblem cuda_problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
+                         const std::optional<at::Tensor>& cu_k, bool causal, std::optional<double> scale, bool dense) {
+  CudaProblem c;
+  cuda::Shape& s = c.shape;
+  int64_t batch = 0, lq = 0, lk = 0;
+  if (dense) {
+    batch = q.size(0), lq = q.size(2), lk = k.size(2);
+  } else {
+    // Read on the host to check them (a device-to-host copy when they live on the GPU; pass them
+    // on the CPU to avoid that synchronisation), then copied to the device as int32.
+    const Problem p = problem_of(q, k, *cu_q, *cu_k, causal, scale);
+    batch = p.sequences();
+    std::vector<int32_t> oq, ok;
+    for (int64_t i = 0; i <= batch; ++i) {
+      oq.push_back(static_cast<int32_t>(p.q_offsets[i])), ok.push_back(static_cast<int32_t>(p.k_offsets[i]));
+      if (i > 0) {
+        lq = std::max(lq, p.q_offsets[i] - p.q_offsets[i - 1]);
+        lk = std::max(lk, p.k_offsets[i] - p.k_offsets[i - 1]);
+      }
+    }
+    if (q.size(0) > INT32_MAX || k.size(0) > INT32_MAX)
+      fail("q: " + std::to_string(q.size(0)) + " packed rows, the CUDA kernels take at most 2^31 - 1");
+    const auto on_device = at::TensorOptions().dtype(at::kInt).device(q.device());
+    c.cu_q = at::tensor(oq, at::kInt).to(on_device);
+    c.cu_k = at::tensor(ok, at::kInt).to(on_device);
+    s.cu_q = c.cu_q.const_data_ptr<int32_t>();
+    s.cu_k = c.cu_k.const_data_ptr<int32_t>();
+  }
+  if (batch > 65535) fail("q: batch " + std::to_string(batch) + ", the CUDA kernels take at most 65535 sequences");
+  if (q.size(1) > 65535) fail("q: " + std::to_string(q.size(1)) + " heads, the CUDA kernels take at most 65535");
+  if (lq > INT32_MAX || lk > INT32_MAX) fail("q: sequence longer than 2^31 - 1 rows");
+  s.batch = static_cast<int>(batch), s.heads = static_cast<int>(q.size(1)), s.kv_heads = static_cast<int>(k.size(1));
+  s.dim = static_cast<int>(q.size(-1)), s.q_len = static_cast<int>(lq), s.k_len = static_cast<int>(lk);
+  s.causal = causal, s.scale = scale_of(q.size(-1), scale);
+  if (!(s.scale > 0.f)) fail("scale: got " + std::to_string(s.scale) + ", the CUDA kernels take a positive scale");
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                const std::optional<at::Tensor>& cu_q,
+                                                const std::optional<at::Tensor>& cu_k, bool causal,
+                                                std::optional<double> scale, bool dense) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const CudaProblem c = cuda_problem(q_in, k_in, cu_q, cu_k, causal, scale, dense);
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  at::Tensor out = at::empty_like(q_in);
+  at::Tensor lse = at::empty(lse_shape(q, dense), q.options().dtype(at::kFloat));
+  const cuda::ForwardArgs args{q.const_data_ptr(), k.const_data_ptr(),     v.const_data_ptr(),
+                               strides_of(q, dense), strides_of(k, dense), strides_of(v, dense),
+                               out.data_ptr(),      strides_of(out, dense), lse.data_ptr<float>(),
+                               lse_strides(lse, dense)};
+  check_launch(cuda::launch_forward(core::dtype_of(q), c.shape, args, c10::cuda::getCurrentCUDAStream().stream()),
+               "forward");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, bool causal, std::optional<double> scale, bool dense) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const CudaProblem c = cuda_problem(q_in, k_in, cu_q, cu_k, causal, scale, dense);
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), out = aligned(out_in),
+                   dout = aligned(dout_in);
+  const at::Tensor lse = lse_in.stride(-1) == 1 ? lse_in : lse_in.contiguous();
+  at::Tensor delta = at::empty_like(lse);
+  at::Tensor dq_accum = at::zeros_like(q_in, q_in.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty_like(k_in), dv = at::empty_like(v_in);
+  const cuda::BackwardArgs args{q.const_data_ptr(),
+                                k.const_data_ptr(),
+                                v.const_data_ptr(),
+                                out.const_data_ptr(),
+                                dout.const_data_ptr(),
+                                strides_of(q, dense),
+                                strides_of(k, dense),
+                                strides_of(v, dense),
+                                strides_of(out, dense),
+                                strides_of(dout, dense),
+                                lse.const_data_ptr<float>(),
+                                delta.data_ptr<float>(),
+                                lse_strides(lse, dense),
+                                dq_accum.data_ptr<float>(),
+                                strides_of(dq_accum, dense),
+                                dk.data_ptr(),
+                                dv.data_ptr(),
+                                strides_of(dk, dense),
+                                strides_of(dv, dense)};
+  check_launch(cuda::launch_backward(core::dtype_of(q), c.shape, args, c10::cuda::getCurrentCUDAStream().stream()),
+               "backward");
+  return {dq_accum.mul_(c.shape.scale).to(q_in.scalar_type()), dk, dv};
+}
+#endif
+
+// Autograd over both layouts (no cu_seqlens: dense).
 class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, bool causal,
-                            std::optional<double> scale) {
+                            const at::Tensor& v, const std::optional<at::Tensor>& cu_q,
+                            const std::optional<at::Tensor>& cu_k, bool causal, std::optional<double> scale) {
     auto [out, lse] = flash_attention_forward(q, k, v, cu_q, cu_k, causal, scale);
-    ctx->save_for_backward({q, k, v, out, lse, cu_q, cu_k});
+    ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(at::Tensor()), cu_k.value_or(at::Tensor())});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale.has_value() ? *scale : std::numeric_limits<double>::quiet_NaN();
     return out;
@@ -296,57 +526,64 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const double s = ctx->saved_data["scale"].toDouble();
-    auto [dq, dk, dv] = flash_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3],
-                                                 saved[4], saved[5], saved[6], ctx->saved_data["causal"].toBool(),
+    const at::Tensor dout = grads[0].stride(-1) == 1 ? grads[0] : grads[0].contiguous();
+    auto [dq, dk, dv] = flash_attention_backward(dout, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                 optional(saved[5]), optional(saved[6]),
+                                                 ctx->saved_data["causal"].toBool(),
                                                  std::isnan(s) ? std::nullopt : std::optional<double>(s));
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+ private:
+  static std::optional<at::Tensor> optional(const at::Tensor& t) {
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
   }
 };
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                           const at::Tensor& cu_seqlens_k, bool causal,
+                                                           const at::Tensor& v,
+                                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                                           const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
                                                            std::optional<double> scale) {
-  check_qkv(q, k, v, 3);
-  const Problem p = problem_of(q, k, cu_seqlens_q, cu_seqlens_k, causal, scale);
+  const bool dense = is_dense(cu_seqlens_q, cu_seqlens_k);
+  check_inputs(q, k, v, dense);
   at::NoGradGuard no_grad;
-  return forward_packed(q, k, v, p);
+#ifdef SCALETRAIN_WITH_CUDA
+  if (q.is_cuda()) return forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dense);
+#endif
+  return forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dense);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
-    std::optional<double> scale) {
-  check_qkv(q, k, v, 3);
-  check_backward_inputs(dout, q, out, lse);
-  const Problem p = problem_of(q, k, cu_seqlens_q, cu_seqlens_k, causal, scale);
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, bool causal, std::optional<double> scale) {
+  const bool dense = is_dense(cu_seqlens_q, cu_seqlens_k);
+  check_inputs(q, k, v, dense);
+  check_backward_inputs(dout, q, out, lse, dense);
   at::NoGradGuard no_grad;
-  return backward_packed(dout, q, k, v, out, lse, p);
+#ifdef SCALETRAIN_WITH_CUDA
+  if (q.is_cuda()) return backward_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, dense);
+#endif
+  return backward_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, dense);
 }
 
 at::Tensor flash_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
                                   std::optional<double> scale) {
-  return FlashAttentionFunction::apply(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
+  if (!cu_seqlens_q.defined()) fail("cu_seqlens_q: undefined tensor");
+  if (!cu_seqlens_k.defined()) fail("cu_seqlens_k: undefined tensor");
+  return FlashAttentionFunction::apply(q, k, v, std::optional<at::Tensor>(cu_seqlens_q),
+                                       std::optional<at::Tensor>(cu_seqlens_k), causal, scale);
 }
 
 at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                            std::optional<double> scale) {
-  check_qkv(q, k, v, 4);
-  const int64_t batch = q.size(0), heads = q.size(1), lq = q.size(2), dim = q.size(3);
-  const int64_t kv_heads = k.size(1), lk = k.size(2);
-  if (v.size(2) != lk) fail("v: sequence length " + std::to_string(v.size(2)) + ", expected k's " + std::to_string(lk));
-  // (batch, heads, seq, dim) -> packed (batch * seq, heads, dim): every sequence the same length.
-  const auto long_options = at::TensorOptions().dtype(at::kLong);
-  const at::Tensor cu_q = at::arange(0, batch + 1, long_options) * lq;
-  const at::Tensor cu_k = at::arange(0, batch + 1, long_options) * lk;
-  const at::Tensor out = flash_attention_varlen(q.transpose(1, 2).reshape({batch * lq, heads, dim}),
-                                                k.transpose(1, 2).reshape({batch * lk, kv_heads, dim}),
-                                                v.transpose(1, 2).reshape({batch * lk, kv_heads, dim}), cu_q, cu_k,
-                                                causal, scale);
-  return out.view({batch, lq, heads, dim}).transpose(1, 2);
+  check_inputs(q, k, v, true);
+  return FlashAttentionFunction::apply(q, k, v, std::optional<at::Tensor>(), std::optional<at::Tensor>(), causal,
+                                       scale);
 }
 
 }  // namespace scaletrain::attention

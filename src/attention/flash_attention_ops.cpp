@@ -1,7 +1,7 @@
 // The flash-attention kernels as dispatcher operators, so that Python and torch.compile can call
 // and trace them:
 //   torch.ops.scaletrain.flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-//       -> (out, lse)
+//       -> (out, lse)      (cu_seqlens None: the dense layout)
 //   torch.ops.scaletrain.flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q,
 //       cu_seqlens_k, causal, scale) -> (dq, dk, dv)
 // One implementation for every backend (it names the device it cannot run on), and Meta kernels
@@ -28,8 +28,10 @@ auto as_value_error(F&& f) {
   }
 }
 
+using Offsets = std::optional<at::Tensor>;
+
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                              const at::Tensor& cu_q, const at::Tensor& cu_k, bool causal,
+                                              const Offsets& cu_q, const Offsets& cu_k, bool causal,
                                               std::optional<double> scale) {
   return as_value_error([&] { return flash_attention_forward(q, k, v, cu_q, cu_k, causal, scale); });
 }
@@ -37,33 +39,36 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& dout, const at::Tensor& q,
                                                            const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& out, const at::Tensor& lse,
-                                                           const at::Tensor& cu_q, const at::Tensor& cu_k, bool causal,
+                                                           const Offsets& cu_q, const Offsets& cu_k, bool causal,
                                                            std::optional<double> scale) {
   return as_value_error(
       [&] { return flash_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale); });
 }
 
+// Shapes and strides as the kernels give them: out and the gradients at::empty_like their inputs,
+// lse (batch, heads, q_len) dense or (heads, total_q) packed.
 std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, bool, std::optional<double>) {
-  return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint({q.sym_size(1), q.sym_size(0)}, q.options().dtype(at::kFloat))};
+                                                const Offsets& cu_q, const Offsets&, bool, std::optional<double>) {
+  const auto lse_options = q.options().dtype(at::kFloat);
+  at::Tensor lse = cu_q.has_value() ? at::empty_symint({q.sym_size(1), q.sym_size(0)}, lse_options)
+                                    : at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2)}, lse_options);
+  return {at::empty_like(q), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(const at::Tensor&, const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&, bool,
+                                                             const Offsets&, const Offsets&, bool,
                                                              std::optional<double>) {
-  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scaletrain, m) {
-  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
         "bool causal=False, float? scale=None) -> (Tensor, Tensor)");
   m.def("flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal=False, float? scale=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, bool causal=False, float? scale=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(scaletrain, CompositeExplicitAutograd, m) {

@@ -124,9 +124,16 @@ c10::Device resolve_device(DeviceChoice choice) {
 
 Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve_device(config_.train.device())) {
   config_.validate();
-  if (config_.model.attention() == model::AttentionBackend::flash && device_.is_cuda())
-    throw core::ConfigError("model.attention", "model.attention: got 'flash', but its CUDA kernels are not built yet "
-                                               "(expected math or sdpa on " + device_.str() + ", or train.device cpu)");
+  if (config_.model.attention() == model::AttentionBackend::flash && device_.is_cuda()) {
+    // The CUDA kernels: bf16 or fp16 tensors, head_dim 64 or 128.
+    if (config_.amp.precision() == amp::Precision::fp32)
+      throw core::ConfigError("amp.precision", "amp.precision: got fp32, but model.attention flash on " +
+                                                   device_.str() + " takes bf16 or fp16 (or use attention sdpa)");
+    if (config_.model.head_dim() != 64 && config_.model.head_dim() != 128)
+      throw core::ConfigError("model.attention", "model.attention: flash on " + device_.str() + " takes head_dim 64 or "
+                                                 "128 (n_embd / n_head), got " + std::to_string(config_.model.head_dim()) +
+                                                 " (or use attention sdpa)");
+  }
   if (config_.train.threads() > 0) at::set_num_threads(static_cast<int>(config_.train.threads()));
   plan::check_model_fits(config_.model, config_.amp, device_);  // before anything is allocated
   dataset_ = data::load_dataset(config_.data, config_.model.block_size(), config_.model.vocab_size());

@@ -1,4 +1,5 @@
-"""scaletrain.attention.flash_attention on CPU tensors against attention in fp64 (the reference),
+"""scaletrain.attention.flash_attention on CPU tensors (and CUDA ones, on a machine with a GPU) against
+attention in fp64 (the reference),
 through the dispatcher operators and the autograd formula registered from Python; the varlen entry
 against the dense one; ValueErrors that name the argument; torch.compile(fullgraph=True) tracing
 the operators without a graph break."""
@@ -92,3 +93,46 @@ def test_compiles_with_fullgraph():
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_within_twice_sdpa_error(dtype, dim):
+    torch.manual_seed(4)
+    q, k, v, dout = (torch.randn(2, 4, 300, dim, device="cuda", dtype=dtype) for _ in range(4))
+    exact = grads_of(lambda a, b, c: fp64_attention(a.cpu(), b.cpu(), c.cpu(), True).cuda(), q, k, v, dout)
+    ours = grads_of(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, dout)
+    sdpa = grads_of(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True),
+                    q, k, v, dout)
+    for name, got, ref, want in zip(("out", "dq", "dk", "dv"), ours, sdpa, exact):
+        assert got.dtype == dtype, name
+        floor = torch.finfo(dtype).eps * want.abs().max().item()
+        assert (got.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + floor, name
+
+
+@cuda
+def test_cuda_compiles_with_fullgraph():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def block(q, k, v):
+        return (flash_attention(q * 2.0, k, v, causal=True).float() + 1.0).square().sum()
+
+    compiled = torch.compile(block, fullgraph=True)
+    want = torch.autograd.grad(block(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@cuda
+def test_cuda_errors_name_the_argument():
+    q = torch.randn(1, 2, 8, 96, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="q: head_dim 96 on cuda:0, the CUDA kernels take 64 or 128"):
+        flash_attention(q, q, q)
+    with pytest.raises(ValueError, match="the CUDA kernels take bfloat16 or float16"):
+        flash_attention(q[..., :64].float(), q[..., :64].float(), q[..., :64].float())

@@ -7,9 +7,10 @@
 //   auto out = scaletrain::attention::flash_attention(q, k, v, /*causal=*/true);  // (B, H, S, D)
 //   out.sum().backward();
 //
-// This build runs it on CPU tensors (at::parallel_for over sequences and key/value heads; fp32,
-// bf16 and fp16 inputs, fp32 arithmetic); CUDA kernels are not built yet and CUDA tensors are
-// refused with a message saying so.
+// CPU tensors: at::parallel_for over sequences and key/value heads; fp32, bf16 and fp16 inputs,
+// fp32 arithmetic, head_dim up to 256. CUDA tensors (builds with CUDA, sm_80 and later): tensor-core
+// kernels for bf16 and fp16 with head_dim 64 or 128, fp32 accumulation, any strides with a dense
+// head_dim (rows not 16-byte aligned are copied first).
 //
 // Semantics:
 // - Layout of torch's scaled_dot_product_attention: q (batch, heads, q_len, head_dim), k and v
@@ -42,16 +43,20 @@ at::Tensor flash_attention_varlen(const at::Tensor& q, const at::Tensor& k, cons
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal = false,
                                   std::optional<double> scale = std::nullopt);
 
-// The kernels without autograd, on the packed layout: {out (total_q, heads, head_dim) in q's dtype,
-// lse (heads, total_q) float32}.
+// The kernels without autograd. Dense layout when both cu_seqlens are absent: q, k, v as for
+// flash_attention, out (batch, heads, q_len, head_dim) and lse (batch, heads, q_len); packed layout
+// when both are given: as for flash_attention_varlen, out (total_q, heads, head_dim) and lse
+// (heads, total_q). out has q's dtype and at::empty_like(q)'s strides; lse is float32 (the natural
+// log-sum-exp of each query's scores; -inf for a query that sees no key).
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                           const at::Tensor& cu_seqlens_k, bool causal,
+                                                           const at::Tensor& v,
+                                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                                           const std::optional<at::Tensor>& cu_seqlens_k, bool causal,
                                                            std::optional<double> scale);
-// {dq, dk, dv} in the inputs' dtypes from dout and what the forward returned.
+// {dq, dk, dv} in the inputs' dtypes and empty_like strides, from dout and what the forward returned.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
-    std::optional<double> scale);
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, bool causal, std::optional<double> scale);
 
 }  // namespace scaletrain::attention

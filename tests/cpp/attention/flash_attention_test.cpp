@@ -1,8 +1,9 @@
-// Flash attention on the CPU. Reference: attention in fp64 (softmax(q k^T * scale) v with the
-// causal mask, autograd for the gradients). Our error against it must stay within twice the error
-// of torch's own scaled_dot_product_attention on the same inputs (its CPU flash kernel), plus a
-// floor of one rounding (in the dtype) of the largest value; the varlen entry must equal the dense one
-// sequence by sequence, bit for bit.
+// Flash attention on the CPU and (on a machine with one) the GPU. Reference: attention in fp64
+// (softmax(q k^T * scale) v with the causal mask, autograd for the gradients). Our error against it
+// must stay within twice the error of torch's own scaled_dot_product_attention on the same inputs
+// (its CPU flash kernel; on CUDA the backend torch picks: flash where its constraints allow), plus a
+// floor of one rounding (in the dtype) of the largest value; the varlen entry must equal the dense
+// one sequence by sequence.
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "scaletrain/attention/flash_attention.h"
+#include "test_util.h"
 
 namespace scaletrain::attention {
 namespace {
@@ -19,8 +21,8 @@ struct Grads {
 };
 
 // The causal mask aligned bottom right: query i sees keys j <= i + k_len - q_len.
-at::Tensor causal_mask(int64_t lq, int64_t lk) {
-  return at::ones({lq, lk}, at::kBool).tril(lk - lq);
+at::Tensor causal_mask(int64_t lq, int64_t lk, at::Device device = at::kCPU) {
+  return at::ones({lq, lk}, at::TensorOptions().dtype(at::kBool).device(device)).tril(lk - lq);
 }
 
 Grads run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
@@ -36,7 +38,7 @@ at::Tensor fp64_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t group = q.size(1) / k.size(1), lq = q.size(2), lk = k.size(2);
   const auto kk = k.repeat_interleave(group, 1), vv = v.repeat_interleave(group, 1);
   auto s = at::matmul(q, kk.transpose(-2, -1)) * scale;
-  if (causal) s = s.masked_fill(causal_mask(lq, lk).logical_not(), -INFINITY);
+  if (causal) s = s.masked_fill(causal_mask(lq, lk, q.device()).logical_not(), -INFINITY);
   auto p = at::softmax(s, -1);
   if (causal && lq > lk) p = p.nan_to_num(0.0);  // a query without keys: no weights
   return at::matmul(p, vv);
@@ -50,6 +52,7 @@ struct Case {
   int64_t batch, heads, kv_heads, lq, lk, dim;
   bool causal;
   at::ScalarType dtype;
+  at::Device device = at::kCPU;
 };
 
 std::string describe(const Case& c) {
@@ -62,7 +65,7 @@ std::string describe(const Case& c) {
 void check_against_fp64(const Case& c) {
   SCOPED_TRACE(describe(c));
   at::manual_seed(static_cast<uint64_t>(c.lq * 31 + c.lk + c.heads));
-  const auto o = at::TensorOptions().dtype(c.dtype);
+  const auto o = at::TensorOptions().dtype(c.dtype).device(c.device);
   const auto q = at::randn({c.batch, c.heads, c.lq, c.dim}, o), k = at::randn({c.batch, c.kv_heads, c.lk, c.dim}, o),
              v = at::randn({c.batch, c.kv_heads, c.lk, c.dim}, o);
   const auto dout = at::randn({c.batch, c.heads, c.lq, c.dim}, o);
@@ -72,7 +75,13 @@ void check_against_fp64(const Case& c) {
                           [&](auto& a, auto& b, auto& d) { return fp64_attention(a, b, d, c.causal, scale); });
   const bool same_length = c.lq == c.lk;
   const Grads torch_sdpa = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) {
-    const auto mask = c.causal && !same_length ? std::optional<at::Tensor>(causal_mask(c.lq, c.lk)) : std::nullopt;
+    const auto mask =
+        c.causal && !same_length ? std::optional<at::Tensor>(causal_mask(c.lq, c.lk, c.device)) : std::nullopt;
+    if (c.device.is_cuda() && c.heads != c.kv_heads) {  // CUDA SDPA's flash kernel takes equal head counts
+      const int64_t g = c.heads / c.kv_heads;
+      return at::scaled_dot_product_attention(a, b.repeat_interleave(g, 1), d.repeat_interleave(g, 1), mask, 0.0,
+                                              c.causal && same_length);
+    }
     return at::scaled_dot_product_attention(a, b, d, mask, 0.0, c.causal && same_length, std::nullopt,
                                             /*enable_gqa=*/c.heads != c.kv_heads);
   });
@@ -84,7 +93,8 @@ void check_against_fp64(const Case& c) {
     const double ours_err = max_err(ours.*fields[i], want), torch_err = max_err(torch_sdpa.*fields[i], want);
     const double floor = eps * want.abs().max().item<double>();  // one rounding of the largest value
     EXPECT_LE(ours_err, 2 * torch_err + floor) << names[i] << ": ours " << ours_err << ", torch SDPA " << torch_err;
-    if (std::getenv("SCALETRAIN_PRINT_ERRORS")) std::printf("%-40s %-4s ours %.3g torch %.3g floor %.3g\n", describe(c).c_str(), names[i], ours_err, torch_err, floor);
+    if (std::getenv("SCALETRAIN_PRINT_ERRORS"))
+      std::printf("%-40s %-4s ours %.3g torch %.3g floor %.3g\n", describe(c).c_str(), names[i], ours_err, torch_err, floor);
     EXPECT_EQ((ours.*fields[i]).scalar_type(), c.dtype) << names[i];
   }
 }
@@ -159,6 +169,115 @@ TEST(FlashAttention, CpuVarlenEqualsDensePerSequence) {
       EXPECT_TRUE(at::equal(dense(packed.dv, cu_k), one.dv));
     }
   }
+}
+
+// ---- CUDA kernels (skipped without a GPU)
+
+TEST(FlashAttention, CudaWithinTwiceTorchSdpaErrorOfFp64) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const at::Device gpu(at::kCUDA);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
+    for (int64_t dim : {64, 128})
+      for (bool causal : {false, true})
+        for (const Case& c : std::vector<Case>{{1, 2, 2, 1, 1, dim, causal, dtype, gpu},
+                                               {2, 4, 2, 17, 17, dim, causal, dtype, gpu},
+                                               {3, 4, 4, 127, 127, dim, causal, dtype, gpu},
+                                               {4, 2, 1, 1000, 1000, dim, causal, dtype, gpu},
+                                               {1, 2, 2, 17, 1000, dim, causal, dtype, gpu},
+                                               {2, 2, 2, 1000, 127, dim, false, dtype, gpu}})
+          check_against_fp64(c);
+}
+
+TEST(FlashAttention, CudaLongSequences) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const at::Device gpu(at::kCUDA);
+  for (bool causal : {false, true}) {
+    check_against_fp64({1, 2, 2, 4097, 4097, 64, causal, at::kBFloat16, gpu});
+    check_against_fp64({2, 4, 1, 4097, 4097, 128, causal, at::kHalf, gpu});
+  }
+}
+
+// Packed sequences (one empty, lengths across tile edges) against the dense call on each sequence:
+// out, dk and dv bit for bit (the same tiles in the same order); dq to rounding, since its tiles
+// are added with atomics in an order that varies.
+TEST(FlashAttention, CudaVarlenEqualsDensePerSequence) {
+  SCALETRAIN_REQUIRE_CUDA();
+  at::manual_seed(6);
+  const std::vector<int64_t> lq = {5, 0, 129, 64, 300}, lk = {7, 3, 129, 1, 257};
+  std::vector<int64_t> cu_q = {0}, cu_k = {0};
+  for (size_t i = 0; i < lq.size(); ++i) cu_q.push_back(cu_q.back() + lq[i]), cu_k.push_back(cu_k.back() + lk[i]);
+  const auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto q = at::randn({cu_q.back(), 4, 64}, o), k = at::randn({cu_k.back(), 2, 64}, o),
+             v = at::randn({cu_k.back(), 2, 64}, o), dout = at::randn({cu_q.back(), 4, 64}, o);
+  for (bool causal : {false, true}) {
+    const Grads packed = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) {
+      return flash_attention_varlen(a, b, d, at::tensor(cu_q, at::kInt).cuda(), at::tensor(cu_k), causal);
+    });
+    for (size_t i = 0; i < lq.size(); ++i) {
+      const auto dense = [&](const at::Tensor& t, const std::vector<int64_t>& cu) {
+        return t.narrow(0, cu[i], cu[i + 1] - cu[i]).transpose(0, 1).unsqueeze(0);
+      };
+      if (lq[i] == 0 || lk[i] == 0) continue;
+      SCOPED_TRACE("sequence " + std::to_string(i) + (causal ? " causal" : ""));
+      const Grads one = run(dense(q, cu_q), dense(k, cu_k), dense(v, cu_k), dense(dout, cu_q),
+                            [&](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, causal); });
+      EXPECT_TRUE(at::equal(dense(packed.out, cu_q), one.out));
+      EXPECT_TRUE(at::equal(dense(packed.dk, cu_k), one.dk));
+      EXPECT_TRUE(at::equal(dense(packed.dv, cu_k), one.dv));
+      EXPECT_LE(max_err(dense(packed.dq, cu_q), one.dq.to(at::kDouble)), 2e-2 * one.dq.abs().max().item<double>());
+    }
+    EXPECT_EQ(packed.dk.narrow(0, cu_k[1], lk[1]).abs().max().item<float>(), 0.f);  // keys of an empty query set
+  }
+}
+
+// Strided views are read in place and give the contiguous call's results; rows whose stride is not
+// a multiple of 16 bytes are copied first and give them too.
+TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
+  SCALETRAIN_REQUIRE_CUDA();
+  at::manual_seed(7);
+  const auto o = at::TensorOptions().dtype(at::kHalf).device(at::kCUDA);
+  const auto bshd = at::randn({2, 300, 3, 4, 64}, o);  // (batch, seq, q|k|v, heads, dim), as a qkv projection
+  const auto q = bshd.select(2, 0).transpose(1, 2), k = bshd.select(2, 1).transpose(1, 2),
+             v = bshd.select(2, 2).transpose(1, 2);
+  const auto dout = at::randn({2, 4, 300, 64}, o);
+  const Grads strided = run(q, k, v, dout, [](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, true); });
+  const Grads dense = run(q.contiguous(), k.contiguous(), v.contiguous(), dout,
+                          [](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, true); });
+  EXPECT_TRUE(at::equal(strided.out, dense.out));
+  EXPECT_EQ(strided.out.strides(), at::empty_like(q).strides());  // what the Meta kernel promises
+  EXPECT_TRUE(at::equal(strided.dk, dense.dk));
+  EXPECT_TRUE(at::equal(strided.dv, dense.dv));
+  EXPECT_TRUE(at::allclose(strided.dq, dense.dq, 1e-2, 1e-2));
+  const auto wide = at::randn({2, 4, 300, 68}, o).narrow(3, 0, 64);  // rows 136 bytes apart
+  wide.copy_(q);
+  const Grads odd = run(wide, k, v, dout, [](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, true); });
+  EXPECT_TRUE(at::equal(odd.out, dense.out));
+  // A (batch, seq, heads, dim) buffer seen as (batch, heads, seq, dim): out keeps that layout.
+  const auto bshd_q = q.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto out = flash_attention(bshd_q, k, v, true);
+  EXPECT_EQ(out.strides(), bshd_q.strides());
+  EXPECT_TRUE(at::equal(out, dense.out));
+}
+
+TEST(FlashAttention, CudaRejectsWhatTheKernelsDoNotTake) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const auto o = at::TensorOptions().device(at::kCUDA);
+  const auto q = at::randn({1, 2, 8, 64}, o);
+  const auto message = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message([&] { flash_attention(q, q, q); }).find("q: dtype Float on cuda:0, the CUDA kernels take bfloat16 or float16"),
+            std::string::npos);
+  const auto h = at::randn({1, 2, 8, 96}, o.dtype(at::kHalf));
+  EXPECT_NE(message([&] { flash_attention(h, h, h); }).find("q: head_dim 96 on cuda:0, the CUDA kernels take 64 or 128"),
+            std::string::npos);
+  EXPECT_NE(message([&] { flash_attention(q.to(at::kHalf), q.to(at::kHalf).cpu(), q.to(at::kHalf)); }).find("k: on cpu, q is on cuda:0"),
+            std::string::npos);
 }
 
 std::string error_of(const std::function<void()>& f) {

@@ -1,0 +1,890 @@
+// CUDA flash attention (FlashAttention-2's algorithm) on tensor cores, sm_80 and later.
+//
+// Forward: one block per (query tile of kBM rows, head, sequence); each warp owns 32 query rows
+// (two m16 tiles sharing every K and V fragment it loads) and their output accumulators in fp32. Key and value tiles of kBN
+// rows stream through shared memory with cp.async: the V tile loads while S = Q K^T is computed and
+// the next K tile while O += P V is, so one buffer of each suffices. The online softmax runs in the
+// exp2 domain (exp2(s * scale * log2 e - max) as one FFMA and one MUFU op); P goes from the S accumulators straight into
+// the A fragments of the P V product (the m16n8 accumulator layout is the m16n8k16 A layout).
+//
+// Backward: one block per (key tile of kBN rows, key/value head, sequence); each warp owns 16 or 32
+// keys and keeps their dK and dV in fp32 registers, over every query head of the group and every query
+// tile that sees them. Per query tile it forms S^T = K Q^T and dP^T = V dO^T (keys as rows, so the
+// products dV += P^T dO and dK += dS^T Q take P^T and dS^T from registers), writes dS^T to shared
+// memory and adds dS K into an fp32 dQ buffer with atomics. Q, dO, lse and delta tiles are double
+// buffered. delta = rowsum(dO * O) comes from a pre-pass.
+//
+// Shared-memory tiles are row-major with 16-byte chunks XOR-swizzled by row, so the 8 row
+// addresses of an ldmatrix and the cp.async stores hit distinct banks.
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "flash_attention_cuda.h"
+
+namespace scaletrain::attention::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------- PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; `bytes` 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------- shared-memory tiles
+
+// Offset of element (row, col) in a row-major tile of kCols 16-bit elements (kCols >= 32): the
+// 16-byte chunk index is XORed with bits of the row so that 8 consecutive rows at one column
+// spread over the 32 banks.
+template <int kCols>
+__device__ __forceinline__ int swz(int row, int col) {
+  constexpr int kChunks = kCols / 8;
+  static_assert(kChunks == 4 || kChunks % 8 == 0, "tile width: 32 or a multiple of 64 elements");
+  const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
+  return row * kCols + ((((col >> 3) ^ x)) << 3) + (col & 7);
+}
+
+// rows x kCols elements from global rows `row_stride` apart; rows >= valid are zero-filled.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t row_stride, int valid, const T* safe) {
+  constexpr int kChunks = kCols / 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool ok = r < valid;
+    cp_async16(smem_u32(tile + swz<kCols>(r, ch * 8)), ok ? src + r * row_stride + ch * 8 : safe, ok ? 16 : 0);
+  }
+}
+
+// kRows floats from src (consecutive); rows >= valid are zero-filled.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_row_floats(float* dst, const float* src, int valid, const float* safe) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads)
+    cp_async4(smem_u32(dst + r), r < valid ? src + r : safe, r < valid ? 4 : 0);
+}
+
+// A fragments (16 x 16, row-major in the tile) at (row0, col0).
+template <int kCols, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0, int lane) {
+  ldmatrix_x4(a, smem_u32(tile + swz<kCols>(row0 + (lane & 15), col0 + (lane >> 4) * 8)));
+}
+// A fragments of the transpose of the stored tile: A(m, k) = tile(k0 + k, m0 + m).
+template <int kCols, typename T>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const T* tile, int k0, int m0, int lane) {
+  ldmatrix_x4_trans(a, smem_u32(tile + swz<kCols>(k0 + (lane & 7) + (lane >> 4) * 8, m0 + ((lane >> 3) & 1) * 8)));
+}
+// B fragments of two n8 tiles, k16, from a tile stored [n][k] (B = tile^T): {b0, b1} of n0 and of n0 + 8.
+template <int kCols, typename T>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const T* tile, int n0, int k0, int lane) {
+  ldmatrix_x4(b, smem_u32(tile + swz<kCols>(n0 + (lane & 7) + (lane >> 4) * 8, k0 + ((lane >> 3) & 1) * 8)));
+}
+// B fragments of two n8 tiles, k16, from a tile stored [k][n]: {b0, b1} of n0 and of n0 + 8.
+template <int kCols, typename T>
+__device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const T* tile, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, smem_u32(tile + swz<kCols>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8)));
+}
+
+// Where a sequence's rows start and how many there are.
+struct Sequence {
+  int q_start, lq, k_start, lk;
+};
+__device__ __forceinline__ Sequence sequence_of(const Shape& s, int b) {
+  if (s.cu_q == nullptr) return {0, s.q_len, 0, s.k_len};
+  const int q0 = s.cu_q[b], k0 = s.cu_k[b];
+  return {q0, s.cu_q[b + 1] - q0, k0, s.cu_k[b + 1] - k0};
+}
+
+template <typename T>
+__device__ __forceinline__ const T* at_row(const void* base, const Strides& st, int b, int row, int h) {
+  return static_cast<const T*>(base) + b * st.batch + static_cast<int64_t>(row) * st.row + h * st.head;
+}
+template <typename T>
+__device__ __forceinline__ T* at_row(void* base, const Strides& st, int b, int row, int h) {
+  return static_cast<T*>(base) + b * st.batch + static_cast<int64_t>(row) * st.row + h * st.head;
+}
+
+// Writes a warp's 16 x kCols fp32 accumulators (C layout; rows row0..row0+15 and columns
+// col0..col0+kCols-1 of a staging tile kD wide) as T to global rows `row_stride` apart (dst: the
+// first row, column 0), through the warp's own part of the staging tile; rows >= valid are skipped.
+template <typename T, int kD, int kCols = kD>
+__device__ __forceinline__ void store_rows(const float (&acc)[kCols / 8][4], float mul0, float mul1, T* stage,
+                                           int row0, int col0, T* dst, int64_t row_stride, int valid, int lane) {
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j) {
+    const int col = col0 + j * 8 + (lane & 3) * 2;
+    *reinterpret_cast<uint32_t*>(stage + swz<kD>(row0 + (lane >> 2), col)) =
+        Mma<T>::pack(acc[j][0] * mul0, acc[j][1] * mul0);
+    *reinterpret_cast<uint32_t*>(stage + swz<kD>(row0 + (lane >> 2) + 8, col)) =
+        Mma<T>::pack(acc[j][2] * mul1, acc[j][3] * mul1);
+  }
+  __syncwarp();
+  constexpr int kChunks = kCols / 8;
+#pragma unroll
+  for (int c = lane; c < 16 * kChunks; c += 32) {
+    const int r = c / kChunks, col = col0 + (c % kChunks) * 8;
+    if (r < valid)
+      *reinterpret_cast<uint4*>(dst + r * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + swz<kD>(row0 + r, col));
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <int kD>
+struct ForwardTiles {
+  // Each warp owns kMT m16 tiles (32 query rows): every K and V fragment it loads feeds kMT MMAs.
+  static constexpr int kBM = 128, kBN = 64, kWarps = 4, kMT = kBM / (16 * kWarps), kThreads = kWarps * 32;
+  static constexpr int kSmem = (kBM + 2 * kBN) * kD * 2;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(ForwardTiles<kD>::kThreads, 2) forward_kernel(Shape s, ForwardArgs a) {
+  using Tiles = ForwardTiles<kD>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads, kMT = Tiles::kMT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBM * kD;
+  T* sV = sK + kBN * kD;
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest causal rows first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(s, b);
+  const int m0 = m_block * kBM;
+  if (m0 >= seq.lq) return;
+  const int kvh = h / (s.heads / s.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_row = warp * kMT * 16;  // the warp's first row in the tile
+  const T* q = at_row<T>(a.q, a.sq, b, seq.q_start + m0, h);
+  const T* k = at_row<T>(a.k, a.sk, b, seq.k_start, kvh);
+  const T* v = at_row<T>(a.v, a.sv, b, seq.k_start, kvh);
+  const T* safe = static_cast<const T*>(a.q);
+  const int shift = seq.lk - seq.lq;  // query i sees keys j <= i + shift (causal)
+  const int n_end = s.causal ? min(seq.lk, max(0, m0 + kBM + shift)) : seq.lk;
+  const int n_tiles = (n_end + kBN - 1) / kBN;
+  const float scale_log2 = s.scale * kLog2e;  // > 0 (checked by the caller)
+
+  float acc_o[kMT][kD / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) acc_o[mt][j][0] = acc_o[mt][j][1] = acc_o[mt][j][2] = acc_o[mt][j][3] = 0.f;
+  // Per (m tile, half): the running maximum of the raw scores and this thread's share of the sum.
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  const int row_a = m0 + warp_row + (lane >> 2);  // rows row_a + 16 mt + 8 half
+
+  if (n_tiles > 0) {
+    load_tile<kBM, kD, kThreads>(sQ, q, a.sq.row, seq.lq - m0, safe);
+    load_tile<kBN, kD, kThreads>(sK, k, a.sk.row, seq.lk, safe);
+    cp_async_commit();
+    for (int t = 0; t < n_tiles; ++t) {
+      const int n0 = t * kBN;
+      cp_async_wait<0>();
+      __syncthreads();  // K is in; every warp is done with V
+      load_tile<kBN, kD, kThreads>(sV, v + n0 * a.sv.row, a.sv.row, seq.lk - n0, safe);
+      cp_async_commit();
+
+      float acc_s[kMT][kBN / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) acc_s[mt][j][0] = acc_s[mt][j][1] = acc_s[mt][j][2] = acc_s[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        uint32_t qf[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) load_a<kD>(qf[mt], sQ, warp_row + mt * 16, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < kBN / 16; ++nn) {
+          uint32_t bf[4];
+          load_b<kD>(bf, sK, nn * 16, kk * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma<T>::run(acc_s[mt][2 * nn], qf[mt], bf[0], bf[1]);
+            Mma<T>::run(acc_s[mt][2 * nn + 1], qf[mt], bf[2], bf[3]);
+          }
+        }
+      }
+      const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+      if (need_mask) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1), row = row_a + mt * 16 + (e >> 1) * 8;
+              if (col >= seq.lk || (s.causal && col > row + shift)) acc_s[mt][j][e] = -INFINITY;
+            }
+      }
+      // Online softmax: new maxima, rescale what was accumulated, exponentiate.
+      uint32_t pf[kMT][kBN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = row_max[mt][r];
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[mt][j][2 * r], acc_s[mt][j][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+          const float correction = fast_exp2(row_max[mt][r] * scale_log2 - base);
+          row_max[mt][r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kBN / 8; ++j) {
+            acc_s[mt][j][2 * r] = fast_exp2(fmaf(acc_s[mt][j][2 * r], scale_log2, -base));
+            acc_s[mt][j][2 * r + 1] = fast_exp2(fmaf(acc_s[mt][j][2 * r + 1], scale_log2, -base));
+            sum += acc_s[mt][j][2 * r] + acc_s[mt][j][2 * r + 1];
+          }
+          row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+#pragma unroll
+          for (int j = 0; j < kD / 8; ++j) acc_o[mt][j][2 * r] *= correction, acc_o[mt][j][2 * r + 1] *= correction;
+        }
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          pf[mt][kk][0] = Mma<T>::pack(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+          pf[mt][kk][1] = Mma<T>::pack(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+          pf[mt][kk][2] = Mma<T>::pack(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+          pf[mt][kk][3] = Mma<T>::pack(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+        }
+      }
+      cp_async_wait<0>();
+      __syncthreads();  // V is in; every warp is done with K
+      if (t + 1 < n_tiles) {
+        load_tile<kBN, kD, kThreads>(sK, k + (n0 + kBN) * a.sk.row, a.sk.row, seq.lk - n0 - kBN, safe);
+        cp_async_commit();
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+#pragma unroll
+        for (int dd = 0; dd < kD / 16; ++dd) {
+          uint32_t bf[4];
+          load_b_trans<kD>(bf, sV, kk * 16, dd * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma<T>::run(acc_o[mt][2 * dd], pf[mt][kk], bf[0], bf[1]);
+            Mma<T>::run(acc_o[mt][2 * dd + 1], pf[mt][kk], bf[2], bf[3]);
+          }
+        }
+      }
+    }
+  }
+  // Each warp read only its own rows of sQ: it stages its output there.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    float inv[2], lse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      lse[r] = sum > 0.f ? row_max[mt][r] * s.scale + logf(sum) : -INFINITY;
+    }
+    const int first = warp_row + mt * 16;  // within the tile
+    store_rows<T, kD>(acc_o[mt], inv[0], inv[1], sQ, first, 0, at_row<T>(a.out, a.so, b, seq.q_start + m0 + first, h),
+                      a.so.row, seq.lq - m0 - first, lane);
+    if ((lane & 3) == 0) {
+      float* l = a.lse + b * a.sl.batch + h * a.sl.head + seq.q_start;
+      const int row = row_a + mt * 16;
+      if (row < seq.lq) l[row] = lse[0];
+      if (row + 8 < seq.lq) l[row + 8] = lse[1];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// delta = rowsum(dout * out) in fp32: 8 lanes per (row, head), 16-byte loads.
+template <typename T, int kD>
+__global__ void delta_kernel(Shape s, BackwardArgs a) {
+  constexpr int kRowsPerBlock = 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(s, b);
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 8, part = threadIdx.x % 8;
+  if (blockIdx.x * kRowsPerBlock >= seq.lq) return;
+  float sum = 0.f;
+  if (row < seq.lq) {
+    const T* o = at_row<T>(a.out, a.so, b, seq.q_start + row, h);
+    const T* d = at_row<T>(a.dout, a.sdo, b, seq.q_start + row, h);
+#pragma unroll
+    for (int c = part; c < kD / 8; c += 8) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8), dv = *reinterpret_cast<const uint4*>(d + c * 8);
+      const T* op = reinterpret_cast<const T*>(&ov);
+      const T* dp = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += static_cast<float>(op[e]) * static_cast<float>(dp[e]);
+    }
+  }
+  sum += __shfl_xor_sync(0xffffffff, sum, 1);
+  sum += __shfl_xor_sync(0xffffffff, sum, 2);
+  sum += __shfl_xor_sync(0xffffffff, sum, 4);
+  if (part == 0 && row < seq.lq) a.delta[b * a.sl.batch + h * a.sl.head + seq.q_start + row] = sum;
+}
+
+template <int kD>
+struct BackwardTiles {
+  // Each warp owns kNT m16 tiles of keys (their dK and dV in registers); with two, every Q and dO
+  // fragment it loads feeds two MMAs (head_dim 64; 128 has no registers for it).
+  static constexpr int kBN = 128, kBM = 32, kNT = kD <= 64 ? 2 : 1, kWarps = kBN / (16 * kNT),
+                       kThreads = kWarps * 32;
+  // dQ = dS K: warps as kBM / 16 row groups x the rest over head_dim.
+  static constexpr int kRowGroups = kBM / 16, kColGroups = kWarps / kRowGroups, kDqCols = kD / kColGroups;
+  static constexpr int kSmem = (2 * kBN * kD + 4 * kBM * kD + kBN * kBM) * 2 + 4 * kBM * 4;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kernel(Shape s, BackwardArgs a) {
+  using Tiles = BackwardTiles<kD>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads, kNT = Tiles::kNT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBN * kD;
+  T* sQ = sV + kBN * kD;       // two buffers
+  T* sdO = sQ + 2 * kBM * kD;  // two buffers
+  T* sdS = sdO + 2 * kBM * kD;
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // two buffers
+  float* sDelta = sLse + 2 * kBM;                           // two buffers
+
+  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(s, b);
+  const int n0 = n_block * kBN;
+  if (n0 >= seq.lk) return;
+  const int group = s.heads / s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_key = warp * kNT * 16;  // the warp's first key in the tile
+  const T* safe = static_cast<const T*>(a.q);
+  const float* safe_f = a.lse;
+  const int shift = seq.lk - seq.lq;
+  // Query tiles that see a key of this tile: causal query i sees key j when i >= j - shift.
+  const int m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
+  const int m_tiles = (seq.lq + kBM - 1) / kBM;
+  const int per_head = max(0, m_tiles - m_first), steps = per_head * group;
+  const float scale_log2 = s.scale * kLog2e;
+
+  float acc_dk[kNT][kD / 8][4], acc_dv[kNT][kD / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[nt][j][e] = acc_dv[nt][j][e] = 0.f;
+
+  const auto load_step = [&](int step, int buf) {
+    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
+    const int valid = seq.lq - m0;
+    load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, valid,
+                                 safe);
+    load_tile<kBM, kD, kThreads>(sdO + buf * kBM * kD, at_row<T>(a.dout, a.sdo, b, seq.q_start + m0, h), a.sdo.row,
+                                 valid, safe);
+    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m0;
+    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, safe_f);
+    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, safe_f);
+  };
+
+  if (steps > 0) {
+    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
+    load_step(0, 0);
+    cp_async_commit();
+  }
+  const int key_a = n0 + warp_key + (lane >> 2);  // this thread's keys: key_a + 16 nt + 8 half
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < steps) {
+      load_step(step + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* q = sQ + buf * kBM * kD;
+    const T* dout = sdO + buf * kBM * kD;
+    const float* lse = sLse + buf * kBM;
+    const float* delta = sDelta + buf * kBM;
+
+    // S^T = K Q^T and dP^T = V dO^T: this warp's keys x kBM queries.
+    float acc_s[kNT][kBM / 8][4], acc_dp[kNT][kBM / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int j = 0; j < kBM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[nt][j][e] = acc_dp[nt][j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t kf[kNT][4], vf[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        load_a<kD>(kf[nt], sK, warp_key + nt * 16, kk * 16, lane);
+        load_a<kD>(vf[nt], sV, warp_key + nt * 16, kk * 16, lane);
+      }
+#pragma unroll
+      for (int nn = 0; nn < kBM / 16; ++nn) {
+        uint32_t bq[4], bd[4];
+        load_b<kD>(bq, q, nn * 16, kk * 16, lane);
+        load_b<kD>(bd, dout, nn * 16, kk * 16, lane);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          Mma<T>::run(acc_s[nt][2 * nn], kf[nt], bq[0], bq[1]);
+          Mma<T>::run(acc_s[nt][2 * nn + 1], kf[nt], bq[2], bq[3]);
+          Mma<T>::run(acc_dp[nt][2 * nn], vf[nt], bd[0], bd[1]);
+          Mma<T>::run(acc_dp[nt][2 * nn + 1], vf[nt], bd[2], bd[3]);
+        }
+      }
+    }
+    // P^T = exp(S^T * scale - lse) (0 where masked or past the sequence), dS^T = P^T (dP^T - delta).
+    const bool need_mask = m0 + kBM > seq.lq || n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+#pragma unroll
+    for (int j = 0; j < kBM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = j * 8 + (lane & 3) * 2 + (e & 1);  // query within the tile
+        const float lse2 = lse[c] * kLog2e, dc = delta[c];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int key = key_a + nt * 16 + (e >> 1) * 8;
+          float p = fast_exp2(fmaf(acc_s[nt][j][e], scale_log2, -lse2));
+          if (need_mask && (m0 + c >= seq.lq || key >= seq.lk || (s.causal && key > m0 + c + shift))) p = 0.f;
+          acc_s[nt][j][e] = p;
+          acc_dp[nt][j][e] = p * (acc_dp[nt][j][e] - dc);
+        }
+      }
+    // dV += P^T dO, dK += dS^T Q (k = queries); dS^T to shared memory for dQ (rows keys, columns queries).
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t pf[kNT][4], df[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        pf[nt][0] = Mma<T>::pack(acc_s[nt][2 * kk][0], acc_s[nt][2 * kk][1]);
+        pf[nt][1] = Mma<T>::pack(acc_s[nt][2 * kk][2], acc_s[nt][2 * kk][3]);
+        pf[nt][2] = Mma<T>::pack(acc_s[nt][2 * kk + 1][0], acc_s[nt][2 * kk + 1][1]);
+        pf[nt][3] = Mma<T>::pack(acc_s[nt][2 * kk + 1][2], acc_s[nt][2 * kk + 1][3]);
+        df[nt][0] = Mma<T>::pack(acc_dp[nt][2 * kk][0], acc_dp[nt][2 * kk][1]);
+        df[nt][1] = Mma<T>::pack(acc_dp[nt][2 * kk][2], acc_dp[nt][2 * kk][3]);
+        df[nt][2] = Mma<T>::pack(acc_dp[nt][2 * kk + 1][0], acc_dp[nt][2 * kk + 1][1]);
+        df[nt][3] = Mma<T>::pack(acc_dp[nt][2 * kk + 1][2], acc_dp[nt][2 * kk + 1][3]);
+        const int r = warp_key + nt * 16 + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c)) = df[nt][0];
+        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c)) = df[nt][1];
+        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c + 8)) = df[nt][2];
+        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c + 8)) = df[nt][3];
+      }
+#pragma unroll
+      for (int dd = 0; dd < kD / 16; ++dd) {
+        uint32_t bo[4], bq[4];
+        load_b_trans<kD>(bo, dout, kk * 16, dd * 16, lane);
+        load_b_trans<kD>(bq, q, kk * 16, dd * 16, lane);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          Mma<T>::run(acc_dv[nt][2 * dd], pf[nt], bo[0], bo[1]);
+          Mma<T>::run(acc_dv[nt][2 * dd + 1], pf[nt], bo[2], bo[3]);
+          Mma<T>::run(acc_dk[nt][2 * dd], df[nt], bq[0], bq[1]);
+          Mma<T>::run(acc_dk[nt][2 * dd + 1], df[nt], bq[2], bq[3]);
+        }
+      }
+    }
+    __syncthreads();  // dS^T complete
+    // dQ (kBM x kD) += dS K: this warp's 16 query rows x kDqCols columns, k = the kBN keys.
+    {
+      constexpr int kCols = Tiles::kDqCols;
+      const int rg = warp % Tiles::kRowGroups, cg = warp / Tiles::kRowGroups;
+      float acc_dq[kCols / 8][4];
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t af[4];
+        load_a_trans<kBM>(af, sdS, kk * 16, rg * 16, lane);
+#pragma unroll
+        for (int dd = 0; dd < kCols / 16; ++dd) {
+          uint32_t bf[4];
+          load_b_trans<kD>(bf, sK, kk * 16, cg * kCols + dd * 16, lane);
+          Mma<T>::run(acc_dq[2 * dd], af, bf[0], bf[1]);
+          Mma<T>::run(acc_dq[2 * dd + 1], af, bf[2], bf[3]);
+        }
+      }
+      const int row = m0 + rg * 16 + (lane >> 2);
+      float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
+#pragma unroll
+      for (int j = 0; j < kCols / 8; ++j) {
+        const int col = cg * kCols + j * 8 + (lane & 3) * 2;
+        if (row < seq.lq) {
+          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col, acc_dq[j][0]);
+          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col + 1, acc_dq[j][1]);
+        }
+        if (row + 8 < seq.lq) {
+          atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col, acc_dq[j][2]);
+          atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col + 1, acc_dq[j][3]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with sK and sV: stage dK and dV there
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int first = warp_key + nt * 16;
+    const int valid = seq.lk - n0 - first;
+    store_rows<T, kD>(acc_dk[nt], s.scale, s.scale, sK, first, 0, at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh),
+                      a.sdk.row, valid, lane);
+    store_rows<T, kD>(acc_dv[nt], 1.f, 1.f, sV, first, 0, at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh),
+                      a.sdv.row, valid, lane);
+  }
+}
+
+// The backward with P^T and dS^T through shared memory (FlashAttention-2's partition; for head_dim
+// 128, whose dK and dV do not fit one warp's registers): kBN = 128 keys, kBM = 64 queries, 8 warps.
+//   S^T, dP^T: 4 key groups of 32 x 2 query groups of 32; P^T and dS^T go to shared memory.
+//   dV += P^T dO, dK += dS^T Q: 4 key groups of 32 x 2 halves of head_dim (the accumulators).
+//   dQ += dS K: 2 query groups of 32 x 4 quarters of head_dim, added to dq_accum with atomics.
+template <int kD>
+struct SplitBackwardTiles {
+  static constexpr int kBN = 128, kBM = 64, kWarps = 8, kThreads = kWarps * 32;
+  static constexpr int kSmem = (2 * kBN * kD + 4 * kBM * kD + 2 * kBN * kBM) * 2 + 4 * kBM * 4;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
+    split_backward_kernel(Shape s, BackwardArgs a) {
+  using Tiles = SplitBackwardTiles<kD>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads;
+  constexpr int kHalf = kD / 2, kQuarter = kD / 4;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBN * kD;
+  T* sQ = sV + kBN * kD;       // two buffers
+  T* sdO = sQ + 2 * kBM * kD;  // two buffers
+  T* sP = sdO + 2 * kBM * kD;  // P^T: rows keys, columns queries
+  T* sdS = sP + kBN * kBM;     // dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // two buffers
+  float* sDelta = sLse + 2 * kBM;                           // two buffers
+
+  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(s, b);
+  const int n0 = n_block * kBN;
+  if (n0 >= seq.lk) return;
+  const int group = s.heads / s.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kg = warp % 4, half = warp / 4;  // phases 1 and 2: keys kg * 32.., queries or columns by half
+  const T* safe = static_cast<const T*>(a.q);
+  const float* safe_f = a.lse;
+  const int shift = seq.lk - seq.lq;
+  const int m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
+  const int m_tiles = (seq.lq + kBM - 1) / kBM;
+  const int per_head = max(0, m_tiles - m_first), steps = per_head * group;
+  const float scale_log2 = s.scale * kLog2e;
+
+  float acc_dk[2][kHalf / 8][4], acc_dv[2][kHalf / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int j = 0; j < kHalf / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[nt][j][e] = acc_dv[nt][j][e] = 0.f;
+
+  const auto load_step = [&](int step, int buf) {
+    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
+    const int valid = seq.lq - m0;
+    load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, valid,
+                                 safe);
+    load_tile<kBM, kD, kThreads>(sdO + buf * kBM * kD, at_row<T>(a.dout, a.sdo, b, seq.q_start + m0, h), a.sdo.row,
+                                 valid, safe);
+    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m0;
+    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, safe_f);
+    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, safe_f);
+  };
+
+  if (steps > 0) {
+    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
+    load_step(0, 0);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
+    cp_async_wait<0>();
+    __syncthreads();  // this step's tiles are in; the last step's readers of sP and sdS are done
+    if (step + 1 < steps) {
+      load_step(step + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* q = sQ + buf * kBM * kD;
+    const T* dout = sdO + buf * kBM * kD;
+    const float* lse = sLse + buf * kBM;
+    const float* delta = sDelta + buf * kBM;
+
+    // Phase 1: S^T and dP^T for keys kg * 32.. x queries half * 32..
+    {
+      float acc_s[2][4][4], acc_dp[2][4][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[nt][j][e] = acc_dp[nt][j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        uint32_t kf[2][4], vf[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          load_a<kD>(kf[nt], sK, kg * 32 + nt * 16, kk * 16, lane);
+          load_a<kD>(vf[nt], sV, kg * 32 + nt * 16, kk * 16, lane);
+        }
+#pragma unroll
+        for (int nn = 0; nn < 2; ++nn) {
+          uint32_t bq[4], bd[4];
+          load_b<kD>(bq, q, half * 32 + nn * 16, kk * 16, lane);
+          load_b<kD>(bd, dout, half * 32 + nn * 16, kk * 16, lane);
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            Mma<T>::run(acc_s[nt][2 * nn], kf[nt], bq[0], bq[1]);
+            Mma<T>::run(acc_s[nt][2 * nn + 1], kf[nt], bq[2], bq[3]);
+            Mma<T>::run(acc_dp[nt][2 * nn], vf[nt], bd[0], bd[1]);
+            Mma<T>::run(acc_dp[nt][2 * nn + 1], vf[nt], bd[2], bd[3]);
+          }
+        }
+      }
+      const bool need_mask = m0 + kBM > seq.lq || n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c0 = half * 32 + j * 8 + (lane & 3) * 2;  // query within the tile
+        const float lse0 = lse[c0] * kLog2e, lse1 = lse[c0 + 1] * kLog2e, d0 = delta[c0], d1 = delta[c0 + 1];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          float p[4], ds[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = c0 + (e & 1), key_local = kg * 32 + nt * 16 + (lane >> 2) + (e >> 1) * 8;
+            const int key = n0 + key_local;
+            p[e] = fast_exp2(fmaf(acc_s[nt][j][e], scale_log2, -((e & 1) ? lse1 : lse0)));
+            if (need_mask && (m0 + c >= seq.lq || key >= seq.lk || (s.causal && key > m0 + c + shift))) p[e] = 0.f;
+            ds[e] = p[e] * (acc_dp[nt][j][e] - ((e & 1) ? d1 : d0));
+          }
+          const int r = kg * 32 + nt * 16 + (lane >> 2);
+          *reinterpret_cast<uint32_t*>(sP + swz<kBM>(r, c0)) = Mma<T>::pack(p[0], p[1]);
+          *reinterpret_cast<uint32_t*>(sP + swz<kBM>(r + 8, c0)) = Mma<T>::pack(p[2], p[3]);
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c0)) = Mma<T>::pack(ds[0], ds[1]);
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c0)) = Mma<T>::pack(ds[2], ds[3]);
+        }
+      }
+    }
+    __syncthreads();  // P^T and dS^T complete
+    // Phase 2: dV += P^T dO and dK += dS^T Q for keys kg * 32.. x columns half * kHalf..
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t pa[2][4], da[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        load_a<kBM>(pa[nt], sP, kg * 32 + nt * 16, kk * 16, lane);
+        load_a<kBM>(da[nt], sdS, kg * 32 + nt * 16, kk * 16, lane);
+      }
+#pragma unroll
+      for (int dd = 0; dd < kHalf / 16; ++dd) {
+        uint32_t bo[4], bq[4];
+        load_b_trans<kD>(bo, dout, kk * 16, half * kHalf + dd * 16, lane);
+        load_b_trans<kD>(bq, q, kk * 16, half * kHalf + dd * 16, lane);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          Mma<T>::run(acc_dv[nt][2 * dd], pa[nt], bo[0], bo[1]);
+          Mma<T>::run(acc_dv[nt][2 * dd + 1], pa[nt], bo[2], bo[3]);
+          Mma<T>::run(acc_dk[nt][2 * dd], da[nt], bq[0], bq[1]);
+          Mma<T>::run(acc_dk[nt][2 * dd + 1], da[nt], bq[2], bq[3]);
+        }
+      }
+    }
+    // Phase 3: dQ += dS K for queries (warp % 2) * 32.. x columns (warp / 2) * kQuarter..
+    {
+      const int rg = warp % 2, cg = warp / 2;
+      float acc_dq[2][kQuarter / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < kQuarter / 8; ++j) acc_dq[mt][j][0] = acc_dq[mt][j][1] = acc_dq[mt][j][2] = acc_dq[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t af[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) load_a_trans<kBM>(af[mt], sdS, kk * 16, rg * 32 + mt * 16, lane);
+#pragma unroll
+        for (int dd = 0; dd < kQuarter / 16; ++dd) {
+          uint32_t bf[4];
+          load_b_trans<kD>(bf, sK, kk * 16, cg * kQuarter + dd * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            Mma<T>::run(acc_dq[mt][2 * dd], af[mt], bf[0], bf[1]);
+            Mma<T>::run(acc_dq[mt][2 * dd + 1], af[mt], bf[2], bf[3]);
+          }
+        }
+      }
+      float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int row = m0 + rg * 32 + mt * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < kQuarter / 8; ++j) {
+          const int col = cg * kQuarter + j * 8 + (lane & 3) * 2;
+          if (row < seq.lq) {
+            atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col, acc_dq[mt][j][0]);
+            atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col + 1, acc_dq[mt][j][1]);
+          }
+          if (row + 8 < seq.lq) {
+            atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col, acc_dq[mt][j][2]);
+            atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col + 1, acc_dq[mt][j][3]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with sK and sV: stage dK and dV there
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const int first = kg * 32 + nt * 16, valid = seq.lk - n0 - first;
+    store_rows<T, kD, kHalf>(acc_dk[nt], s.scale, s.scale, sK, first, half * kHalf,
+                             at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh), a.sdk.row, valid, lane);
+    store_rows<T, kD, kHalf>(acc_dv[nt], 1.f, 1.f, sV, first, half * kHalf,
+                             at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh), a.sdv.row, valid, lane);
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+template <typename T, int kD>
+cudaError_t forward_for(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
+  using Tiles = ForwardTiles<kD>;
+  const auto kernel = forward_kernel<T, kD>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch);
+  kernel<<<grid, Tiles::kThreads, Tiles::kSmem, stream>>>(s, a);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t backward_for(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+  delta_kernel<T, kD><<<dim3((s.q_len + 31) / 32, s.heads, s.batch), 256, 0, stream>>>(s, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
+    using Split = SplitBackwardTiles<kD>;
+    const auto kernel = split_backward_kernel<T, kD>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Split::kSmem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((s.k_len + Split::kBN - 1) / Split::kBN, s.kv_heads, s.batch);
+    kernel<<<grid, Split::kThreads, Split::kSmem, stream>>>(s, a);
+  } else {
+    using Tiles = BackwardTiles<kD>;
+    const auto kernel = backward_kernel<T, kD>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch);
+    kernel<<<grid, Tiles::kThreads, Tiles::kSmem, stream>>>(s, a);
+  }
+  return cudaGetLastError();
+}
+
+template <template <typename, int> class F, typename... Args>
+cudaError_t dispatch(DType type, int dim, Args&&... args) {
+  if (type == DType::bf16) {
+    if (dim == 64) return F<__nv_bfloat16, 64>::run(args...);
+    if (dim == 128) return F<__nv_bfloat16, 128>::run(args...);
+  } else if (type == DType::f16) {
+    if (dim == 64) return F<__half, 64>::run(args...);
+    if (dim == 128) return F<__half, 128>::run(args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int kD>
+struct Forward {
+  static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t st) { return forward_for<T, kD>(s, a, st); }
+};
+template <typename T, int kD>
+struct Backward {
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, cudaStream_t st) {
+    return backward_for<T, kD>(s, a, st);
+  }
+};
+
+}  // namespace
+
+bool supports_head_dim(int dim) { return dim == 64 || dim == 128; }
+
+cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream) {
+  return dispatch<Forward>(type, shape.dim, shape, args, stream);
+}
+
+cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, cudaStream_t stream) {
+  return dispatch<Backward>(type, shape.dim, shape, args, stream);
+}
+
+}  // namespace scaletrain::attention::cuda

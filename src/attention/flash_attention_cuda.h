@@ -1,0 +1,65 @@
+#pragma once
+// Launchers of the CUDA flash attention kernels (flash_attention.cu), free of torch headers so
+// that the .cu file compiles quickly. Called by flash_attention.cpp, which owns the checks,
+// allocation and autograd.
+//
+// One kernel family serves the dense (batch, heads, seq, head_dim) layout with any strides and the
+// packed layout (total, heads, head_dim) + cu_seqlens: element (b, i, h, d) of a tensor lives at
+//   base + b * batch + (start_b + i) * row + h * head + d
+// with start_b = cu_seqlens[b] for packed tensors (whose batch stride is 0) and 0 for dense ones.
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "core/kernel_dtype.h"
+
+namespace scaletrain::attention::cuda {
+
+using core::DType;
+
+struct Strides {
+  int64_t batch, row, head;
+};
+
+struct Shape {
+  int batch = 0, heads = 0, kv_heads = 0, dim = 0;
+  int q_len = 0, k_len = 0;   // dense: every sequence's lengths; packed: the longest (grid size)
+  const int* cu_q = nullptr;  // packed: batch + 1 device offsets; dense: null
+  const int* cu_k = nullptr;
+  bool causal = false;  // bottom right: query i sees keys j <= i + k_len - q_len
+  float scale = 1.f;
+};
+
+// The head dims the kernels are built for (64 and 128).
+bool supports_head_dim(int dim);
+
+struct ForwardArgs {
+  const void *q, *k, *v;
+  Strides sq, sk, sv;
+  void* out;
+  Strides so;
+  float* lse;  // row stride 1
+  Strides sl;
+};
+
+// out = softmax(q k^T * scale) v per (sequence, head); lse = the rows' natural log-sum-exp (-inf
+// and a zero row for a query that sees no key). q, k, v, out: 16-byte aligned rows.
+cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream);
+
+struct BackwardArgs {
+  const void *q, *k, *v, *out, *dout;
+  Strides sq, sk, sv, so, sdo;
+  const float* lse;  // the forward's, strides sl (row stride 1)
+  float* delta;      // scratch in lse's layout: rowsum(dout * out)
+  Strides sl;
+  float* dq_accum;  // fp32, zeroed by the caller; receives dq / scale (atomic adds)
+  Strides sdq;
+  void *dk, *dv;  // written, in the inputs' dtype
+  Strides sdk, sdv;
+};
+
+// dq_accum += (dS k) without the scale, dk = scale * dS^T q, dv = P^T dout, recomputing P from
+// lse. dk and dv sum the query heads of their key/value head.
+cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, cudaStream_t stream);
+
+}  // namespace scaletrain::attention::cuda
