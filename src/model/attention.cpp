@@ -63,6 +63,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       check_inputs(q, k, v);
       TORCH_CHECK(dropout_p == 0, "attention: flash applies no dropout, got dropout_p ", dropout_p);
       if (mask.defined()) return math_attention(q, k, v, causal, mask, dropout_p);  // padded batches
+      // The CUDA kernels take 16-bit tensors: fp32 on a GPU (evaluation outside autocast) goes
+      // through torch's SDPA.
+      if (q.is_cuda() && q.scalar_type() == at::kFloat)
+        return attention(q, k, v, AttentionBackend::sdpa, causal, mask, dropout_p);
       // Its causal alignment is this seam's: a query block continuing a cached prefix.
       return scaletrain::attention::flash_attention(q, k, v, causal);
     }
