@@ -1,5 +1,5 @@
 """Hugging Face transformers' GPT-2 (built from a config: nothing is downloaded) trained by a plain
-PyTorch loop with scaletrain's optimizer and accumulation (lines marked `# scaletrain`). It learns the
+PyTorch loop with scaletrain's optimizer, accumulation and flash attention (lines marked `# scaletrain`). It learns the
 bytes of a text file (the README by default) with a 256-token vocabulary.
 
     python examples/python/hf_gpt2.py                          # a small GPT-2 on the CPU or one GPU
@@ -27,8 +27,11 @@ def main():
     windows = ByteWindows(args, rank, world, device)
     shape = dict(n_layer=12, n_head=12, n_embd=768) if args.gpt2_124m else dict(n_layer=2, n_head=4, n_embd=128)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=256, n_positions=max(args.seq, 64), bos_token_id=0, eos_token_id=0, **shape)
+    # No dropout (as in nanoGPT's pretraining): attention dropout would keep transformers' SDPA path.
+    config = GPT2Config(vocab_size=256, n_positions=max(args.seq, 64), bos_token_id=0, eos_token_id=0,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **shape)
     model = GPT2LMHeadModel(config).to(device)
+    scaletrain.nn.convert_model_to_efficient_attention(model)  # scaletrain
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, weight_decay=0.1, stage=args.stage,  # scaletrain
                                      max_grad_norm=1.0, cpu_offload=args.cpu_offload,
                                      overlap_forward=args.cpu_offload)

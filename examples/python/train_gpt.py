@@ -1,6 +1,7 @@
 """A nanoGPT-style GPT trained by a plain PyTorch loop with scaletrain's pieces (lines marked
 `# scaletrain`): ZeroAdamW in place of AdamW + DDP, accumulate() over micro-batches, and scaletrain's
-flash attention on CPU tensors (torch's SDPA on CUDA, where this build has no flash kernels yet).
+flash attention through convert_model_to_efficient_attention (on CUDA its kernels take bf16/fp16
+and head_dim 64 or 128: `--dim 256 --heads 4` uses them; other shapes keep torch's SDPA).
 It learns the bytes of a text file (the README by default).
 
     python examples/python/train_gpt.py                          # CPU, or one GPU (bf16 autocast)
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import scaletrain  # scaletrain
-from scaletrain.attention import flash_attention  # scaletrain
 
 
 class Block(nn.Module):
@@ -32,14 +32,12 @@ class Block(nn.Module):
         self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.fc, self.fc_proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.attention_function = F.scaled_dot_product_attention  # what convert_model_to_efficient_attention swaps
 
     def forward(self, x):
         b, t, c = x.shape
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln_1(x)).split(c, 2))
-        if q.is_cuda:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = flash_attention(q, k, v, causal=True)  # scaletrain
+        y = self.attention_function(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
 
@@ -128,6 +126,7 @@ def main():
     windows = ByteWindows(args, rank, world, device)
     torch.manual_seed(0)
     model = GPT(256, args.seq, args.layers, args.heads, args.dim).to(device)
+    scaletrain.nn.convert_model_to_efficient_attention(model)  # scaletrain
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,  # scaletrain
                                      stage=args.stage, max_grad_norm=1.0, cpu_offload=args.cpu_offload,
                                      overlap_forward=args.cpu_offload)

@@ -21,7 +21,7 @@ def _check_torch() -> None:
 
 _check_torch()
 
-from scaletrain import _C, accum, amp, attention, optim  # noqa: E402
+from scaletrain import _C, accum, amp, attention, nn, optim  # noqa: E402
 from scaletrain._C import (
     ConfigError,
     InputError,

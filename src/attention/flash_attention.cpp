@@ -482,8 +482,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                    dout = aligned(dout_in);
   const at::Tensor lse = lse_in.stride(-1) == 1 ? lse_in : lse_in.contiguous();
   at::Tensor delta = at::empty_like(lse);
-  at::Tensor dq_accum = at::zeros_like(q_in, q_in.options().dtype(at::kFloat));
+  // torch.use_deterministic_algorithms(True): dq from a kernel of its own instead of atomics.
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  at::Tensor dq_accum, dq;
+  if (deterministic) dq = at::empty_like(q_in);
+  else dq_accum = at::zeros_like(q_in, q_in.options().dtype(at::kFloat));
   at::Tensor dk = at::empty_like(k_in), dv = at::empty_like(v_in);
+  const at::Tensor& dq_like = deterministic ? dq : dq_accum;
   const cuda::BackwardArgs args{q.const_data_ptr(),
                                 k.const_data_ptr(),
                                 v.const_data_ptr(),
@@ -497,14 +502,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                 lse.const_data_ptr<float>(),
                                 delta.data_ptr<float>(),
                                 lse_strides(lse, dense),
-                                dq_accum.data_ptr<float>(),
-                                strides_of(dq_accum, dense),
+                                deterministic ? nullptr : dq_accum.data_ptr<float>(),
+                                strides_of(dq_like, dense),
+                                deterministic ? dq.data_ptr() : nullptr,
+                                strides_of(dq_like, dense),
                                 dk.data_ptr(),
                                 dv.data_ptr(),
                                 strides_of(dk, dense),
                                 strides_of(dv, dense)};
-  check_launch(cuda::launch_backward(core::dtype_of(q), c.shape, args, c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::launch_backward(core::dtype_of(q), c.shape, args, deterministic,
+                                    c10::cuda::getCurrentCUDAStream().stream()),
                "backward");
+  if (deterministic) return {dq, dk, dv};
   return {dq_accum.mul_(c.shape.scale).to(q_in.scalar_type()), dk, dv};
 }
 #endif

@@ -12,7 +12,8 @@
 // tile that sees them. Per query tile it forms S^T = K Q^T and dP^T = V dO^T (keys as rows, so the
 // products dV += P^T dO and dK += dS^T Q take P^T and dS^T from registers), writes dS^T to shared
 // memory and adds dS K into an fp32 dQ buffer with atomics. Q, dO, lse and delta tiles are double
-// buffered. delta = rowsum(dO * O) comes from a pre-pass.
+// buffered. delta = rowsum(dO * O) comes from a pre-pass. Deterministic mode leaves dQ to a kernel
+// of its own (a query tile per block, key tiles streamed past it), which writes dq once.
 //
 // Shared-memory tiles are row-major with 16-byte chunks XOR-swizzled by row, so the 8 row
 // addresses of an ldmatrix and the cp.async stores hit distinct banks.
@@ -28,7 +29,6 @@ namespace scaletrain::attention::cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------- PTX wrappers
 
@@ -90,6 +90,16 @@ struct Mma<__half> {
     return *reinterpret_cast<const uint32_t*>(&v);
   }
 };
+
+// The A fragment (m16 x k16) made of two adjacent m16n8 accumulator tiles (k 0-7, then 8-15): the
+// accumulator layout is the A layout, so P and dS feed the next product from registers.
+template <typename T>
+__device__ __forceinline__ void to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = Mma<T>::pack(lo[0], lo[1]);
+  a[1] = Mma<T>::pack(lo[2], lo[3]);
+  a[2] = Mma<T>::pack(hi[0], hi[1]);
+  a[3] = Mma<T>::pack(hi[2], hi[3]);
+}
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -310,12 +320,7 @@ __global__ void __launch_bounds__(ForwardTiles<kD>::kThreads, 2) forward_kernel(
           for (int j = 0; j < kD / 8; ++j) acc_o[mt][j][2 * r] *= correction, acc_o[mt][j][2 * r + 1] *= correction;
         }
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-          pf[mt][kk][0] = Mma<T>::pack(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
-          pf[mt][kk][1] = Mma<T>::pack(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
-          pf[mt][kk][2] = Mma<T>::pack(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
-          pf[mt][kk][3] = Mma<T>::pack(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
       }
       cp_async_wait<0>();
       __syncthreads();  // V is in; every warp is done with K
@@ -391,6 +396,103 @@ __global__ void delta_kernel(Shape s, BackwardArgs a) {
   if (part == 0 && row < seq.lq) a.delta[b * a.sl.batch + h * a.sl.head + seq.q_start + row] = sum;
 }
 
+// What a backward block (a tile of kBN keys of one key/value head and sequence) shares between the
+// two backward kernels: its steps (one per query head of the group and query tile that sees its
+// keys, in that order) and the double-buffered loads of each step's Q, dO, lse and delta.
+template <typename T, int kD, int kBM, int kBN, int kThreads>
+struct KeyBlock {
+  const Shape& s;
+  const BackwardArgs& a;
+  T *sK, *sV, *sQ, *sdO;  // sQ, sdO, sLse, sDelta: two buffers each
+  float *sLse, *sDelta;
+  Sequence seq;
+  int b, kvh, n0, group, shift, m_first, per_head, steps;
+
+  __device__ KeyBlock(const Shape& shape, const BackwardArgs& args, unsigned char* smem, int extra_elements)
+      : s(shape), a(args) {
+    sK = reinterpret_cast<T*>(smem);
+    sV = sK + kBN * kD;
+    sQ = sV + kBN * kD;
+    sdO = sQ + 2 * kBM * kD;
+    sLse = reinterpret_cast<float*>(sdO + 2 * kBM * kD + extra_elements);
+    sDelta = sLse + 2 * kBM;
+    kvh = blockIdx.y, b = blockIdx.z;
+    seq = sequence_of(s, b);
+    n0 = blockIdx.x * kBN;
+    group = s.heads / s.kv_heads;
+    shift = seq.lk - seq.lq;
+    // Query tiles that see a key of this tile: causal query i sees key j when i >= j - shift.
+    m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
+    per_head = max(0, (seq.lq + kBM - 1) / kBM - m_first);
+    steps = n0 < seq.lk ? per_head * group : 0;
+  }
+  // The shared memory a kernel asks for: the common tiles + `extra_elements` of T.
+  static constexpr int smem_bytes(int extra_elements) {
+    return (2 * kBN * kD + 4 * kBM * kD + extra_elements) * 2 + 4 * kBM * 4;
+  }
+  __device__ int head(int step) const { return kvh * group + step / per_head; }
+  __device__ int m0(int step) const { return (m_first + step % per_head) * kBM; }
+  __device__ T* extra() const { return sdO + 2 * kBM * kD; }
+
+  __device__ void load_step(int step, int buf) const {
+    const int h = head(step), m = m0(step), valid = seq.lq - m;
+    const T* safe = static_cast<const T*>(a.q);
+    load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m, h), a.sq.row, valid,
+                                 safe);
+    load_tile<kBM, kD, kThreads>(sdO + buf * kBM * kD, at_row<T>(a.dout, a.sdo, b, seq.q_start + m, h), a.sdo.row,
+                                 valid, safe);
+    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m;
+    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, a.lse);
+    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, a.lse);
+  }
+  // The K and V tiles and the first step's tiles, as one cp.async group.
+  __device__ void load_first() const {
+    const T* safe = static_cast<const T*>(a.q);
+    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
+    load_step(0, 0);
+    cp_async_commit();
+  }
+  // Waits for step `step`'s tiles and starts loading the next step's into the other buffers.
+  __device__ void begin_step(int step) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < steps) {
+      load_step(step + 1, (step & 1) ^ 1);
+      cp_async_commit();
+    }
+  }
+  // Writes one m16 tile of a warp's dK (times the scale) and dV, columns col0.., through the K and V
+  // tiles (every warp must be done with them).
+  template <int kCols>
+  __device__ void store_dk_dv(const float (&dk)[kCols / 8][4], const float (&dv)[kCols / 8][4], int first, int col0,
+                              int lane) const {
+    const int valid = seq.lk - n0 - first;
+    store_rows<T, kD, kCols>(dk, s.scale, s.scale, sK, first, col0,
+                             at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh), a.sdk.row, valid, lane);
+    store_rows<T, kD, kCols>(dv, 1.f, 1.f, sV, first, col0, at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh),
+                             a.sdv.row, valid, lane);
+  }
+  // Adds a warp's 16 x kCols dQ accumulators (rows row_a and row_a + 8 of the step's query tile
+  // for this thread, columns col0..) into dq_accum.
+  template <int kCols>
+  __device__ void add_dq(const float (&acc)[kCols / 8][4], int h, int row_a, int col0, int lane) const {
+    float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) {
+      const int col = col0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row_a + half * 8;
+        if (row < seq.lq) {
+          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col, acc[j][2 * half]);
+          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col + 1, acc[j][2 * half + 1]);
+        }
+      }
+    }
+  }
+};
+
 template <int kD>
 struct BackwardTiles {
   // Each warp owns kNT m16 tiles of keys (their dK and dV in registers); with two, every Q and dO
@@ -399,36 +501,22 @@ struct BackwardTiles {
                        kThreads = kWarps * 32;
   // dQ = dS K: warps as kBM / 16 row groups x the rest over head_dim.
   static constexpr int kRowGroups = kBM / 16, kColGroups = kWarps / kRowGroups, kDqCols = kD / kColGroups;
-  static constexpr int kSmem = (2 * kBN * kD + 4 * kBM * kD + kBN * kBM) * 2 + 4 * kBM * 4;
+  static constexpr int kSmem = KeyBlock<__half, kD, kBM, kBN, kThreads>::smem_bytes(kBN * kBM);
 };
 
-template <typename T, int kD>
+// kDq: also add dS K into dq_accum (else the deterministic dQ kernel computes dq).
+template <typename T, int kD, bool kDq>
 __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kernel(Shape s, BackwardArgs a) {
   using Tiles = BackwardTiles<kD>;
   constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads, kNT = Tiles::kNT;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + kBN * kD;
-  T* sQ = sV + kBN * kD;       // two buffers
-  T* sdO = sQ + 2 * kBM * kD;  // two buffers
-  T* sdS = sdO + 2 * kBM * kD;
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // two buffers
-  float* sDelta = sLse + 2 * kBM;                           // two buffers
-
-  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const Sequence seq = sequence_of(s, b);
-  const int n0 = n_block * kBN;
+  const KeyBlock<T, kD, kBM, kBN, kThreads> blk(s, a, smem, kBN * kBM);
+  T* sdS = blk.extra();  // dS^T: rows keys, columns queries
+  const Sequence& seq = blk.seq;
+  const int n0 = blk.n0, shift = blk.shift;
   if (n0 >= seq.lk) return;
-  const int group = s.heads / s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_key = warp * kNT * 16;  // the warp's first key in the tile
-  const T* safe = static_cast<const T*>(a.q);
-  const float* safe_f = a.lse;
-  const int shift = seq.lk - seq.lq;
-  // Query tiles that see a key of this tile: causal query i sees key j when i >= j - shift.
-  const int m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
-  const int m_tiles = (seq.lq + kBM - 1) / kBM;
-  const int per_head = max(0, m_tiles - m_first), steps = per_head * group;
   const float scale_log2 = s.scale * kLog2e;
 
   float acc_dk[kNT][kD / 8][4], acc_dv[kNT][kD / 8][4];
@@ -439,38 +527,15 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_dk[nt][j][e] = acc_dv[nt][j][e] = 0.f;
 
-  const auto load_step = [&](int step, int buf) {
-    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
-    const int valid = seq.lq - m0;
-    load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, valid,
-                                 safe);
-    load_tile<kBM, kD, kThreads>(sdO + buf * kBM * kD, at_row<T>(a.dout, a.sdo, b, seq.q_start + m0, h), a.sdo.row,
-                                 valid, safe);
-    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m0;
-    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, safe_f);
-    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, safe_f);
-  };
-
-  if (steps > 0) {
-    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
-    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
-    load_step(0, 0);
-    cp_async_commit();
-  }
+  if (blk.steps > 0) blk.load_first();
   const int key_a = n0 + warp_key + (lane >> 2);  // this thread's keys: key_a + 16 nt + 8 half
-  for (int step = 0; step < steps; ++step) {
-    const int buf = step & 1;
-    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
-    cp_async_wait<0>();
-    __syncthreads();
-    if (step + 1 < steps) {
-      load_step(step + 1, buf ^ 1);
-      cp_async_commit();
-    }
-    const T* q = sQ + buf * kBM * kD;
-    const T* dout = sdO + buf * kBM * kD;
-    const float* lse = sLse + buf * kBM;
-    const float* delta = sDelta + buf * kBM;
+  for (int step = 0; step < blk.steps; ++step) {
+    const int buf = step & 1, h = blk.head(step), m0 = blk.m0(step);
+    blk.begin_step(step);
+    const T* q = blk.sQ + buf * kBM * kD;
+    const T* dout = blk.sdO + buf * kBM * kD;
+    const float* lse = blk.sLse + buf * kBM;
+    const float* delta = blk.sDelta + buf * kBM;
 
     // S^T = K Q^T and dP^T = V dO^T: this warp's keys x kBM queries.
     float acc_s[kNT][kBM / 8][4], acc_dp[kNT][kBM / 8][4];
@@ -485,8 +550,8 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
       uint32_t kf[kNT][4], vf[kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        load_a<kD>(kf[nt], sK, warp_key + nt * 16, kk * 16, lane);
-        load_a<kD>(vf[nt], sV, warp_key + nt * 16, kk * 16, lane);
+        load_a<kD>(kf[nt], blk.sK, warp_key + nt * 16, kk * 16, lane);
+        load_a<kD>(vf[nt], blk.sV, warp_key + nt * 16, kk * 16, lane);
       }
 #pragma unroll
       for (int nn = 0; nn < kBM / 16; ++nn) {
@@ -525,19 +590,15 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
       uint32_t pf[kNT][4], df[kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        pf[nt][0] = Mma<T>::pack(acc_s[nt][2 * kk][0], acc_s[nt][2 * kk][1]);
-        pf[nt][1] = Mma<T>::pack(acc_s[nt][2 * kk][2], acc_s[nt][2 * kk][3]);
-        pf[nt][2] = Mma<T>::pack(acc_s[nt][2 * kk + 1][0], acc_s[nt][2 * kk + 1][1]);
-        pf[nt][3] = Mma<T>::pack(acc_s[nt][2 * kk + 1][2], acc_s[nt][2 * kk + 1][3]);
-        df[nt][0] = Mma<T>::pack(acc_dp[nt][2 * kk][0], acc_dp[nt][2 * kk][1]);
-        df[nt][1] = Mma<T>::pack(acc_dp[nt][2 * kk][2], acc_dp[nt][2 * kk][3]);
-        df[nt][2] = Mma<T>::pack(acc_dp[nt][2 * kk + 1][0], acc_dp[nt][2 * kk + 1][1]);
-        df[nt][3] = Mma<T>::pack(acc_dp[nt][2 * kk + 1][2], acc_dp[nt][2 * kk + 1][3]);
-        const int r = warp_key + nt * 16 + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
-        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c)) = df[nt][0];
-        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c)) = df[nt][1];
-        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c + 8)) = df[nt][2];
-        *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c + 8)) = df[nt][3];
+        to_a<T>(pf[nt], acc_s[nt][2 * kk], acc_s[nt][2 * kk + 1]);
+        to_a<T>(df[nt], acc_dp[nt][2 * kk], acc_dp[nt][2 * kk + 1]);
+        if constexpr (kDq) {
+          const int r = warp_key + nt * 16 + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c)) = df[nt][0];
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c)) = df[nt][1];
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r, c + 8)) = df[nt][2];
+          *reinterpret_cast<uint32_t*>(sdS + swz<kBM>(r + 8, c + 8)) = df[nt][3];
+        }
       }
 #pragma unroll
       for (int dd = 0; dd < kD / 16; ++dd) {
@@ -553,9 +614,9 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
         }
       }
     }
-    __syncthreads();  // dS^T complete
     // dQ (kBM x kD) += dS K: this warp's 16 query rows x kDqCols columns, k = the kBN keys.
-    {
+    if constexpr (kDq) {
+      __syncthreads();  // dS^T complete
       constexpr int kCols = Tiles::kDqCols;
       const int rg = warp % Tiles::kRowGroups, cg = warp / Tiles::kRowGroups;
       float acc_dq[kCols / 8][4];
@@ -568,37 +629,17 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
 #pragma unroll
         for (int dd = 0; dd < kCols / 16; ++dd) {
           uint32_t bf[4];
-          load_b_trans<kD>(bf, sK, kk * 16, cg * kCols + dd * 16, lane);
+          load_b_trans<kD>(bf, blk.sK, kk * 16, cg * kCols + dd * 16, lane);
           Mma<T>::run(acc_dq[2 * dd], af, bf[0], bf[1]);
           Mma<T>::run(acc_dq[2 * dd + 1], af, bf[2], bf[3]);
         }
       }
-      const int row = m0 + rg * 16 + (lane >> 2);
-      float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
-#pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        const int col = cg * kCols + j * 8 + (lane & 3) * 2;
-        if (row < seq.lq) {
-          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col, acc_dq[j][0]);
-          atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col + 1, acc_dq[j][1]);
-        }
-        if (row + 8 < seq.lq) {
-          atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col, acc_dq[j][2]);
-          atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col + 1, acc_dq[j][3]);
-        }
-      }
+      blk.template add_dq<kCols>(acc_dq, h, m0 + rg * 16 + (lane >> 2), cg * kCols, lane);
     }
   }
-  __syncthreads();  // every warp is done with sK and sV: stage dK and dV there
+  __syncthreads();  // every warp is done with the K and V tiles: stage dK and dV there
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-    const int first = warp_key + nt * 16;
-    const int valid = seq.lk - n0 - first;
-    store_rows<T, kD>(acc_dk[nt], s.scale, s.scale, sK, first, 0, at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh),
-                      a.sdk.row, valid, lane);
-    store_rows<T, kD>(acc_dv[nt], 1.f, 1.f, sV, first, 0, at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh),
-                      a.sdv.row, valid, lane);
-  }
+  for (int nt = 0; nt < kNT; ++nt) blk.template store_dk_dv<kD>(acc_dk[nt], acc_dv[nt], warp_key + nt * 16, 0, lane);
 }
 
 // The backward with P^T and dS^T through shared memory (FlashAttention-2's partition; for head_dim
@@ -609,38 +650,24 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
 template <int kD>
 struct SplitBackwardTiles {
   static constexpr int kBN = 128, kBM = 64, kWarps = 8, kThreads = kWarps * 32;
-  static constexpr int kSmem = (2 * kBN * kD + 4 * kBM * kD + 2 * kBN * kBM) * 2 + 4 * kBM * 4;
+  static constexpr int kSmem = KeyBlock<__half, kD, kBM, kBN, kThreads>::smem_bytes(2 * kBN * kBM);
 };
 
-template <typename T, int kD>
+template <typename T, int kD, bool kDq>
 __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
     split_backward_kernel(Shape s, BackwardArgs a) {
   using Tiles = SplitBackwardTiles<kD>;
   constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads;
   constexpr int kHalf = kD / 2, kQuarter = kD / 4;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + kBN * kD;
-  T* sQ = sV + kBN * kD;       // two buffers
-  T* sdO = sQ + 2 * kBM * kD;  // two buffers
-  T* sP = sdO + 2 * kBM * kD;  // P^T: rows keys, columns queries
-  T* sdS = sP + kBN * kBM;     // dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // two buffers
-  float* sDelta = sLse + 2 * kBM;                           // two buffers
-
-  const int n_block = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const Sequence seq = sequence_of(s, b);
-  const int n0 = n_block * kBN;
+  const KeyBlock<T, kD, kBM, kBN, kThreads> blk(s, a, smem, 2 * kBN * kBM);
+  T* sP = blk.extra();      // P^T: rows keys, columns queries
+  T* sdS = sP + kBN * kBM;  // dS^T
+  const Sequence& seq = blk.seq;
+  const int n0 = blk.n0, shift = blk.shift;
   if (n0 >= seq.lk) return;
-  const int group = s.heads / s.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kg = warp % 4, half = warp / 4;  // phases 1 and 2: keys kg * 32.., queries or columns by half
-  const T* safe = static_cast<const T*>(a.q);
-  const float* safe_f = a.lse;
-  const int shift = seq.lk - seq.lq;
-  const int m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
-  const int m_tiles = (seq.lq + kBM - 1) / kBM;
-  const int per_head = max(0, m_tiles - m_first), steps = per_head * group;
   const float scale_log2 = s.scale * kLog2e;
 
   float acc_dk[2][kHalf / 8][4], acc_dv[2][kHalf / 8][4];
@@ -651,37 +678,14 @@ __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_dk[nt][j][e] = acc_dv[nt][j][e] = 0.f;
 
-  const auto load_step = [&](int step, int buf) {
-    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
-    const int valid = seq.lq - m0;
-    load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, valid,
-                                 safe);
-    load_tile<kBM, kD, kThreads>(sdO + buf * kBM * kD, at_row<T>(a.dout, a.sdo, b, seq.q_start + m0, h), a.sdo.row,
-                                 valid, safe);
-    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m0;
-    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, safe_f);
-    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, safe_f);
-  };
-
-  if (steps > 0) {
-    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
-    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
-    load_step(0, 0);
-    cp_async_commit();
-  }
-  for (int step = 0; step < steps; ++step) {
-    const int buf = step & 1;
-    const int h = kvh * group + step / per_head, m0 = (m_first + step % per_head) * kBM;
-    cp_async_wait<0>();
-    __syncthreads();  // this step's tiles are in; the last step's readers of sP and sdS are done
-    if (step + 1 < steps) {
-      load_step(step + 1, buf ^ 1);
-      cp_async_commit();
-    }
-    const T* q = sQ + buf * kBM * kD;
-    const T* dout = sdO + buf * kBM * kD;
-    const float* lse = sLse + buf * kBM;
-    const float* delta = sDelta + buf * kBM;
+  if (blk.steps > 0) blk.load_first();
+  for (int step = 0; step < blk.steps; ++step) {
+    const int buf = step & 1, h = blk.head(step), m0 = blk.m0(step);
+    blk.begin_step(step);  // also: the last step's readers of sP and sdS are done
+    const T* q = blk.sQ + buf * kBM * kD;
+    const T* dout = blk.sdO + buf * kBM * kD;
+    const float* lse = blk.sLse + buf * kBM;
+    const float* delta = blk.sDelta + buf * kBM;
 
     // Phase 1: S^T and dP^T for keys kg * 32.. x queries half * 32..
     {
@@ -697,8 +701,8 @@ __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
         uint32_t kf[2][4], vf[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          load_a<kD>(kf[nt], sK, kg * 32 + nt * 16, kk * 16, lane);
-          load_a<kD>(vf[nt], sV, kg * 32 + nt * 16, kk * 16, lane);
+          load_a<kD>(kf[nt], blk.sK, kg * 32 + nt * 16, kk * 16, lane);
+          load_a<kD>(vf[nt], blk.sV, kg * 32 + nt * 16, kk * 16, lane);
         }
 #pragma unroll
         for (int nn = 0; nn < 2; ++nn) {
@@ -763,7 +767,7 @@ __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
       }
     }
     // Phase 3: dQ += dS K for queries (warp % 2) * 32.. x columns (warp / 2) * kQuarter..
-    {
+    if constexpr (kDq) {
       const int rg = warp % 2, cg = warp / 2;
       float acc_dq[2][kQuarter / 8][4];
 #pragma unroll
@@ -778,7 +782,7 @@ __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
 #pragma unroll
         for (int dd = 0; dd < kQuarter / 16; ++dd) {
           uint32_t bf[4];
-          load_b_trans<kD>(bf, sK, kk * 16, cg * kQuarter + dd * 16, lane);
+          load_b_trans<kD>(bf, blk.sK, kk * 16, cg * kQuarter + dd * 16, lane);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             Mma<T>::run(acc_dq[mt][2 * dd], af[mt], bf[0], bf[1]);
@@ -786,34 +790,139 @@ __global__ void __launch_bounds__(SplitBackwardTiles<kD>::kThreads, 1)
           }
         }
       }
-      float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int row = m0 + rg * 32 + mt * 16 + (lane >> 2);
+      for (int mt = 0; mt < 2; ++mt)
+        blk.template add_dq<kQuarter>(acc_dq[mt], h, m0 + rg * 32 + mt * 16 + (lane >> 2), cg * kQuarter, lane);
+    }
+  }
+  __syncthreads();  // every warp is done with the K and V tiles: stage dK and dV there
 #pragma unroll
-        for (int j = 0; j < kQuarter / 8; ++j) {
-          const int col = cg * kQuarter + j * 8 + (lane & 3) * 2;
-          if (row < seq.lq) {
-            atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col, acc_dq[mt][j][0]);
-            atomicAdd(dq + static_cast<int64_t>(row) * a.sdq.row + col + 1, acc_dq[mt][j][1]);
-          }
-          if (row + 8 < seq.lq) {
-            atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col, acc_dq[mt][j][2]);
-            atomicAdd(dq + static_cast<int64_t>(row + 8) * a.sdq.row + col + 1, acc_dq[mt][j][3]);
-          }
+  for (int nt = 0; nt < 2; ++nt)
+    blk.template store_dk_dv<kHalf>(acc_dk[nt], acc_dv[nt], kg * 32 + nt * 16, half * kHalf, lane);
+}
+
+// The deterministic dQ (torch.use_deterministic_algorithms): one block of 4 warps per (64 query
+// rows, head, sequence), each warp 16 rows with its Q and dO fragments in registers; key and
+// value tiles of 64 rows stream through double-buffered shared memory. Per tile: S = Q K^T and
+// dP = dO V^T, P and dS = P (dP - delta) in registers, dQ += dS K. dq = scale * dQ is written once,
+// in the inputs' dtype: no atomics, so the same inputs give the same bits.
+template <int kD>
+struct DqTiles {
+  static constexpr int kBM = 64, kBN = 64, kWarps = 4, kThreads = kWarps * 32;
+  static constexpr int kSmem = (2 * kBM * kD + 4 * kBN * kD) * 2;  // Q, dO; K and V double-buffered
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqTiles<kD>::kThreads, 1) dq_kernel(Shape s, BackwardArgs a) {
+  using Tiles = DqTiles<kD>;
+  constexpr int kBM = Tiles::kBM, kBN = Tiles::kBN, kThreads = Tiles::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kBM * kD;
+  T* sK = sdO + kBM * kD;     // two buffers
+  T* sV = sK + 2 * kBN * kD;  // two buffers
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest causal rows first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(s, b);
+  const int m0 = m_block * kBM;
+  if (m0 >= seq.lq) return;
+  const int kvh = h / (s.heads / s.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* safe = static_cast<const T*>(a.q);
+  const T* k = at_row<T>(a.k, a.sk, b, seq.k_start, kvh);
+  const T* v = at_row<T>(a.v, a.sv, b, seq.k_start, kvh);
+  const int shift = seq.lk - seq.lq;
+  const int n_end = s.causal ? min(seq.lk, max(0, m0 + kBM + shift)) : seq.lk;
+  const int n_tiles = (n_end + kBN - 1) / kBN;
+  const float scale_log2 = s.scale * kLog2e;
+  const int row_a = m0 + warp * 16 + (lane >> 2);  // this thread's rows: row_a and row_a + 8
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_a + 8 * r;
+    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + row;
+    lse2[r] = row < seq.lq ? a.lse[l] * kLog2e : 0.f;
+    dlt[r] = row < seq.lq ? a.delta[l] : 0.f;
+  }
+  float acc_dq[kD / 8][4];
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.f;
+
+  if (n_tiles > 0) {
+    load_tile<kBM, kD, kThreads>(sQ, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, seq.lq - m0, safe);
+    load_tile<kBM, kD, kThreads>(sdO, at_row<T>(a.dout, a.sdo, b, seq.q_start + m0, h), a.sdo.row, seq.lq - m0,
+                                 safe);
+    load_tile<kBN, kD, kThreads>(sK, k, a.sk.row, seq.lk, safe);
+    load_tile<kBN, kD, kThreads>(sV, v, a.sv.row, seq.lk, safe);
+    cp_async_commit();
+    uint32_t qf[kD / 16][4], of[kD / 16][4];
+    for (int t = 0; t < n_tiles; ++t) {
+      const int n0 = t * kBN, buf = t & 1;
+      cp_async_wait<0>();
+      __syncthreads();  // tile t is in; every warp is done with tile t - 1's buffers
+      if (t == 0) {
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+          load_a<kD>(qf[kk], sQ, warp * 16, kk * 16, lane);
+          load_a<kD>(of[kk], sdO, warp * 16, kk * 16, lane);
+        }
+      }
+      if (t + 1 < n_tiles) {
+        load_tile<kBN, kD, kThreads>(sK + (buf ^ 1) * kBN * kD, k + (n0 + kBN) * a.sk.row, a.sk.row,
+                                     seq.lk - n0 - kBN, safe);
+        load_tile<kBN, kD, kThreads>(sV + (buf ^ 1) * kBN * kD, v + (n0 + kBN) * a.sv.row, a.sv.row,
+                                     seq.lk - n0 - kBN, safe);
+        cp_async_commit();
+      }
+      const T* tk = sK + buf * kBN * kD;
+      const T* tv = sV + buf * kBN * kD;
+      float acc_s[kBN / 8][4], acc_dp[kBN / 8][4];
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[j][e] = acc_dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+#pragma unroll
+        for (int nn = 0; nn < kBN / 16; ++nn) {
+          uint32_t bk[4], bv[4];
+          load_b<kD>(bk, tk, nn * 16, kk * 16, lane);
+          load_b<kD>(bv, tv, nn * 16, kk * 16, lane);
+          Mma<T>::run(acc_s[2 * nn], qf[kk], bk[0], bk[1]);
+          Mma<T>::run(acc_s[2 * nn + 1], qf[kk], bk[2], bk[3]);
+          Mma<T>::run(acc_dp[2 * nn], of[kk], bv[0], bv[1]);
+          Mma<T>::run(acc_dp[2 * nn + 1], of[kk], bv[2], bv[3]);
+        }
+      }
+      const bool need_mask = m0 + kBM > seq.lq || n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1), row = row_a + (e >> 1) * 8;
+          float p = fast_exp2(fmaf(acc_s[j][e], scale_log2, -lse2[e >> 1]));
+          if (need_mask && (row >= seq.lq || col >= seq.lk || (s.causal && col > row + shift))) p = 0.f;
+          acc_dp[j][e] = p * (acc_dp[j][e] - dlt[e >> 1]);
+        }
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t df[4];
+        to_a<T>(df, acc_dp[2 * kk], acc_dp[2 * kk + 1]);
+#pragma unroll
+        for (int dd = 0; dd < kD / 16; ++dd) {
+          uint32_t bf[4];
+          load_b_trans<kD>(bf, tk, kk * 16, dd * 16, lane);
+          Mma<T>::run(acc_dq[2 * dd], df, bf[0], bf[1]);
+          Mma<T>::run(acc_dq[2 * dd + 1], df, bf[2], bf[3]);
         }
       }
     }
   }
-  __syncthreads();  // every warp is done with sK and sV: stage dK and dV there
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    const int first = kg * 32 + nt * 16, valid = seq.lk - n0 - first;
-    store_rows<T, kD, kHalf>(acc_dk[nt], s.scale, s.scale, sK, first, half * kHalf,
-                             at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh), a.sdk.row, valid, lane);
-    store_rows<T, kD, kHalf>(acc_dv[nt], 1.f, 1.f, sV, first, half * kHalf,
-                             at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh), a.sdv.row, valid, lane);
-  }
+  // Each warp read only its own rows of sQ: it stages its dq there.
+  store_rows<T, kD>(acc_dq, s.scale, s.scale, sQ, warp * 16, 0,
+                    at_row<T>(a.dq, a.sdq_out, b, seq.q_start + m0 + warp * 16, h), a.sdq_out.row,
+                    seq.lq - m0 - warp * 16, lane);
 }
 
 // ---------------------------------------------------------------- launchers
@@ -829,26 +938,40 @@ cudaError_t forward_for(const Shape& s, const ForwardArgs& a, cudaStream_t strea
   return cudaGetLastError();
 }
 
+template <typename T, int kD, bool kDq>
+cudaError_t launch_dk_dv(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+  if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
+    using Tiles = SplitBackwardTiles<kD>;
+    const auto kernel = split_backward_kernel<T, kD, kDq>;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads, Tiles::kSmem,
+             stream>>>(s, a);
+  } else {
+    using Tiles = BackwardTiles<kD>;
+    const auto kernel = backward_kernel<T, kD, kDq>;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads, Tiles::kSmem,
+             stream>>>(s, a);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T, int kD>
-cudaError_t backward_for(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+cudaError_t backward_for(const Shape& s, const BackwardArgs& a, bool deterministic, cudaStream_t stream) {
   delta_kernel<T, kD><<<dim3((s.q_len + 31) / 32, s.heads, s.batch), 256, 0, stream>>>(s, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
-    using Split = SplitBackwardTiles<kD>;
-    const auto kernel = split_backward_kernel<T, kD>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Split::kSmem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((s.k_len + Split::kBN - 1) / Split::kBN, s.kv_heads, s.batch);
-    kernel<<<grid, Split::kThreads, Split::kSmem, stream>>>(s, a);
-  } else {
-    using Tiles = BackwardTiles<kD>;
-    const auto kernel = backward_kernel<T, kD>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch);
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmem, stream>>>(s, a);
-  }
+  if (!deterministic) return launch_dk_dv<T, kD, true>(s, a, stream);
+  err = launch_dk_dv<T, kD, false>(s, a, stream);
+  if (err != cudaSuccess) return err;
+  using Tiles = DqTiles<kD>;
+  const auto kernel = dq_kernel<T, kD>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch), Tiles::kThreads, Tiles::kSmem, stream>>>(
+      s, a);
   return cudaGetLastError();
 }
 
@@ -870,8 +993,8 @@ struct Forward {
 };
 template <typename T, int kD>
 struct Backward {
-  static cudaError_t run(const Shape& s, const BackwardArgs& a, cudaStream_t st) {
-    return backward_for<T, kD>(s, a, st);
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, bool deterministic, cudaStream_t st) {
+    return backward_for<T, kD>(s, a, deterministic, st);
   }
 };
 
@@ -883,8 +1006,9 @@ cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& ar
   return dispatch<Forward>(type, shape.dim, shape, args, stream);
 }
 
-cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, cudaStream_t stream) {
-  return dispatch<Backward>(type, shape.dim, shape, args, stream);
+cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, bool deterministic,
+                            cudaStream_t stream) {
+  return dispatch<Backward>(type, shape.dim, shape, args, deterministic, stream);
 }
 
 }  // namespace scaletrain::attention::cuda

@@ -52,14 +52,18 @@ struct BackwardArgs {
   const float* lse;  // the forward's, strides sl (row stride 1)
   float* delta;      // scratch in lse's layout: rowsum(dout * out)
   Strides sl;
-  float* dq_accum;  // fp32, zeroed by the caller; receives dq / scale (atomic adds)
+  float* dq_accum;  // fp32, zeroed by the caller; receives dq / scale (atomic adds); unused when deterministic
   Strides sdq;
+  void* dq;  // deterministic: dq, written in the inputs' dtype; else unused
+  Strides sdq_out;
   void *dk, *dv;  // written, in the inputs' dtype
   Strides sdk, sdv;
 };
 
 // dq_accum += (dS k) without the scale, dk = scale * dS^T q, dv = P^T dout, recomputing P from
-// lse. dk and dv sum the query heads of their key/value head.
-cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, cudaStream_t stream);
+// lse. dk and dv sum the query heads of their key/value head. deterministic: dq = scale * dS k is
+// written to `dq` by a kernel of its own, without atomics (every result bit-reproducible).
+cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, bool deterministic,
+                            cudaStream_t stream);
 
 }  // namespace scaletrain::attention::cuda

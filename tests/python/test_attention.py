@@ -136,3 +136,19 @@ def test_cuda_errors_name_the_argument():
         flash_attention(q, q, q)
     with pytest.raises(ValueError, match="the CUDA kernels take bfloat16 or float16"):
         flash_attention(q[..., :64].float(), q[..., :64].float(), q[..., :64].float())
+
+
+@cuda
+def test_cuda_deterministic_backward_is_bit_reproducible():
+    torch.manual_seed(6)
+    q, k, v, dout = (torch.randn(2, 4, 500, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    run = lambda: grads_of(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, dout)  # noqa: E731
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    default = run()
+    assert (first[1].float() - default[1].float()).abs().max() <= 2e-2 * default[1].float().abs().max()

@@ -259,6 +259,37 @@ TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
   EXPECT_TRUE(at::equal(out, dense.out));
 }
 
+// torch.use_deterministic_algorithms: dq from its own kernel (no atomics), every gradient bit for bit
+// the same on a second run, and as accurate as the default path.
+TEST(FlashAttention, CudaDeterministicBackward) {
+  SCALETRAIN_REQUIRE_CUDA();
+  struct Restore {
+    ~Restore() { at::globalContext().setDeterministicAlgorithms(false, false); }
+  } restore;
+  at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);  // torch's SDPA only warns
+  const at::Device gpu(at::kCUDA);
+  for (int64_t dim : {64, 128})
+    for (bool causal : {false, true}) {
+      check_against_fp64({2, 4, 2, 1000, 1000, dim, causal, at::kBFloat16, gpu});
+      check_against_fp64({1, 2, 2, 127, 1000, dim, causal, at::kHalf, gpu});
+      at::manual_seed(8);
+      const auto o = at::TensorOptions().dtype(at::kBFloat16).device(gpu);
+      const auto q = at::randn({2, 4, 777, dim}, o), k = at::randn({2, 2, 777, dim}, o),
+                 v = at::randn({2, 2, 777, dim}, o), dout = at::randn({2, 4, 777, dim}, o);
+      const auto f = [&](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, causal); };
+      const Grads first = run(q, k, v, dout, f), second = run(q, k, v, dout, f);
+      EXPECT_TRUE(at::equal(first.dq, second.dq));
+      EXPECT_TRUE(at::equal(first.dk, second.dk));
+      EXPECT_TRUE(at::equal(first.dv, second.dv));
+      at::globalContext().setDeterministicAlgorithms(false, false);
+      const Grads atomic = run(q, k, v, dout, f);
+      at::globalContext().setDeterministicAlgorithms(true, true);
+      EXPECT_TRUE(at::equal(first.dk, atomic.dk));  // dK and dV: the same kernels either way
+      EXPECT_TRUE(at::equal(first.dv, atomic.dv));
+      EXPECT_LE(max_err(first.dq, atomic.dq.to(at::kDouble)), 2e-2 * atomic.dq.abs().max().item<double>());
+    }
+}
+
 TEST(FlashAttention, CudaRejectsWhatTheKernelsDoNotTake) {
   SCALETRAIN_REQUIRE_CUDA();
   const auto o = at::TensorOptions().device(at::kCUDA);
