@@ -13,6 +13,7 @@
 #include "scaletrain/core/version.h"
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/data/tokenizer.h"
+#include "scaletrain/dist/process_group.h"
 #include "scaletrain/train/config.h"
 #include "scaletrain/train/run_folders.h"
 #include "scaletrain/train/train_state.h"
@@ -66,7 +67,9 @@ int run_train(const TrainArgs& args) {
   const std::string out_dir = config.train.out_dir();
   // Verified before the (slower) dataset and model are built, so a bad checkpoint fails fast.
   const auto resume = train::find_resume_checkpoint(config, args.resume);
-  train::prepare_run_folders(config, resume ? resume->step : 0);  // before the dataset and model are built
+  // Under torchrun every rank runs this; rank 0 owns the run folder and prints the summary.
+  const bool leader = dist::read_env_rendezvous().rank == 0;
+  if (leader) train::prepare_run_folders(config, resume ? resume->step : 0);  // before the dataset and model are built
   train::Trainer trainer(std::move(config));
   if (!args.profile.empty()) {
     try {
@@ -76,6 +79,7 @@ int run_train(const TrainArgs& args) {
     }
   }
   auto summary = trainer.fit(resume);
+  if (!leader) return 0;
   fmt::print("{}", train::format_summary(summary));
   if (!out_dir.empty()) fmt::print("\nrun folder: {} (config.yaml, metrics.jsonl, summary.json, model.pt)\n", out_dir);
   return 0;

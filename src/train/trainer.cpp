@@ -21,6 +21,7 @@
 #include "scaletrain/core/logging.h"
 #include "scaletrain/data/dsl.h"
 #include "scaletrain/optim/adamw.h"
+#include "scaletrain/optim/zero_adamw.h"
 #include "scaletrain/plan/memory.h"
 #include "scaletrain/train/lr_schedule.h"
 #include "scaletrain/train/metrics.h"
@@ -124,6 +125,19 @@ c10::Device resolve_device(DeviceChoice choice) {
 
 Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve_device(config_.train.device())) {
   config_.validate();
+  // Several ranks (torchrun, Slurm): one process per device, ZeroAdamW over their group.
+  const dist::EnvRendezvous env = dist::read_env_rendezvous();
+  if (env.world_size > 1) {
+    if (config_.optim.zero_stage() == 0)
+      throw core::ConfigError("optim.zero_stage", "optim.zero_stage: got 0, but this process is rank " +
+                                                      std::to_string(env.rank) + " of " +
+                                                      std::to_string(env.world_size) + " (" + env.source +
+                                                      "): expected 1 or 2, which shard AdamW over the ranks");
+    if (device_.is_cuda()) device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+    dist::GroupOptions options;
+    options.device = device_.str();
+    group_ = dist::ProcessGroup::from_env(options);
+  }
   if (config_.model.attention() == model::AttentionBackend::flash && device_.is_cuda()) {
     // The CUDA kernels: bf16 or fp16 tensors, head_dim 64 or 128.
     if (config_.amp.precision() == amp::Precision::fp32)
@@ -150,7 +164,8 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
     // Parameters only: buffers (the rotary tables) stay fp32.
     torch::NoGradGuard no_grad;
     for (auto& p : model_->parameters()) p.set_data(p.data().to(amp::compute_dtype(config_.amp.precision())));
-    master_ = std::make_unique<amp::MasterWeights>(model_->parameters());
+    // ZeroAdamW keeps the fp32 master of its own shard.
+    if (config_.optim.zero_stage() == 0) master_ = std::make_unique<amp::MasterWeights>(model_->parameters());
   }
   if (config_.train.cuda_graph() == GraphChoice::on) {
     if (const std::string blocker = cuda_graph_blocker(); !blocker.empty())
@@ -162,6 +177,8 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
 std::string Trainer::cuda_graph_blocker() const {
   const auto& c = config_;
   if (!device_.is_cuda()) return "the run is on the CPU";
+  if (c.optim.zero_stage() > 0)
+    return "optim.zero_stage is " + std::to_string(c.optim.zero_stage()) + " (ZeroAdamW's collectives run from the host)";
   if (!uses_fused_adamw(c.optim.fused(), device_))
     return "optim.fused is off (the captured step needs the fused AdamW, which reads the learning rate on the device)";
   if (c.train.grad_accum_steps() > 1)
@@ -187,12 +204,21 @@ void Trainer::backward(const at::Tensor& loss) {
 }
 
 void Trainer::clear_gradients(torch::optim::Optimizer& optimizer) {
+  if (zero_) return zero_->zero_grad();
   optimizer.zero_grad();
   if (master_) model_->zero_grad();  // the fused step reads the model's gradients
 }
 
 at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
   const double clip = config_.optim.grad_clip();
+  if (zero_) {
+    // ZeroAdamW: unscale, the global norm over the ranks, the skip on an inf anywhere, clipping
+    // (max_grad_norm) and the step, the flag and the norm left on the device.
+    const optim::ZeroStepResult result = zero_->step_scaled(scaler_ ? scaler_->inv_scale() : at::Tensor());
+    if (scaler_) scaler_->update(result.found_inf);
+    skipped_on_device_.add_(result.found_inf.reshape({}));
+    return result.norm;
+  }
   if (!scaler_ && config_.amp.precision() == amp::Precision::fp32 && !fused_) {
     // fp32: torch's clip_grad_norm_, so that the loop is bit for bit a plain PyTorch loop.
     at::Tensor norm;
@@ -235,6 +261,28 @@ at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
 
 std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
   const auto& optim = config_.optim;
+  if (optim.zero_stage() > 0) {
+    fused_ = false;
+    const auto defaults = optim::ZeroAdamWOptions(optim.lr())
+                              .betas({optim.beta1(), optim.beta2()})
+                              .eps(optim.eps())
+                              .weight_decay(optim.weight_decay())
+                              .stage(optim.zero_stage())
+                              .cpu_offload(optim.cpu_offload())
+                              .bucket_mb(optim.bucket_mb())
+                              .max_grad_norm(optim.grad_clip());
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    for (auto& group : parameter_groups(model_->parameters(), optim)) {
+      auto options = std::make_unique<optim::ZeroAdamWOptions>(defaults);
+      options->weight_decay(static_cast<const torch::optim::AdamWOptions&>(group.options()).weight_decay());
+      groups.emplace_back(group.params(), std::move(options));
+    }
+    auto zero = std::make_unique<optim::ZeroAdamW>(groups, defaults, group_);
+    zero_ = zero.get();
+    skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
+    if (scaler_) scaler_->keep_on_device(device_);
+    return zero;
+  }
   fused_ = uses_fused_adamw(optim.fused(), device_);
   auto groups = parameter_groups(trainable_parameters(), optim);
   if (!fused_) return std::make_unique<torch::optim::AdamW>(groups, adamw_options(optim));
@@ -257,11 +305,20 @@ bool uses_fused_adamw(FusedChoice choice, const c10::Device& device) {
   return choice == FusedChoice::on || (choice == FusedChoice::automatic && device.is_cuda());
 }
 
+std::pair<double, int64_t> Trainer::across_ranks(double loss_sum, int64_t tokens) const {
+  if (group_.size() == 1) return {loss_sum, tokens};
+  at::Tensor both = at::tensor(std::vector<double>{loss_sum, static_cast<double>(tokens)}).to(group_.device());
+  group_.all_reduce(both).wait();
+  const at::Tensor host = both.cpu();
+  return {host[0].item<double>() / group_.size(), static_cast<int64_t>(host[1].item<double>())};
+}
+
 int64_t Trainer::skipped_steps() const {
   return skipped_steps_ + (skipped_on_device_.defined() ? static_cast<int64_t>(skipped_on_device_.item<float>()) : 0);
 }
 
 void Trainer::report(const std::string& line) {
+  if (group_.rank() != 0) return;  // rank 0 speaks for the run
   if (progress_ && progress_->interactive()) progress_->print_line(line);
   else core::log_info("{}", line);
 }
@@ -283,11 +340,13 @@ at::Tensor Trainer::forward_backward(const at::Tensor& inputs, const at::Tensor&
 at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens) {
   // Micro-batch i of step s is batch s * k + i of the dataset: a pure function of the step, and
   // with k = 1 the same batches as without accumulation.
-  const int64_t k = accumulator.micro_steps();
+  // With several ranks, rank r takes batch (s * k + i) * ranks + r: the run's batches are those of
+  // one process accumulating k * ranks micro-batches.
+  const int64_t k = accumulator.micro_steps(), ranks = group_.size(), rank = group_.rank();
   std::vector<data::Batch> micro;
   std::vector<int64_t> target_tokens;
   for (int64_t i = 0; i < k; ++i) {
-    micro.push_back(dataset_->train_batch(step * k + i, config_.train.batch_size()));
+    micro.push_back(dataset_->train_batch((step * k + i) * ranks + rank, config_.train.batch_size()));
     target_tokens.push_back(micro.back().target_tokens);
     tokens += micro.back().tokens;
   }
@@ -297,6 +356,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true) : t;
   };
   // The mean loss directly: bit-identical to a plain training loop.
+  if (zero_) zero_->set_gradient_sync(k == 1);  // ZeroAdamW reduces on the last micro-step only
   if (k == 1) return forward_backward(to_device(micro[0].inputs), to_device(micro[0].targets));
   const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
   accumulator.begin_step(target_tokens);
@@ -305,6 +365,7 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
     const auto& batch = micro[static_cast<size_t>(i)];
     auto summed = model_->forward_loss(to_device(batch.inputs), to_device(batch.targets), model::LossReduction::sum);
     auto part = accumulator.normalize(summed, i);
+    if (zero_ && i + 1 == k) zero_->set_gradient_sync(true);
     backward(part);
     total += part.detach();
   }
@@ -384,9 +445,15 @@ void Trainer::restore_amp_state(const std::string& json) {
 
 double Trainer::save_checkpoint(const TrainState& state, const TrainProgress& progress) {
   const auto begin = Clock::now();
-  CheckpointStore store(config_.checkpoint_dir());
-  const std::string path = store.save(progress.step, state.files(progress, config_.to_yaml()));
-  store.prune(config_.checkpoint.keep(), progress.step);
+  // Every rank takes part in gathering the optimizer state (ZeroAdamW); rank 0 writes.
+  const auto files = state.files(progress, config_.to_yaml());
+  std::string path;
+  if (group_.rank() == 0) {
+    CheckpointStore store(config_.checkpoint_dir());
+    path = store.save(progress.step, files);
+    store.prune(config_.checkpoint.keep(), progress.step);
+  }
+  group_.barrier();  // no rank runs ahead of a checkpoint it could resume from
   const double spent = seconds_since(begin);
   report(fmt::format("step {} checkpoint {} ({:.2f}s)", progress.step, path, spent));
   return spent;
@@ -396,7 +463,9 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   const auto& options = config_.train;
   const auto& optim = config_.optim;
   if (resume) check_resumable(*resume, config_);
-  prepare_run_folders(config_, resume ? resume->step : 0);  // a blocked path fails now, not at the first save
+  const bool leader = group_.rank() == 0;  // with several ranks, rank 0 writes the run folder
+  if (leader) prepare_run_folders(config_, resume ? resume->step : 0);  // a blocked path fails now, not at the first save
+  group_.barrier();
   if (profiler_) {
     try {
       profiler_->check(resume ? resume->step : 0, config_.train.max_steps());
@@ -410,7 +479,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   summary.precision = core::enum_name(config_.amp.precision());
   reset_peak_memory(device_);
 
-  const std::string out_dir = options.out_dir();
+  const std::string out_dir = leader ? options.out_dir() : std::string();
   MetricsLog metrics;
   if (!out_dir.empty()) {
     core::write_file_atomic(out_dir + "/config.yaml", config_.to_yaml());
@@ -455,7 +524,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   }
   WarmupCosineSchedule schedule(optim.lr(), optim.min_lr(), optim.warmup_steps(), options.max_steps());
   accum::GradientAccumulator accumulator(options.grad_accum_steps());
-  ProgressBar progress(options.max_steps(), ProgressBar::stderr_is_terminal());
+  ProgressBar progress(options.max_steps(), leader && ProgressBar::stderr_is_terminal());
   progress.start_at(from.step, from.tokens);
   progress_ = &progress;
   struct ResetProgress {
@@ -534,9 +603,11 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     summary.tokens += step_input_tokens;
     const bool last = step + 1 == options.max_steps();
     if ((step + 1) % options.log_every() == 0 || last) {
-      last_loss = interval_loss.item<double>() / static_cast<double>(interval_steps);
+      // With several ranks: the mean loss over the ranks and their tokens together.
+      const auto [loss_sum, run_tokens] = across_ranks(interval_loss.item<double>(), interval_tokens);
+      last_loss = loss_sum / static_cast<double>(interval_steps);
       grad_norm = step_grad_norm.defined() ? step_grad_norm.item<double>() : NAN;
-      const double rate = static_cast<double>(interval_tokens) /
+      const double rate = static_cast<double>(run_tokens) /
                           std::max(1e-9, seconds_since(interval_start) - interval_eval_seconds);
       MetricsRecord record{{"kind", std::string("train")}, {"step", step + 1}, {"loss", last_loss}, {"lr", lr},
                            {"grad_norm", grad_norm}, {"tokens_per_second", rate}, {"elapsed_s", seconds_since(start)}};
@@ -581,6 +652,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   progress.finish();
   summary.steps = options.max_steps();
   summary.final_loss = last_loss;
+  summary.tokens = from.tokens + across_ranks(0.0, summary.tokens - from.tokens).second;  // this run's, all ranks
   summary.tokens_per_second = static_cast<double>(summary.tokens - from.tokens) / std::max(1e-9, summary.seconds);
   summary.skipped_steps = skipped_steps();
   if (scaler_) summary.loss_scale = scaler_->get_scale();

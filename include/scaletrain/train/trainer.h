@@ -1,6 +1,7 @@
 #pragma once
 // The Trainer composes the areas for one run: dataset (data/), GPT (model/), gradient
-// accumulation (accum/), AdamW with warmup + cosine schedule and gradient clipping, periodic
+// accumulation (accum/), AdamW (or ZeroAdamW over the ranks of a torchrun launch, optim.zero_stage)
+// with warmup + cosine schedule and gradient clipping, periodic
 // evaluation, metrics, checkpoints (checkpoint.h, train_state.h), and the files of a run folder
 // (config.yaml, metrics.jsonl, summary.json, model.pt). It holds no technique logic.
 #include <memory>
@@ -14,6 +15,7 @@
 #include "scaletrain/amp/loss_scaler.h"
 #include "scaletrain/amp/precision.h"
 #include "scaletrain/data/dataset.h"
+#include "scaletrain/dist/process_group.h"
 #include "scaletrain/model/gpt.h"
 #include "scaletrain/train/checkpoint.h"
 #include "scaletrain/train/config.h"
@@ -21,6 +23,10 @@
 #include "scaletrain/train/profile.h"
 #include "scaletrain/train/progress.h"
 #include "scaletrain/train/step_graph.h"
+
+namespace scaletrain::optim {
+class ZeroAdamW;
+}  // namespace scaletrain::optim
 
 namespace scaletrain::train {
 
@@ -105,6 +111,9 @@ class Trainer {
   // Steps skipped for inf/NaN gradients: those counted on the host plus those counted on the
   // device by the fused path (reads the device counter).
   int64_t skipped_steps() const;
+  // A log interval's loss sum and tokens: as given with one rank; with several, the mean of the
+  // ranks' sums and the sum of their tokens (one all-reduce).
+  std::pair<double, int64_t> across_ranks(double loss_sum, int64_t tokens) const;
   // The mixed-precision part of a checkpoint: skipped steps and the loss scaler's state (JSON).
   std::string amp_state_json() const;
   void restore_amp_state(const std::string& json);
@@ -117,6 +126,10 @@ class Trainer {
   int64_t skipped_steps_ = 0;
   at::Tensor skipped_on_device_;  // float count on the device (fused path), added to skipped_steps_
   bool fused_ = false;            // the optimizer is optim::AdamW
+  // The ranks of a torchrun/Slurm launch (one process: a group of one) and, with optim.zero_stage,
+  // the ZeroAdamW that fit() made.
+  dist::ProcessGroup group_;
+  optim::ZeroAdamW* zero_ = nullptr;
   // CUDA-graph steps: what the capture reads (batch, learning rate) and what it leaves (loss, norm).
   at::Tensor lr_on_device_, graph_inputs_, graph_targets_, graph_loss_, graph_norm_;
   ProgressBar* progress_ = nullptr;  // set while fit() runs
