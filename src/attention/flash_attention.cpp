@@ -60,7 +60,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
 #ifdef SCALETRAIN_WITH_CUDA
     if (q.scalar_type() == at::kFloat)
       fail("q: dtype Float on " + q.device().str() + ", the CUDA kernels take bfloat16 or float16 (cast q, k, v)");
-    if (!cuda::supports_head_dim(static_cast<int>(d)))
+    if (!cuda_supports_head_dim(d))
       fail("q: head_dim " + std::to_string(d) + " on " + q.device().str() + ", the CUDA kernels take 64 or 128");
 #else
     fail("q: on " + q.device().str() + ", but this build has no CUDA kernels (built without CUDA)");
@@ -550,6 +550,15 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
 };
 
 }  // namespace
+
+bool cuda_supports_head_dim(int64_t head_dim) {
+#ifdef SCALETRAIN_WITH_CUDA
+  return head_dim <= INT32_MAX && cuda::supports_head_dim(static_cast<int>(head_dim));
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v,

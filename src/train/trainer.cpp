@@ -16,6 +16,7 @@
 #include <torch/utils.h>
 
 #include "scaletrain/accum/gradient_accumulation.h"
+#include "scaletrain/attention/flash_attention.h"
 #include "scaletrain/core/fs.h"
 #include "scaletrain/core/version.h"
 #include "scaletrain/core/logging.h"
@@ -143,7 +144,7 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
     if (config_.amp.precision() == amp::Precision::fp32)
       throw core::ConfigError("amp.precision", "amp.precision: got fp32, but model.attention flash on " +
                                                    device_.str() + " takes bf16 or fp16 (or use attention sdpa)");
-    if (config_.model.head_dim() != 64 && config_.model.head_dim() != 128)
+    if (!attention::cuda_supports_head_dim(config_.model.head_dim()))
       throw core::ConfigError("model.attention", "model.attention: flash on " + device_.str() + " takes head_dim 64 or "
                                                  "128 (n_embd / n_head), got " + std::to_string(config_.model.head_dim()) +
                                                  " (or use attention sdpa)");
@@ -261,6 +262,7 @@ at::Tensor Trainer::clip_and_step(torch::optim::Optimizer& optimizer) {
 
 std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
   const auto& optim = config_.optim;
+  zero_ = nullptr;
   if (optim.zero_stage() > 0) {
     fused_ = false;
     const auto defaults = optim::ZeroAdamWOptions(optim.lr())

@@ -30,6 +30,9 @@
 
 namespace scaletrain::attention {
 
+// Whether this build's CUDA kernels take `head_dim` (64 and 128; none in a build without CUDA).
+bool cuda_supports_head_dim(int64_t head_dim);
+
 // Differentiable in q, k and v. Output in q's dtype and layout (batch, heads, q_len, head_dim).
 at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal = false,
                            std::optional<double> scale = std::nullopt);
