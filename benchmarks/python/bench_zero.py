@@ -6,6 +6,9 @@
                     group of one (torch.distributed initialised as torchrun would)
   scaletrain zero2 bf16 params   the model in bf16, ZeroAdamW keeps the fp32 master (DeepSpeed's bf16 mode)
   deepspeed zero2   DeepSpeed 0.19.8, bf16, ZeRO-2 (when installed; see ../shared/anchors)
+  scaletrain zero3 [bf16] [offload overlap]   ZeroAdamW(stage=3, model=m, units=m.transformer.h): each
+                    block's parameters gathered around its forward and backward
+  deepspeed zero3   DeepSpeed ZeRO-3, bf16
   scaletrain zero2 offload [overlap] [f07]   ZeroAdamW(stage=2, cpu_offload=True[, overlap_forward=True]
                     [, offload_fraction=0.7]) on one GPU with no torch.distributed set-up; fp32 params +
                     autocast, or bf16 params
@@ -82,6 +85,7 @@ def torch_eager():
 
 
 def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False, fraction=1.0):
+    """``stage`` 3 gathers each block (``units=m.transformer.h``); the rest per module."""
     import torch
 
     from scaletrain.optim import ZeroAdamW
@@ -89,8 +93,9 @@ def scaletrain_zero(stage, bf16_params=False, offload=False, overlap=False, frac
     if not offload:
         init_group(29521)  # offload runs on one GPU as a plain script would: no process group
     m = model(torch.bfloat16 if bf16_params else None)
+    sharded = {"model": m, "units": m.transformer.h} if stage == 3 else {}
     opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=stage, max_grad_norm=1.0, cpu_offload=offload,
-                    overlap_forward=overlap, offload_fraction=fraction)
+                    overlap_forward=overlap, offload_fraction=fraction, **sharded)
     x = torch.randint(0, 50257, (B, T), device="cuda")
 
     def step():
@@ -124,7 +129,7 @@ def torchao_offload():
     return timed(step)
 
 
-def deepspeed_zero2(offload=False):
+def deepspeed_zero2(offload=False, stage=2):
     import deepspeed
     import torch
 
@@ -133,7 +138,7 @@ def deepspeed_zero2(offload=False):
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace("a", "")
     cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
            "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}},
-           "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     m = model()
@@ -154,6 +159,10 @@ CASES = {
     "scaletrain_zero2": lambda: scaletrain_zero(2),
     "scaletrain_zero2_bf16": lambda: scaletrain_zero(2, bf16_params=True),
     "deepspeed_zero2": deepspeed_zero2,
+    "scaletrain_zero3": lambda: scaletrain_zero(3),
+    "scaletrain_zero3_bf16": lambda: scaletrain_zero(3, bf16_params=True),
+    "deepspeed_zero3": lambda: deepspeed_zero2(stage=3),
+    "scaletrain_zero3_offload_overlap": lambda: scaletrain_zero(3, offload=True, overlap=True),
     "scaletrain_zero2_offload": lambda: scaletrain_zero(2, offload=True),
     "scaletrain_zero2_offload_overlap": lambda: scaletrain_zero(2, offload=True, overlap=True),
     "scaletrain_zero2_offload_overlap_f07": lambda: scaletrain_zero(2, offload=True, overlap=True, fraction=0.7),
@@ -165,6 +174,10 @@ CASES = {
 
 OURS = {"scaletrain_zero1": "zero-1 fp32 params bf16 autocast", "scaletrain_zero2": "zero-2 fp32 params bf16 autocast",
         "scaletrain_zero2_bf16": "zero-2 bf16 params fp32 master"}
+ZERO3 = {"scaletrain_zero3": ("zero-3 fp32 params bf16 autocast", "scaletrain_zero2"),
+         "scaletrain_zero3_bf16": ("zero-3 bf16 params fp32 master", "scaletrain_zero2_bf16"),
+         "scaletrain_zero3_offload_overlap": ("zero-3 cpu offload overlap_forward fp32 params bf16 autocast",
+                                              "scaletrain_zero3")}
 # Offload rows: against the peers' offload, and against the same set-up without offload.
 OFFLOAD = {"scaletrain_zero2_offload": ("zero-2 cpu offload fp32 params bf16 autocast", "scaletrain_zero2"),
            "scaletrain_zero2_offload_overlap": ("zero-2 cpu offload overlap_forward fp32 params bf16 autocast",
@@ -218,6 +231,11 @@ def main():
     for ours, words in OURS.items():
         compare(ours, words, {"torch_eager": "torch eager fused AdamW bf16 autocast",
                               "deepspeed_zero2": "deepspeed 0.19.8 zero-2 bf16"})
+    # ZeRO-3 against our ZeRO-2 on the same set-up (the bar: >= 0.9x) and DeepSpeed's ZeRO-3.
+    for ours, (words, same) in ZERO3.items():
+        compare(ours, words, {same: f"scaletrain {same[11:].replace('_', ' ')} (same set-up)",
+                              "deepspeed_zero3": "deepspeed 0.19.8 zero-3 bf16", "torch_eager":
+                              "torch eager fused AdamW bf16 autocast"})
     for ours, (words, same) in OFFLOAD.items():
         compare(ours, words, dict(OFFLOAD_BASES, **{
             same: f"scaletrain {same[11:].replace('_', ' ')} without offload (same set-up)"}))

@@ -1,5 +1,5 @@
 """Optimizers: ZeroAdamW, AdamW with its state sharded over the ranks of a process group (ZeRO
-stages 1 and 2), as a ``torch.optim.Optimizer``.
+stages 1, 2 and 3), as a ``torch.optim.Optimizer``.
 
 A script that trains with ``torch.optim.AdamW`` under ``torchrun`` changes one line::
 
@@ -16,6 +16,12 @@ it needs no ``torch.distributed`` set-up and no launcher::
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=6e-4, stage=2, cpu_offload=True)
 
 and with ``overlap_forward=True`` the CPU step overlaps the next forward.
+
+``stage=3`` shards the parameters too; it needs the model, to gather each unit of parameters (a
+transformer block) around its forward and backward::
+
+    opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=6e-4, stage=3, model=model,
+                                     units=model.transformer.h)
 """
 from __future__ import annotations
 
@@ -40,6 +46,67 @@ def _default_group(process_group: Any) -> Any:
     return None
 
 
+def _plan_units(model: torch.nn.Module, params: list[torch.Tensor],
+                units: Optional[Iterable[torch.nn.Module]]) -> tuple[list[int], list[tuple[torch.nn.Module, list[int]]]]:
+    """Stage 3: each parameter's unit (numbered in module order) and the modules to hook with the
+    units each must gather: a unit module its own; any other module the units of the parameters it
+    holds directly, unless an enclosing unit module gathers them already."""
+    index = {id(p): i for i, p in enumerate(params)}
+    unit_of = [-1] * len(params)
+    given = list(units) if units is not None else []
+    for module in given:
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"ZeroAdamW: units must be modules, got {type(module).__name__}")
+    given_ids = {id(m) for m in given}
+    # Numbered in module order (the order a forward usually runs them): a unit module takes every
+    # parameter under it not yet taken; any other module the ones it holds directly.
+    unit_module: dict[int, int] = {}
+    count = 0
+    for module in model.modules():
+        if id(module) in given_ids:
+            fresh = [index[id(p)] for p in module.parameters() if id(p) in index and unit_of[index[id(p)]] < 0]
+            unit_module[id(module)] = count
+        else:
+            fresh = [index[id(p)] for p in module._parameters.values()
+                     if p is not None and id(p) in index and unit_of[index[id(p)]] < 0]
+            if not fresh:
+                continue
+        for i in fresh:
+            unit_of[i] = count
+        count += 1
+    outside = [m for m in given if id(m) not in unit_module]
+    if outside:
+        raise ValueError(f"ZeroAdamW: {len(outside)} of units= are not modules of model=")
+    missing = [i for i, u in enumerate(unit_of) if u < 0]
+    if missing:
+        raise ValueError(f"ZeroAdamW: parameters {missing[:5]} are not in model= (stage 3 gathers a parameter "
+                         "around the forward of the module that holds it)")
+    plan: list[tuple[torch.nn.Module, list[int]]] = []
+
+    def walk(module: torch.nn.Module, covered: frozenset[int]) -> None:
+        needed = []
+        own = unit_module.get(id(module))
+        if own is not None and own not in covered:
+            needed.append(own)
+        # A module with parameters of its own may also read its children's directly (as
+        # nn.MultiheadAttention reads out_proj's): it gathers those too.
+        own_params = [p for p in module._parameters.values() if p is not None]
+        reads = list(module.parameters()) if own_params and next(module.children(), None) is not None else own_params
+        for p in reads:
+            if id(p) in index:
+                u = unit_of[index[id(p)]]
+                if u not in covered and u not in needed:
+                    needed.append(u)
+        if needed:
+            plan.append((module, needed))
+        inner = covered | frozenset([own] if own is not None else [])
+        for child in module.children():
+            walk(child, inner)
+
+    walk(model, frozenset())
+    return unit_of, plan
+
+
 class ZeroAdamW(torch.optim.Optimizer):
     """AdamW (``torch.optim.AdamW``'s arithmetic) with ZeRO sharding.
 
@@ -48,7 +115,16 @@ class ZeroAdamW(torch.optim.Optimizer):
             ``eps``, ``weight_decay``), all of one dtype (fp32, bf16, fp16) and one device.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; per group; LR schedulers work.
         stage: 1 shards the optimizer state; 2 also the gradients (``p.grad`` is then ``None``
-            after backward: each gradient moves into its bucket and is freed once reduced).
+            after backward: each gradient moves into its bucket and is freed once reduced); 3 also
+            the parameters: a rank keeps only its chunks, and each unit's parameters are
+            all-gathered before the forward (and the backward) of a module that uses them and
+            freed after, the next unit's gather overlapping the current unit's compute. Outside a
+            module's forward the parameters have no storage: read or write them inside
+            ``with opt.gathered_parameters():`` (saving the model, loading weights).
+        model: stage 3: the module whose forward runs the parameters (hooks go on its submodules).
+        units: stage 3: modules whose parameters are gathered together, in forward order (e.g.
+            ``model.transformer.h``, the blocks); every other parameter is gathered with the module
+            that holds it directly. Default: every module that holds parameters is its own unit.
         bucket_mb: size of a gradient bucket (the unit of reduce-scatter and all-gather) in MiB.
         max_grad_norm: clip the global gradient norm to this, as ``clip_grad_norm_`` (0: off).
         average_gradients: divide the summed gradients by the world size (DDP's mean).
@@ -101,6 +177,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         cpu_offload: bool = False,
         overlap_forward: bool = False,
         offload_fraction: float = 1.0,
+        model: Optional[torch.nn.Module] = None,
+        units: Optional[Iterable[torch.nn.Module]] = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -117,6 +195,16 @@ class ZeroAdamW(torch.optim.Optimizer):
                 # The step's all-gathers run on a worker thread after step() returns: on a group of
                 # their own, so that the script's collectives (a logged loss) cannot interleave.
                 group = dist.new_group(ranks=dist.get_process_group_ranks(group), use_local_synchronization=True)
+        flat = [p for g in self.param_groups for p in g["params"]]
+        unit_of: list[int] = []
+        plan: list[tuple[torch.nn.Module, list[int]]] = []
+        if stage == 3:
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError("ZeroAdamW: stage 3 needs model= (the module whose forward uses the parameters), "
+                                 f"got {type(model).__name__}")
+            unit_of, plan = _plan_units(model, flat, units)
+        elif model is not None or units is not None:
+            raise ValueError(f"ZeroAdamW: model= and units= are for stage 3 (got stage={stage})")
         # Bad options or parameters raise ValueError naming them; a failed collective RuntimeError.
         self._core = _C.optim.ZeroAdamWCore(
             groups,
@@ -129,6 +217,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             average_gradients=average_gradients,
             process_group=group,
             device_type=first.device.type,
+            units=unit_of,
         )
         self.stage = stage
         self._device = first.device
@@ -136,8 +225,51 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.last_norm: Optional[torch.Tensor] = None
         self._hook = None
         self._waiting: dict[int, int] = {}  # overlap_forward: id(param) -> index, of the step in flight
-        if overlap_forward:
+        self._unit_hooks: list[Any] = []
+        if overlap_forward and stage != 3:  # stage 3 waits for a unit's step when it gathers it
             self._install_forward_wait()
+        if stage == 3:
+            self._install_unit_hooks(plan)
+
+    def _install_unit_hooks(self, plan: list[tuple[torch.nn.Module, list[int]]]) -> None:
+        core = self._core
+        from torch.utils._pytree import tree_flatten
+
+        def pre(needed: list[int]) -> Any:
+            def hook(module: torch.nn.Module, args: Any) -> None:
+                for u in needed:
+                    core.gather_unit(u)
+            return hook
+
+        def post(needed: list[int]) -> Any:
+            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+                for u in needed:
+                    core.release_unit(u)
+                if not torch.is_grad_enabled():
+                    return
+                # Backward gathers the units again when it reaches these outputs.
+                for t in tree_flatten(output)[0]:
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(lambda grad, needed=needed: [core.prepare_backward(u) for u in needed] and None)
+            return hook
+
+        for module, needed in plan:
+            self._unit_hooks.append(module.register_forward_pre_hook(pre(needed)))
+            self._unit_hooks.append(module.register_forward_hook(post(needed)))
+
+    @contextlib.contextmanager
+    def gathered_parameters(self) -> Iterator[None]:
+        """Stage 3: every parameter whole inside (a collective: every rank enters together); writes
+        made inside are kept (each rank keeps its chunks). Nothing to do at stages 1-2::
+
+            with opt.gathered_parameters():
+                torch.save(model.state_dict(), "model.pt")
+        """
+        self._core.gather_parameters()
+        try:
+            yield
+        finally:
+            self._core.release_parameters()
 
     def _install_forward_wait(self) -> None:
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -162,6 +294,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     def __del__(self) -> None:
         if getattr(self, "_hook", None) is not None:
             self._hook.remove()
+        for handle in getattr(self, "_unit_hooks", []):
+            handle.remove()
 
     def synchronize(self) -> None:
         """Waits for a step still running on the CPU (``overlap_forward``) and makes the current CUDA

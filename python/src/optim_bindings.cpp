@@ -55,7 +55,7 @@ void bind_optim(py::module_& parent) {
   py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW")
       .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, bool overlap_forward,
                        double offload_fraction, double bucket_mb, double max_grad_norm, bool average_gradients, const py::object& process_group,
-                       const std::string& device_type) {
+                       const std::string& device_type, const std::vector<int64_t>& units) {
              std::vector<torch::optim::OptimizerParamGroup> param_groups;
              for (const auto& [params, lr, beta1, beta2, eps, weight_decay] : groups) {
                param_groups.emplace_back(params, std::make_unique<optim::ZeroAdamWOptions>(
@@ -74,14 +74,15 @@ void bind_optim(py::module_& parent) {
                group = dist::ProcessGroup::adopt(process_group.cast<c10::intrusive_ptr<c10d::ProcessGroup>>(), device_type);
              }
              try {
-               return std::make_unique<optim::ZeroAdamW>(param_groups, defaults, group);
+               return std::make_unique<optim::ZeroAdamW>(param_groups, defaults, group, units);
              } catch (const std::invalid_argument& e) {
                throw py::value_error(e.what());
              }
            }),
            py::arg("groups"), py::arg("stage"), py::arg("cpu_offload"), py::arg("overlap_forward"),
            py::arg("offload_fraction"), py::arg("bucket_mb"), py::arg("max_grad_norm"),
-           py::arg("average_gradients"), py::arg("process_group"), py::arg("device_type"))
+           py::arg("average_gradients"), py::arg("process_group"), py::arg("device_type"),
+           py::arg("units") = std::vector<int64_t>{})
       .def(
           "set_group",
           [](optim::ZeroAdamW& self, size_t index, double lr, double beta1, double beta2, double eps,
@@ -165,6 +166,14 @@ void bind_optim(py::module_& parent) {
           },
           py::arg("dir"), py::arg("step") = py::none())
       .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
+      // Stage 3: collectives (the GIL released: backward hooks of other threads may need it).
+      .def("num_units", &optim::ZeroAdamW::num_units)
+      .def("gather_unit", &optim::ZeroAdamW::gather_unit, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("release_unit", &optim::ZeroAdamW::release_unit, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("prepare_backward", &optim::ZeroAdamW::prepare_backward, py::arg("unit"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("gather_parameters", &optim::ZeroAdamW::gather_parameters, py::call_guard<py::gil_scoped_release>())
+      .def("release_parameters", &optim::ZeroAdamW::release_parameters, py::call_guard<py::gil_scoped_release>())
       .def("wait_parameter", &optim::ZeroAdamW::wait_parameter, py::arg("index"),
            py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &optim::ZeroAdamW::synchronize, py::call_guard<py::gil_scoped_release>())

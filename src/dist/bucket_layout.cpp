@@ -12,7 +12,7 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 }  // namespace
 
 BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<int64_t>& groups, int64_t bucket_numel,
-                          int64_t world_size, int64_t align) {
+                          int64_t world_size, int64_t align, const std::vector<int64_t>& units) {
   if (numels.size() != groups.size()) {
     throw std::invalid_argument("plan_buckets: numels and groups differ in length (" + std::to_string(numels.size()) +
                                 " vs " + std::to_string(groups.size()) + ")");
@@ -22,7 +22,16 @@ BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<
   if (bucket_numel < 1) {
     throw std::invalid_argument("plan_buckets: bucket_numel " + std::to_string(bucket_numel) + " (expected >= 1)");
   }
+  if (!units.empty() && units.size() != numels.size()) {
+    throw std::invalid_argument("plan_buckets: " + std::to_string(units.size()) + " units for " +
+                                std::to_string(numels.size()) + " parameters (expected one per parameter, or none)");
+  }
+  auto unit_of = [&](size_t i) { return units.empty() ? int64_t{0} : units[i]; };
   for (size_t i = 0; i < numels.size(); ++i) {
+    if (unit_of(i) < 0) {
+      throw std::invalid_argument("plan_buckets: parameter " + std::to_string(i) + " in unit " +
+                                  std::to_string(unit_of(i)) + " (expected >= 0)");
+    }
     if (numels[i] < 1) {
       throw std::invalid_argument("plan_buckets: parameter " + std::to_string(i) + " has " + std::to_string(numels[i]) +
                                   " elements (expected >= 1)");
@@ -54,7 +63,9 @@ BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<
   Bucket open;
   bool has_open = false;
   for (int64_t i : order) {
-    if (has_open && (open.group != groups[i] || round_up(open.used, align) + numels[i] > bucket_numel)) {
+    const int64_t unit = unit_of(static_cast<size_t>(i));
+    if (has_open &&
+        (open.group != groups[i] || open.unit != unit || round_up(open.used, align) + numels[i] > bucket_numel)) {
       close(open);
       has_open = false;
     }
@@ -62,6 +73,7 @@ BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<
       open = Bucket{};
       open.offset = layout.total_numel;
       open.group = groups[i];
+      open.unit = unit;
       has_open = true;
     }
     open.used = round_up(open.used, align);  // each parameter starts aligned (vector loads, GEMMs)

@@ -146,25 +146,39 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
     sin = rope_sin_.narrow(0, offset, seq).view({1, seq, half});
   }
   // (1 or batch, seq, half), in the tables' precision: the rotation runs in it and rounds to q/k's dtype.
-  auto x = embedding_dropout(wte(tokens));
+  auto x = run_unit(0, [&] { return embedding_dropout(wte(tokens)); });
   // Checkpointing pays off only when backward will run; a cache would be appended to twice.
   const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
                          context.cache == nullptr;
   for (size_t i = 0; i < blocks->size(); ++i) {
     const auto layer = static_cast<int64_t>(i);
     auto block = blocks->ptr<BlockImpl>(i);
-    if (recompute) {
-      // Captured by value: the recomputation runs in backward, after this frame is gone.
-      x = checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
-        return block->forward(input, cos, sin, context, layer);
-      }, x);
-    } else {
-      x = block->forward(x, cos, sin, context, layer);
-    }
+    x = run_unit(1 + layer, [&] {
+      if (recompute) {
+        // Captured by value: the recomputation runs in backward, after this frame is gone.
+        return checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
+          return block->forward(input, cos, sin, context, layer);
+        }, x);
+      }
+      return block->forward(x, cos, sin, context, layer);
+    });
   }
   if (context.cache) context.cache->length += seq;
-  x = ln_f(x);
-  return options_.tie_embeddings() ? at::linear(x, wte->weight) : apply_linear(lm_head, x);
+  return run_unit(0, [&] {
+    auto last = ln_f(x);
+    return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last);
+  });
+}
+
+std::vector<int64_t> GPTImpl::parameter_units() const {
+  std::vector<int64_t> units;
+  for (const auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    int64_t unit = 0;
+    if (name.rfind("blocks.", 0) == 0) unit = 1 + std::stoll(name.substr(7, name.find('.', 7) - 7));
+    units.push_back(unit);
+  }
+  return units;
 }
 
 at::Tensor GPTImpl::loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {

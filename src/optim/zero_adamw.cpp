@@ -22,6 +22,7 @@
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
+#include <c10/core/DeviceGuard.h>
 #include <fmt/format.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -86,11 +87,8 @@ void check_options(const ZeroAdamWOptions& options, int64_t group) {
 }
 
 void check_whole_options(const ZeroAdamWOptions& options) {
-  if (options.stage() == 3) {
-    throw std::invalid_argument("ZeroAdamW: stage 3 (sharded parameters) is not in this version (expected stage 1 or 2)");
-  }
-  if (options.stage() != 1 && options.stage() != 2) {
-    throw std::invalid_argument(fmt::format("ZeroAdamW: stage {} (expected 1 or 2)", options.stage()));
+  if (options.stage() < 1 || options.stage() > 3) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: stage {} (expected 1, 2 or 3)", options.stage()));
   }
   if (options.overlap_forward() && !options.cpu_offload()) {
     throw std::invalid_argument("ZeroAdamW: overlap_forward needs cpu_offload (the step it overlaps is the CPU's)");
@@ -129,7 +127,8 @@ struct ZeroAdamW::Impl {
   int64_t world = 1;
   int64_t rank = 0;
 
-  at::Tensor param_flat;   // the model's parameters, padded (the parameters are views of it)
+  at::TensorOptions model_options;  // the parameters' dtype and device
+  at::Tensor param_flat;   // stages 1-2: the model's parameters, padded (the parameters are views of it)
   at::Tensor grad_flat;    // stage 1: the gradients (views of it)
   at::Tensor grad_shard;   // stage 2: this rank's chunks of the reduced gradients, bucket after bucket
   // This rank's chunks' state on the model's device (with offload: of the buckets kept there).
@@ -153,6 +152,22 @@ struct ZeroAdamW::Impl {
 
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<uintptr_t> hook_keys;
+
+  // Stage 3: the values live in param_shard (this rank's chunks, model dtype); each bucket has a
+  // whole-bucket tensor of its own whose storage is allocated and all-gathered while its unit is
+  // in use and freed after (the parameters are views of it, so they see the storage come and go;
+  // autograd's saved parameters too: backward gathers before it reads them). Guarded by mutex.
+  bool sharded_params = false;
+  at::Tensor param_shard;
+  std::vector<at::Tensor> bucket_param;          // per bucket
+  std::vector<bool> gathered;                    // per bucket: storage allocated (values there or on the way)
+  std::vector<dist::Work> gathering;             // per bucket: its all-gather in flight
+  std::vector<std::vector<size_t>> unit_buckets; // per unit: its buckets
+  std::vector<int64_t> unit_params;              // per unit: its parameters' count
+  std::vector<int64_t> unit_hold;                // per unit: gather_unit() calls not yet released
+  std::vector<bool> unit_backward;               // per unit: gathered for the backward in progress
+  std::vector<int64_t> unit_arrived;             // per unit: gradients arrived since that gather
+  std::vector<int64_t> units;                    // per parameter: its unit
 
   // CPU offload: master, exp_avg and exp_avg_sq of this rank's chunks live in host memory (pinned
   // for a CUDA model) and the CPU AdamW steps them, on a worker thread that takes jobs in order:
@@ -198,6 +213,16 @@ struct ZeroAdamW::Impl {
   at::Tensor bucket_view(const at::Tensor& flat, const dist::Bucket& bucket) const {
     return flat.narrow(0, bucket.offset, bucket.numel);
   }
+  // This rank's chunk of bucket b's values in the model's dtype, and the whole bucket (stage 3:
+  // valid while gathered).
+  at::Tensor param_chunk(size_t b) const {
+    const auto& bucket = layout.buckets[b];
+    // Every bucket's size is a multiple of the world size: offset / world is its chunk's place in the shard.
+    return sharded_params ? param_shard.narrow(0, bucket.offset / world, bucket.chunk_numel(world)) : chunk_of(param_flat, bucket);
+  }
+  at::Tensor param_bucket(size_t b) const {
+    return sharded_params ? bucket_param[b] : bucket_view(param_flat, layout.buckets[b]);
+  }
   at::Tensor chunk_of(const at::Tensor& flat, const dist::Bucket& bucket) const {
     return flat.narrow(0, bucket.chunk_offset(rank, world), bucket.chunk_numel(world));
   }
@@ -212,7 +237,7 @@ struct ZeroAdamW::Impl {
   // This rank's chunk of bucket b's reduced gradients: stage 1 reduces in place into its own chunk
   // of the flat gradient buffer; stage 2 into the shard tensor (the bucket buffer is released).
   at::Tensor grad_chunk(size_t b) const {
-    return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);
+    return options.stage() == 1 ? chunk_of(grad_flat, layout.buckets[b]) : shard_chunk(grad_shard, b);  // 2, 3
   }
   // The parameters' version counters, summed: the user's in-place writes (load_state_dict, ...)
   // change it; ours go through param_flat's views, whose counter is another.
@@ -224,14 +249,114 @@ struct ZeroAdamW::Impl {
   }
   // Before a step: parameters written since the last one (a model's weights loaded after the
   // optimizer's state) replace the fp32 masters, which would otherwise overwrite them.
+  // Stage 3: of the gathered buckets (the others' parameters have no storage to write).
   void adopt_written_parameters() {
     const int64_t version = current_params_version();
     if (version == params_version) return;
     for (size_t b = 0; b < layout.buckets.size(); ++b) {
+      if (sharded_params) {
+        if (!gathered[b]) continue;
+        wait_gathered(b);
+        param_chunk(b).copy_(own_chunk(b));
+      }
       at::Tensor value = master_of(b);
-      if (value.defined()) value.copy_(chunk_of(param_flat, layout.buckets[b]));
+      if (value.defined()) value.copy_(param_chunk(b));
     }
     params_version = version;
+  }
+
+  // ---- Stage 3: gathering and freeing parameters ----
+  // This rank's chunk of gathered bucket b (bucket_param's offsets are the bucket's own).
+  at::Tensor own_chunk(size_t b) const {
+    const int64_t chunk = layout.buckets[b].chunk_numel(world);
+    return bucket_param[b].narrow(0, rank * chunk, chunk);
+  }
+  void set_storage(size_t b, bool allocate) {
+    c10::DeviceGuard on_device(device);  // the caching allocator allocates on the current device's stream
+    c10::StorageImpl* storage = bucket_param[b].storage().unsafeGetStorageImpl();
+    const size_t nbytes = allocate ? bucket_param[b].nbytes() : 0;
+    storage->set_data_ptr_noswap(allocate ? storage->allocator()->allocate(nbytes) : at::DataPtr(nullptr, device));
+    storage->set_nbytes(nbytes);
+  }
+  // Starts bucket b's all-gather (its storage allocated on the current stream) unless it is there.
+  void start_gather(size_t b) {
+    if (gathered[b]) return;
+    if (offload) wait_stepped(b);  // its values are this step's
+    set_storage(b, true);
+    gathered[b] = true;
+    // The whole bucket's chunk r comes from rank r's param_shard chunk (bucket_param's own chunk
+    // offsets are bucket-relative).
+    gathering[b] = group.all_gather(bucket_param[b], param_chunk(b));  // NOLINT: bucket_param[b] is an lvalue
+  }
+  void wait_gathered(size_t b) {
+    dist::Work work = std::move(gathering[b]);
+    gathering[b] = dist::Work();
+    work.wait();
+  }
+  void free_bucket(size_t b) {
+    if (!gathered[b]) return;
+    wait_gathered(b);  // the collective is done with the storage
+    set_storage(b, false);
+    gathered[b] = false;
+  }
+  void check_unit(int64_t unit, const char* what) const {
+    if (unit < 0 || unit >= static_cast<int64_t>(unit_buckets.size())) {
+      throw std::invalid_argument(fmt::format("ZeroAdamW::{}: unit {} (expected 0 to {})", what, unit,
+                                              static_cast<int64_t>(unit_buckets.size()) - 1));
+    }
+  }
+  void prefetch_unit(int64_t unit) {
+    if (unit < 0 || unit >= static_cast<int64_t>(unit_buckets.size())) return;
+    for (size_t b : unit_buckets[static_cast<size_t>(unit)]) start_gather(b);
+  }
+  // Caller holds mutex.
+  void gather_unit_locked(int64_t unit, int64_t prefetch) {
+    for (size_t b : unit_buckets[static_cast<size_t>(unit)]) start_gather(b);
+    prefetch_unit(prefetch);  // issued before this unit's wait: it overlaps the compute that follows
+    for (size_t b : unit_buckets[static_cast<size_t>(unit)]) wait_gathered(b);
+  }
+  void maybe_free_unit(int64_t unit) {
+    auto u = static_cast<size_t>(unit);
+    if (unit_hold[u] > 0 || unit_backward[u]) return;
+    for (size_t b : unit_buckets[u]) free_bucket(b);
+  }
+  // Backward reaches a forward that used `unit`: gather it for the backward (until its last
+  // gradient arrives) and prefetch the unit before it.
+  void prepare_backward(int64_t unit) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto u = static_cast<size_t>(unit);
+    if (!unit_backward[u]) {
+      unit_backward[u] = true;
+      unit_arrived[u] = 0;
+    }
+    gather_unit_locked(unit, unit - 1);
+  }
+  // A gradient of `index` arrived: its unit is freed after its last one (caller holds mutex).
+  void count_arrival(int64_t index) {
+    auto u = static_cast<size_t>(units[static_cast<size_t>(index)]);
+    if (!unit_backward[u]) return;
+    if (++unit_arrived[u] < unit_params[u]) return;
+    unit_backward[u] = false;
+    maybe_free_unit(static_cast<int64_t>(u));
+  }
+  // After a step: units not held are freed (a backward hold whose unit got no gradient ends too);
+  // held ones get the new values.
+  void refresh_after_step() {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::fill(unit_backward.begin(), unit_backward.end(), false);
+    for (size_t u = 0; u < unit_buckets.size(); ++u) {
+      if (unit_hold[u] > 0) {
+        for (size_t b : unit_buckets[u]) {
+          free_bucket(b);
+          start_gather(b);
+        }
+      } else {
+        maybe_free_unit(static_cast<int64_t>(u));
+      }
+    }
+    for (size_t b = 0; b < layout.buckets.size(); ++b) {
+      if (gathered[b]) wait_gathered(b);
+    }
   }
 
   // Bucket b's chunk of the optimizer state, wherever it lives (master: undefined when none).
@@ -273,7 +398,7 @@ struct ZeroAdamW::Impl {
   // Stage 2: the bucket's buffer, allocated on first use with its padding zeroed.
   at::Tensor& stage2_buffer(size_t b) {
     if (!bucket_grad[b].defined()) {
-      bucket_grad[b] = at::empty({layout.buckets[b].numel}, param_flat.options());
+      bucket_grad[b] = at::empty({layout.buckets[b].numel}, model_options);
       for (auto [offset, numel] : gaps[b]) bucket_grad[b].narrow(0, offset, numel).zero_();
     }
     return bucket_grad[b];
@@ -284,7 +409,7 @@ struct ZeroAdamW::Impl {
   void collect(size_t b, int64_t index) {
     auto& param = params[static_cast<size_t>(index)];
     const at::Tensor& grad = param.grad();
-    if (options.stage() == 2) {
+    if (options.stage() >= 2) {
       if (filled[static_cast<size_t>(index)]) return;
       at::Tensor target = slot(stage2_buffer(b), b, index);
       if (grad.defined()) {
@@ -311,10 +436,10 @@ struct ZeroAdamW::Impl {
     // on every rank.
     if (offload) wait_all_stepped();
     const auto& bucket = layout.buckets[b];
-    at::Tensor input = options.stage() == 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
+    at::Tensor input = options.stage() >= 2 ? stage2_buffer(b) : bucket_view(grad_flat, bucket);
     at::Tensor output;
-    if (offload && options.stage() == 2 && on_host[b]) {
-      output = at::empty({bucket.chunk_numel(world)}, param_flat.options());
+    if (offload && options.stage() >= 2 && on_host[b]) {
+      output = at::empty({bucket.chunk_numel(world)}, model_options);
       // A CPU model's worker copies it from reduced[b] (and lets go); a CUDA model's copy stream
       // keeps it alive by record_stream, so that it returns to the allocator as soon as it is copied.
       bool on_copy_stream = false;
@@ -363,7 +488,7 @@ struct ZeroAdamW::Impl {
     if (!on_host[b]) return;  // stepped on the device
     shard_chunk(host_grad, b).copy_(output, /*non_blocking=*/true);
     // Stage 2's buffer was allocated on the compute stream: not reused before the copy is done.
-    if (options.stage() == 2) output.record_stream(*copy_stream);
+    if (options.stage() >= 2) output.record_stream(*copy_stream);
   }
 #endif
 
@@ -392,10 +517,11 @@ struct ZeroAdamW::Impl {
     at::Tensor copy = host_copy.defined() ? shard_chunk(host_copy, b) : at::Tensor();
     adamw_step_({value}, {shard_chunk(host_grad, b)}, {shard_chunk(host_exp_avg, b)}, {shard_chunk(host_exp_avg_sq, b)},
                 {steps[b]}, {copy}, step_options[static_cast<size_t>(bucket.group)], host_scale);
-    at::Tensor chunk = chunk_of(param_flat, bucket);
+    at::Tensor chunk = param_chunk(b);
     chunk.copy_(copy.defined() ? copy : value, /*non_blocking=*/true);
-    if (world > 1) {
-      at::Tensor whole = bucket_view(param_flat, bucket);
+    // Stage 3 gathers when the parameters are next needed (start_gather waits for this step).
+    if (world > 1 && !sharded_params) {
+      at::Tensor whole = param_bucket(b);
       gathers[b] = group.all_gather(whole, chunk);  // NCCL: after the copy (the copy stream is current)
     }
 #ifdef SCALETRAIN_WITH_CUDA
@@ -495,7 +621,7 @@ struct ZeroAdamW::Impl {
       std::vector<at::Tensor> values, grads, exp_avgs, exp_avg_sqs, bucket_steps, copies;
       for (size_t b = 0; b < layout.buckets.size(); ++b) {
         if (layout.buckets[b].group != static_cast<int64_t>(g) || on_host[b]) continue;
-        at::Tensor model_chunk = chunk_of(param_flat, layout.buckets[b]);
+        at::Tensor model_chunk = param_chunk(b);
         if (master.defined()) {
           values.push_back(shard_chunk(master, b));
           copies.push_back(model_chunk);
@@ -512,12 +638,13 @@ struct ZeroAdamW::Impl {
         adamw_step_(values, grads, exp_avgs, exp_avg_sqs, bucket_steps, copies, adamw_options(options), scale);
       }
     }
-    // Every rank's updated chunks to every rank.
+    // Every rank's updated chunks to every rank (stage 3: when next needed).
     std::vector<dist::Work> gathers;
+    if (sharded_params) return gathers;
     for (size_t b = 0; b < layout.buckets.size(); ++b) {
       if (on_host[b]) continue;
-      at::Tensor whole = bucket_view(param_flat, layout.buckets[b]);
-      gathers.push_back(group.all_gather(whole, chunk_of(param_flat, layout.buckets[b])));
+      at::Tensor whole = param_bucket(b);
+      gathers.push_back(group.all_gather(whole, param_chunk(b)));
     }
     return gathers;
   }
@@ -587,6 +714,7 @@ struct ZeroAdamW::Impl {
   // Autograd post-hook of parameter `index`: its gradient for this backward is complete.
   void on_gradient(int64_t index) {
     std::lock_guard<std::mutex> lock(mutex);
+    if (sharded_params) count_arrival(index);
     if (!sync) {
       if (seen[static_cast<size_t>(index)]) {
         throw std::logic_error(fmt::format(
@@ -639,11 +767,12 @@ struct ZeroAdamW::Impl {
 
 };
 
-ZeroAdamW::ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults, dist::ProcessGroup group)
-    : ZeroAdamW(as_groups(std::move(params)), std::move(defaults), std::move(group)) {}
+ZeroAdamW::ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults, dist::ProcessGroup group,
+                     std::vector<int64_t> units)
+    : ZeroAdamW(as_groups(std::move(params)), std::move(defaults), std::move(group), std::move(units)) {}
 
 ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, ZeroAdamWOptions defaults,
-                     dist::ProcessGroup group)
+                     dist::ProcessGroup group, std::vector<int64_t> units)
     : torch::optim::Optimizer(param_groups, std::make_unique<ZeroAdamWOptions>(defaults)),
       impl_(std::make_unique<Impl>()) {
   check_options(defaults, -1);
@@ -697,12 +826,29 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
                                             s.device.str(), backend, backend == "gloo" ? "CPU" : "CUDA"));
   }
 
+  // Stage 3's units: one per parameter unless given.
+  s.sharded_params = defaults.stage() == 3;
+  if (!units.empty() && units.size() != s.params.size()) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW: {} units for {} parameters (expected one per parameter, or none)",
+                                            units.size(), s.params.size()));
+  }
+  for (size_t i = 0; i < units.size(); ++i) {
+    if (units[i] < 0) throw std::invalid_argument(fmt::format("ZeroAdamW: parameter {} in unit {} (expected >= 0)", i, units[i]));
+  }
+  if (s.sharded_params) {
+    if (units.empty()) {
+      for (size_t i = 0; i < s.params.size(); ++i) units.push_back(static_cast<int64_t>(i));
+    }
+    s.units = units;
+  }
+
   auto element = static_cast<int64_t>(c10::elementSize(s.dtype));
   auto bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(defaults.bucket_mb() * 1024 * 1024) / element);
-  s.layout = dist::plan_buckets(numels, group_of, bucket_numel, s.world, kAlign);
+  s.layout = dist::plan_buckets(numels, group_of, bucket_numel, s.world, kAlign, s.units);
 
   // The flat parameter buffer: copy the parameters in and make them views of it.
   auto model_options = at::TensorOptions().dtype(s.dtype).device(s.device);
+  s.model_options = model_options;
   s.param_flat = at::zeros({s.layout.total_numel}, model_options);
   {
     at::NoGradGuard no_grad;
@@ -713,6 +859,37 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     }
   }
   if (defaults.broadcast_parameters()) s.group.broadcast(s.param_flat, 0).wait();
+  if (s.sharded_params) {
+    // Stage 3: this rank keeps its chunks; each bucket gets a tensor of its own, the parameters
+    // become views of it, and its storage is freed until its unit is gathered.
+    const size_t n = s.layout.buckets.size();
+    at::NoGradGuard no_grad;
+    s.param_shard = at::empty({s.layout.shard_numel()}, model_options);
+    s.bucket_param.resize(n);
+    for (size_t b = 0; b < n; ++b) {
+      const auto& bucket = s.layout.buckets[b];
+      s.param_chunk(b).copy_(s.chunk_of(s.param_flat, bucket));
+      s.bucket_param[b] = s.bucket_view(s.param_flat, bucket).clone();
+      for (int64_t index : bucket.params) {
+        s.params[static_cast<size_t>(index)].set_data(s.slot(s.bucket_param[b], b, index));
+      }
+    }
+    s.param_flat = at::Tensor();
+    int64_t unit_count = 0;
+    for (int64_t u : s.units) unit_count = std::max(unit_count, u + 1);
+    s.unit_buckets.resize(static_cast<size_t>(unit_count));
+    s.unit_params.assign(static_cast<size_t>(unit_count), 0);
+    for (size_t b = 0; b < n; ++b) {
+      s.unit_buckets[static_cast<size_t>(s.layout.buckets[b].unit)].push_back(b);
+      s.unit_params[static_cast<size_t>(s.layout.buckets[b].unit)] += static_cast<int64_t>(s.layout.buckets[b].params.size());
+    }
+    s.unit_hold.assign(static_cast<size_t>(unit_count), 0);
+    s.unit_backward.assign(static_cast<size_t>(unit_count), false);
+    s.unit_arrived.assign(static_cast<size_t>(unit_count), 0);
+    s.gathered.assign(n, true);
+    s.gathering.resize(n);
+    for (size_t b = 0; b < n; ++b) s.free_bucket(b);
+  }
 
   // This rank's chunks: where each bucket's state lives and where its chunk sits in that home's
   // shard tensors, and the padding. Offload keeps on the device the buckets the next forward needs
@@ -753,7 +930,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
   auto host = at::TensorOptions().dtype(at::kFloat).pinned_memory(s.device.is_cuda());
   if (device_numel > 0) {
-    if (defaults.stage() == 2) s.grad_shard = at::zeros({device_numel}, model_options);
+    if (defaults.stage() >= 2) s.grad_shard = at::zeros({device_numel}, model_options);
     s.exp_avg = at::zeros({device_numel}, fp32);
     s.exp_avg_sq = at::zeros({device_numel}, fp32);
     if (s.dtype != at::kFloat) s.master = at::empty({device_numel}, fp32);
@@ -767,7 +944,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
   }
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     at::Tensor value = s.master_of(b);
-    if (value.defined()) value.copy_(s.chunk_of(s.param_flat, s.layout.buckets[b]));
+    if (value.defined()) value.copy_(s.param_chunk(b));
     s.steps.push_back(at::zeros({1}, s.on_host[b] ? host : fp32));
   }
 #ifdef SCALETRAIN_WITH_CUDA
@@ -811,12 +988,14 @@ ZeroAdamW::~ZeroAdamW() {
   } catch (const std::exception&) {
   }
   impl_->stop_worker();
-  for (auto& work : impl_->works) {
+  auto quietly_wait = [](dist::Work& work) {
     try {
       work.wait();  // buffers stay alive until the backend is done with them
     } catch (const std::exception&) {
     }
-  }
+  };
+  for (auto& work : impl_->works) quietly_wait(work);
+  for (auto& work : impl_->gathering) quietly_wait(work);
 }
 
 void ZeroAdamW::set_gradient_sync(bool sync) {
@@ -874,7 +1053,10 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
                                             s.device.str(), inv_scale.numel(), inv_scale.device().str()));
   }
   s.wait_all_stepped();
-  s.adopt_written_parameters();
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.adopt_written_parameters();
+  }
   s.finish_reduction();
 
   // The global norm: this rank's sum of squares (fp32), summed over ranks.
@@ -918,8 +1100,10 @@ ZeroStepResult ZeroAdamW::step_scaled(const at::Tensor& inv_scale) {
     auto gathers = s.step_device_buckets(param_groups_, scale);
     for (auto& work : gathers) work.wait();
   }
+  if (s.sharded_params) s.refresh_after_step();
   std::lock_guard<std::mutex> lock(s.mutex);
   s.reset_step_state();
+  s.params_version = s.current_params_version();
   return result;
 }
 
@@ -939,10 +1123,11 @@ ZeroMemory ZeroAdamW::memory() const {
   const Impl& s = *impl_;
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
   ZeroMemory memory;
-  memory.parameter_bytes = bytes(s.param_flat);
+  memory.parameter_bytes = bytes(s.param_flat) + bytes(s.param_shard);
+  for (const auto& whole : s.bucket_param) memory.parameter_bytes += static_cast<int64_t>(whole.storage().nbytes());
   memory.gradient_bytes = bytes(s.grad_flat) + bytes(s.grad_shard);
   for (const auto& buffer : s.bucket_grad) memory.gradient_bytes += bytes(buffer);
-  if (s.options.stage() == 2) {
+  if (s.options.stage() >= 2) {
     for (const auto& param : s.params) memory.gradient_bytes += bytes(param.grad());
   }
   memory.optimizer_bytes = bytes(s.exp_avg) + bytes(s.exp_avg_sq) + bytes(s.master);
@@ -1037,6 +1222,12 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
       throw std::invalid_argument(fmt::format("ZeroAdamW::scatter_state: parameter {} step {} (expected >= 0)", i, state[i].step));
     }
   }
+  // Stage 3: the parameters whole while their values are set (this rank's chunks kept after).
+  if (s.sharded_params) {
+    gather_parameters();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.adopt_written_parameters();  // the caller's writes before this call (a model's weights loaded) first
+  }
   auto fp32 = at::TensorOptions().dtype(at::kFloat).device(s.device);
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     const auto& bucket = s.layout.buckets[b];
@@ -1067,7 +1258,93 @@ void ZeroAdamW::scatter_state(const std::vector<ZeroParamState>& state) {
       if (state[i].master.defined()) s.params[i].copy_(state[i].master.view(s.params[i].sizes()));
     }
   }
+  if (s.sharded_params) {
+    {
+      std::lock_guard<std::mutex> lock(s.mutex);
+      for (size_t b = 0; b < s.layout.buckets.size(); ++b) s.param_chunk(b).copy_(s.own_chunk(b));
+      s.params_version = s.current_params_version();  // those writes were ours: the masters stay
+    }
+    release_parameters();
+  }
   s.params_version = s.current_params_version();  // those writes were ours
+}
+
+int64_t ZeroAdamW::num_units() const { return static_cast<int64_t>(impl_->unit_buckets.size()); }
+
+int64_t ZeroAdamW::unit_of(int64_t index) const {
+  const Impl& s = *impl_;
+  if (index < 0 || index >= static_cast<int64_t>(s.params.size())) {
+    throw std::invalid_argument(fmt::format("ZeroAdamW::unit_of: parameter {} (expected 0 to {})", index, s.params.size() - 1));
+  }
+  return s.sharded_params ? s.units[static_cast<size_t>(index)] : -1;
+}
+
+void ZeroAdamW::gather_unit(int64_t unit) {
+  Impl& s = *impl_;
+  if (!s.sharded_params) return;
+  s.check_unit(unit, "gather_unit");
+  at::NoGradGuard no_grad;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  ++s.unit_hold[static_cast<size_t>(unit)];
+  s.gather_unit_locked(unit, unit + 1);
+}
+
+void ZeroAdamW::release_unit(int64_t unit) {
+  Impl& s = *impl_;
+  if (!s.sharded_params) return;
+  s.check_unit(unit, "release_unit");
+  std::lock_guard<std::mutex> lock(s.mutex);
+  auto& hold = s.unit_hold[static_cast<size_t>(unit)];
+  if (hold == 0) throw std::logic_error(fmt::format("ZeroAdamW::release_unit: unit {} is not gathered", unit));
+  --hold;
+  s.maybe_free_unit(unit);
+}
+
+void ZeroAdamW::gather_for_backward(const at::Tensor& output, int64_t unit) {
+  Impl& s = *impl_;
+  if (!s.sharded_params || !output.defined() || !output.requires_grad()) return;
+  s.check_unit(unit, "gather_for_backward");
+  Impl* impl = impl_.get();
+  // Runs when the gradient of `output` is computed, before the nodes that produced it run.
+  output.register_hook([impl, unit](const at::Tensor&) { impl->prepare_backward(unit); });
+}
+
+void ZeroAdamW::prepare_backward(int64_t unit) {
+  Impl& s = *impl_;
+  if (!s.sharded_params) return;
+  s.check_unit(unit, "prepare_backward");
+  at::NoGradGuard no_grad;
+  s.prepare_backward(unit);
+}
+
+at::Tensor ZeroAdamW::run_unit(int64_t unit, const std::function<at::Tensor()>& forward) {
+  if (!impl_->sharded_params) return forward();
+  gather_unit(unit);
+  at::Tensor output;
+  try {
+    output = forward();
+  } catch (...) {
+    release_unit(unit);
+    throw;
+  }
+  release_unit(unit);
+  gather_for_backward(output, unit);
+  return output;
+}
+
+void ZeroAdamW::gather_parameters() {
+  for (int64_t u = 0; u < num_units(); ++u) gather_unit(u);
+}
+
+void ZeroAdamW::release_parameters() {
+  Impl& s = *impl_;
+  if (!s.sharded_params) return;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    at::NoGradGuard no_grad;
+    s.adopt_written_parameters();  // what the caller wrote is kept
+  }
+  for (int64_t u = 0; u < num_units(); ++u) release_unit(u);
 }
 
 void ZeroAdamW::save(torch::serialize::OutputArchive& archive) const {

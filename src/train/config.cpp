@@ -15,9 +15,10 @@ void OptimizerOptions::visit(core::FieldVisitor& v) {
   v.field("grad_clip", grad_clip(), "largest global gradient norm (0: no clipping)", core::at_least(0));
   v.choice("fused", fused(), "auto (fused AdamW on CUDA, LibTorch's on the CPU), on or off");
   v.field("zero_stage", zero_stage(),
-          "ZeRO: 0 off, 1 shards AdamW's state over the ranks (torchrun), 2 also the gradients", core::between(0, 2));
-  v.field("cpu_offload", cpu_offload(), "zero_stage 1 or 2: AdamW's state in host memory, stepped by the CPU");
-  v.field("bucket_mb", bucket_mb(), "zero_stage 1 or 2: gradient bucket size in MiB", core::greater_than(0));
+          "ZeRO: 0 off, 1 shards AdamW's state over the ranks (torchrun), 2 also the gradients, 3 also the "
+          "parameters (gathered per block)", core::between(0, 3));
+  v.field("cpu_offload", cpu_offload(), "zero_stage 1-3: AdamW's state in host memory, stepped by the CPU");
+  v.field("bucket_mb", bucket_mb(), "zero_stage 1-3: gradient bucket size in MiB", core::greater_than(0));
 }
 
 void TrainerOptions::visit(core::FieldVisitor& v) {
@@ -76,7 +77,7 @@ void RunConfig::validate() const {
   }
   if (optim.zero_stage() == 0 && optim.cpu_offload())
     throw core::ConfigError("optim.cpu_offload", "optim.cpu_offload: got true with optim.zero_stage 0, expected "
-                                                 "optim.zero_stage 1 or 2 (the offload is ZeroAdamW's)");
+                                                 "optim.zero_stage 1, 2 or 3 (the offload is ZeroAdamW's)");
   if (optim.zero_stage() > 0 && optim.fused() == FusedChoice::on)
     throw core::ConfigError("optim.fused", "optim.fused: got on with optim.zero_stage " +
                                                std::to_string(optim.zero_stage()) +

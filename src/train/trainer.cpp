@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/StreamGuard.h>
+#include <c10/util/ScopeExit.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
@@ -133,7 +134,7 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
       throw core::ConfigError("optim.zero_stage", "optim.zero_stage: got 0, but this process is rank " +
                                                       std::to_string(env.rank) + " of " +
                                                       std::to_string(env.world_size) + " (" + env.source +
-                                                      "): expected 1 or 2, which shard AdamW over the ranks");
+                                                      "): expected 1, 2 or 3, which shard AdamW over the ranks");
     if (device_.is_cuda()) device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
     dist::GroupOptions options;
     options.device = device_.str();
@@ -279,8 +280,24 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
       options->weight_decay(static_cast<const torch::optim::AdamWOptions&>(group.options()).weight_decay());
       groups.emplace_back(group.params(), std::move(options));
     }
-    auto zero = std::make_unique<optim::ZeroAdamW>(groups, defaults, group_);
+    // Stage 3: each parameter's unit (the model's parts: embedding and head, each block), in the
+    // groups' order; the model's forward then runs each part with its unit gathered.
+    std::vector<int64_t> units;
+    if (optim.zero_stage() == 3) {
+      std::unordered_map<const void*, int64_t> unit_of;
+      const auto params = model_->parameters();
+      const auto model_units = model_->parameter_units();
+      for (size_t i = 0; i < params.size(); ++i) unit_of[params[i].unsafeGetTensorImpl()] = model_units[i];
+      for (const auto& group : groups)
+        for (const auto& p : group.params()) units.push_back(unit_of.at(p.unsafeGetTensorImpl()));
+    }
+    auto zero = std::make_unique<optim::ZeroAdamW>(groups, defaults, group_, units);
     zero_ = zero.get();
+    if (optim.zero_stage() == 3) {
+      optim::ZeroAdamW* sharded = zero_;
+      model_->set_unit_runner(
+          [sharded](int64_t unit, const std::function<at::Tensor()>& part) { return sharded->run_unit(unit, part); });
+    }
     skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
     if (scaler_) scaler_->keep_on_device(device_);
     return zero;
@@ -447,8 +464,11 @@ void Trainer::restore_amp_state(const std::string& json) {
 
 double Trainer::save_checkpoint(const TrainState& state, const TrainProgress& progress) {
   const auto begin = Clock::now();
-  // Every rank takes part in gathering the optimizer state (ZeroAdamW); rank 0 writes.
+  // Every rank takes part in gathering the optimizer state (ZeroAdamW; at stage 3 the model's
+  // parameters too); rank 0 writes.
+  if (zero_) zero_->gather_parameters();
   const auto files = state.files(progress, config_.to_yaml());
+  if (zero_) zero_->release_parameters();
   std::string path;
   if (group_.rank() == 0) {
     CheckpointStore store(config_.checkpoint_dir());
@@ -502,6 +522,8 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
 
   const std::unique_ptr<torch::optim::Optimizer> owned_optimizer = make_optimizer();
   torch::optim::Optimizer& optimizer = *owned_optimizer;
+  // Stage 3's runner points at the optimizer: gone with it, however fit ends.
+  const auto forget_units = c10::make_scope_exit([this] { model_->set_unit_runner({}); });
   // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
   // register here, one line each: state.add_json(...) / state.add_tensors(...), see train_state.h.
   TrainState state(model_, optimizer);
@@ -516,7 +538,9 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   }
   TrainProgress from;  // step 0, or where the checkpoint left off
   if (resume) {
+    if (zero_) zero_->gather_parameters();  // stage 3: loaded whole, each rank keeps its chunks
     from = state.restore(*resume);
+    if (zero_) zero_->release_parameters();
     // The checkpoint restores each group's options as they were saved; the config decides them.
     auto groups = parameter_groups({}, optim);
     for (size_t i = 0; i < groups.size() && i < optimizer.param_groups().size(); ++i)
@@ -659,6 +683,11 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   summary.skipped_steps = skipped_steps();
   if (scaler_) summary.loss_scale = scaler_->get_scale();
   summary.peak_memory_bytes = peak_memory(device_);
+  if (zero_ && config_.optim.zero_stage() == 3) {
+    // The model whole again for what follows (evaluation, saving) and after fit (a collective).
+    zero_->gather_parameters();
+    model_->set_unit_runner({});
+  }
 
   summary.after = evaluate(generate);
   report("after training: " + format_eval(summary.after));

@@ -1,6 +1,7 @@
 """scaletrain.optim.ZeroAdamW against torch.optim.AdamW: one process, and 2 or 3 ranks of
 torch.distributed (Gloo, separate processes) on the same global batch as one torch.optim.AdamW
-process; LR schedulers, no_sync accumulation, the memory the ranks hold, and bad arguments."""
+process; stages 1-3, LR schedulers, no_sync accumulation, the memory the ranks hold, and bad
+arguments."""
 import contextlib
 import io
 import os
@@ -64,18 +65,20 @@ def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS)
         model.load_state_dict(saved["model"])
     opt = ZeroAdamW(groups(model), lr=LR, eps=EPS, betas=(0.9, 0.95), stage=stage, bucket_mb=0.001,
                     max_grad_norm=clip, cpu_offload=offload, overlap_forward=overlap,
-                    offload_fraction=fraction)
+                    offload_fraction=fraction, **({"model": model} if stage == 3 else {}))
     if load is not None:
         opt.load_state_dict(saved["optimizer"])
     if sharded is not None and steps[0] > 0:  # resume from the sharded checkpoint of step steps[0]
         step, files = opt.load_checkpoint(sharded)
         assert step == steps[0], step
-        model.load_state_dict(torch.load(io.BytesIO(files["model.pt"])))
+        with opt.gathered_parameters():  # stage 3: loaded whole, each rank keeps its chunks
+            model.load_state_dict(torch.load(io.BytesIO(files["model.pt"])))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5 if scheduler else 1.0)
     local = ROWS // world
     params, norms = [], []
     def snapshot():
-        params.append([p.detach().cpu().clone() for p in model.parameters()])
+        with opt.gathered_parameters():
+            params.append([p.detach().cpu().clone() for p in model.parameters()])
 
     for step in steps:
         for i, (x, y) in enumerate(batches(step, accum)):
@@ -95,13 +98,15 @@ def zero_run(rank, world, stage, accum, clip, scheduler=True, steps=range(STEPS)
             snapshot()
         if sharded is not None and step + 1 == 4 and steps[0] == 0:
             buffer = io.BytesIO()
-            torch.save(model.state_dict(), buffer)
+            with opt.gathered_parameters():
+                torch.save(model.state_dict(), buffer)
             opt.save_checkpoint(sharded, step + 1, {"model.pt": buffer.getvalue()})
     if overlap:
         opt.synchronize()
         snapshot()
     if save is not None:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # every rank: a collective
+        with opt.gathered_parameters():
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # every rank: a collective
         if rank == 0:
             torch.save(state, save)
     return params, norms, opt.memory(), opt.shard_numel
@@ -184,7 +189,8 @@ def run_ranks(world, stage, accum, clip, run=None):
 
 @pytest.mark.parametrize("world,stage,accum,clip,offload,overlap",
                          [(2, 1, 1, 0.0, False, False), (2, 2, 3, 0.2, False, False), (3, 2, 2, 0.2, False, False),
-                          (2, 2, 2, 0.2, True, False), (3, 1, 1, 0.2, True, True)])
+                          (2, 2, 2, 0.2, True, False), (3, 1, 1, 0.2, True, True), (2, 3, 2, 0.2, False, False),
+                          (3, 3, 1, 0.2, True, True)])
 def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, clip, offload, overlap):
     results = run_ranks(world, stage, accum, clip, run=dict(offload=offload, overlap=overlap))
     expected = reference_run(accum, clip)
@@ -199,6 +205,8 @@ def test_gloo_ranks_match_torch_adamw_on_the_global_batch(world, stage, accum, c
         else:
             assert memory["optimizer_bytes"] - 8 * shard < 64
         assert shard < n_params / world + 64 * 8
+        # Stage 3 keeps this rank's chunks of the parameters only (between steps nothing is gathered).
+        assert memory["parameter_bytes"] == 4 * (shard if stage == 3 else shard * world)
 
 
 def test_state_dict_reshards_and_is_torch_adamws(tmp_path):
@@ -218,7 +226,7 @@ def test_state_dict_reshards_and_is_torch_adamws(tmp_path):
 
 
 def test_sharded_checkpoints_reshard(tmp_path):
-    """Sharded: saved after 4 steps on 3 ranks at stage 1, resumed on 2 ranks at stage 2 with
+    """Sharded: saved after 4 steps on 3 ranks at stage 1, resumed on 2 ranks at stage 3 with
     offload: the resumed steps equal torch.optim.AdamW's uninterrupted ones (no scheduler)."""
     directory = str(tmp_path / "ckpt")
     expected = reference_run(2, 0.2, scheduler=False)
@@ -226,20 +234,22 @@ def test_sharded_checkpoints_reshard(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_00000004")) == [
         "manifest.json", "model.pt", "zero_rank00000_of00003.pt", "zero_rank00001_of00003.pt",
         "zero_rank00002_of00003.pt"]
-    resumed = run_ranks(2, 2, 2, 0.2, run=dict(scheduler=False, steps=range(4, STEPS), sharded=directory, offload=True))
+    resumed = run_ranks(2, 3, 2, 0.2, run=dict(scheduler=False, steps=range(4, STEPS), sharded=directory, offload=True))
     for rank, params, norms, memory, shard in resumed:
         compare(([[torch.tensor(p) for p in step] for step in params], norms), (expected[0][4:], expected[1][4:]))
     with pytest.raises(OSError, match="no valid checkpoint"):
         ZeroAdamW(make_model().parameters()).load_checkpoint(str(tmp_path / "none"))
 
 
-def test_overlap_forward_waits_for_what_a_parent_module_reads():
+@pytest.mark.parametrize("stage", [2, 3])
+def test_overlap_forward_waits_for_what_a_parent_module_reads(stage):
     """nn.MultiheadAttention reads out_proj's weight itself, without calling out_proj: its forward
-    must wait for that bucket too (each parameter in its own bucket here)."""
+    must wait for that bucket too (each parameter in its own bucket here); at stage 3 it must
+    gather out_proj's unit."""
     def run(make_opt):
         torch.manual_seed(0)
         model = torch.nn.MultiheadAttention(16, 2)
-        opt = make_opt(model.parameters())
+        opt = make_opt(model)
         out = []
         for step in range(5):
             torch.manual_seed(10 + step)
@@ -253,16 +263,23 @@ def test_overlap_forward_waits_for_what_a_parent_module_reads():
             opt.zero_grad()
         return out
 
-    expected = run(lambda p: torch.optim.AdamW(p, lr=LR, eps=EPS))
-    got = run(lambda p: ZeroAdamW(p, lr=LR, eps=EPS, bucket_mb=1e-4, cpu_offload=True, overlap_forward=True))
+    expected = run(lambda m: torch.optim.AdamW(m.parameters(), lr=LR, eps=EPS))
+    got = run(lambda m: ZeroAdamW(m.parameters(), lr=LR, eps=EPS, bucket_mb=1e-4, cpu_offload=True, overlap_forward=True,
+                                  stage=stage, **({"model": m} if stage == 3 else {})))
     for step, (a, b) in enumerate(zip(got, expected)):
         assert float((a - b).abs().max() / b.abs().max()) <= 1e-5, f"forward of step {step}"
 
 
 def test_bad_arguments_name_themselves():
     model = make_model()
-    with pytest.raises(ValueError, match="stage 3"):
+    with pytest.raises(ValueError, match="stage 3 needs model="):
         ZeroAdamW(model.parameters(), stage=3)
+    with pytest.raises(ValueError, match="stage 4"):
+        ZeroAdamW(model.parameters(), stage=4)
+    with pytest.raises(ValueError, match="model= and units= are for stage 3"):
+        ZeroAdamW(model.parameters(), stage=2, model=model)
+    with pytest.raises(ValueError, match="not in model="):
+        ZeroAdamW(model.parameters(), stage=3, model=model[0])
     with pytest.raises(ValueError, match="bucket_mb"):
         ZeroAdamW(model.parameters(), bucket_mb=-1)
     with pytest.raises(ValueError, match="overlap_forward needs cpu_offload"):
@@ -291,3 +308,41 @@ def test_the_example_runs_and_learns():
                          env=env, timeout=300, check=True).stdout
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
     assert len(losses) == 5 and losses[-1] < 0.6 * losses[0], out
+
+
+def test_stage3_trains_transformers_gpt2_as_torch_adamw():
+    """transformers' GPT-2 (tied embedding and lm_head, blocks as units) at stage 3 in one process:
+    the same losses and parameters as torch.optim.AdamW with clip_grad_norm_, over 4 steps."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_layer=2, n_head=2, n_embd=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+    def run(stage3):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        if stage3:
+            opt = ZeroAdamW(model.parameters(), lr=1e-3, eps=EPS, stage=3, max_grad_norm=1.0, model=model,
+                            units=model.transformer.h)
+            assert opt.memory()["parameter_bytes"] == 4 * opt.shard_numel  # nothing gathered yet
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=EPS)
+        losses = []
+        for step in range(4):
+            torch.manual_seed(10 + step)
+            ids = torch.randint(0, 97, (2, 16))
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            if not stage3:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+        with opt.gathered_parameters() if stage3 else contextlib.nullcontext():
+            params = [p.detach().clone() for p in model.parameters()]
+        return losses, params
+
+    want_losses, want_params = run(False)
+    got_losses, got_params = run(True)
+    assert got_losses == pytest.approx(want_losses, rel=1e-6)
+    for i, (a, b) in enumerate(zip(got_params, want_params)):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5, f"parameter {i}"

@@ -66,13 +66,28 @@ def reference(tmp_path_factory):
     return train(tmp_path_factory.mktemp("ref"), "train.grad_accum_steps=2")[0]
 
 
+@pytest.fixture(scope="module")
+def reference_two_blocks(tmp_path_factory):
+    """As `reference`, with two blocks (stage 3 gathers them one after another)."""
+    return train(tmp_path_factory.mktemp("ref2"), "train.grad_accum_steps=2", "model.n_layer=2")[0]
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_one_process_zero_equals_adamw(tmp_path, reference, stage):
     got, _ = train(tmp_path, f"optim.zero_stage={stage}", "train.grad_accum_steps=2")
     close(got, reference)
 
 
-@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_one_process_stage3_equals_adamw(tmp_path, reference_two_blocks, recompute):
+    # Stage 3 gathers each block around its forward and backward (and, with activation
+    # checkpointing, around the recomputation inside backward).
+    got, _ = train(tmp_path, "optim.zero_stage=3", "train.grad_accum_steps=2", "model.n_layer=2",
+                   f"model.activation_checkpointing={str(recompute).lower()}")
+    close(got, reference_two_blocks)
+
+
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (2, True), (3, False), (3, True)])
 def test_two_ranks_equal_one_process(tmp_path, reference, stage, offload):
     got, outputs = train(tmp_path, f"optim.zero_stage={stage}", f"optim.cpu_offload={str(offload).lower()}", ranks=2)
     close(got, reference)
@@ -82,7 +97,8 @@ def test_two_ranks_equal_one_process(tmp_path, reference, stage, offload):
     assert outputs[1][0].strip() == ""
 
 
-@pytest.mark.parametrize("after", [["optim.zero_stage=2"], ["optim.zero_stage=1", "optim.cpu_offload=true"]])
+@pytest.mark.parametrize("after", [["optim.zero_stage=2"], ["optim.zero_stage=1", "optim.cpu_offload=true"],
+                                   ["optim.zero_stage=3"]])
 def test_checkpoint_of_two_ranks_resumes(tmp_path, reference, after):
     # 2 ranks at stage 2 save every 4 steps (ZeroAdamW gathers its state, rank 0 writes); the run
     # resumed from step 4 (at stage 2, or resharded to stage 1 with the state offloaded) logs the
@@ -101,11 +117,11 @@ def test_zero_stage_0_under_torchrun_is_refused(tmp_path):
                                    MASTER_PORT=str(free_port())),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "optim.zero_stage: got 0, but this process is rank 0 of 2 (torchrun): expected 1 or 2" in proc.stderr
+    assert "optim.zero_stage: got 0, but this process is rank 0 of 2 (torchrun): expected 1, 2 or 3" in proc.stderr
 
 
 def test_cpu_offload_needs_zero(tmp_path):
     proc = subprocess.run([str(BUILD / "scaletrain"), "train", *BASE, "--set", f"train.out_dir={tmp_path}",
                            "--set", "optim.cpu_offload=true"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "optim.cpu_offload: got true with optim.zero_stage 0, expected optim.zero_stage 1 or 2" in proc.stderr
+    assert "optim.cpu_offload: got true with optim.zero_stage 0, expected optim.zero_stage 1, 2 or 3" in proc.stderr

@@ -22,6 +22,7 @@ struct Bucket {
   int64_t numel = 0;            // elements including padding: a multiple of world_size x align
   int64_t used = 0;             // elements up to the end of the last parameter (the rest is padding)
   int64_t group = 0;            // param group of every parameter in it
+  int64_t unit = 0;             // gather unit of every parameter in it (ZeRO-3; 0 when none are given)
   std::vector<int64_t> params;  // parameter indices, in layout order
   int64_t chunk_numel(int64_t world_size) const { return numel / world_size; }
   int64_t chunk_offset(int64_t rank, int64_t world_size) const { return offset + rank * chunk_numel(world_size); }
@@ -38,9 +39,11 @@ struct BucketLayout {
 };
 
 // Lays out parameters with `numels[i]` elements in param group `groups[i]` (non-decreasing, as
-// torch optimizers list them). Throws std::invalid_argument on an empty or negative size, a
-// world_size or align below 1, or bucket_numel below 1.
+// torch optimizers list them). `units` (empty, or one entry >= 0 per parameter) also keeps
+// parameters of different units out of one bucket: a ZeRO-3 unit (a transformer block) is then
+// gathered and freed as whole buckets. Throws std::invalid_argument on an empty or negative size,
+// a world_size or align below 1, bucket_numel below 1, or a bad `units`.
 BucketLayout plan_buckets(const std::vector<int64_t>& numels, const std::vector<int64_t>& groups, int64_t bucket_numel,
-                          int64_t world_size, int64_t align);
+                          int64_t world_size, int64_t align, const std::vector<int64_t>& units = {});
 
 }  // namespace scaletrain::dist

@@ -2,6 +2,8 @@
 // A GPT decoder in LibTorch: pre-LayerNorm blocks, rotary position encoding (RoPE) on queries and
 // keys, GELU MLP, optional tied input/output embeddings. Supports a key/value cache for
 // incremental decoding (see generate.h).
+#include <cstdint>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -116,6 +118,14 @@ class GPTImpl : public torch::nn::Module {
   const GPTOptions& options() const { return options_; }
   int64_t num_parameters() const;
 
+  // ZeRO-3 units: parts of the forward that use disjoint parameters, in forward order: unit 0 the
+  // embedding, the final norm and the lm_head; unit 1 + i block i. parameter_units() gives each
+  // parameter's unit (parameters() order). A runner set here runs each part (ZeroAdamW::run_unit
+  // gathers the unit's parameters around it); unset, the parts run plainly.
+  using UnitRunner = std::function<at::Tensor(int64_t unit, const std::function<at::Tensor()>& part)>;
+  void set_unit_runner(UnitRunner runner) { unit_runner_ = std::move(runner); }
+  std::vector<int64_t> parameter_units() const;
+
   torch::nn::Embedding wte{nullptr};
   torch::nn::Dropout embedding_dropout{nullptr};
   torch::nn::ModuleList blocks{nullptr};
@@ -129,8 +139,12 @@ class GPTImpl : public torch::nn::Module {
   // Cross-entropy over the first `classes` columns: the fused kernel or the reference (fused_ops).
   at::Tensor loss_over(const at::Tensor& logits, const at::Tensor& targets, int64_t classes, int64_t ignore_index,
                        LossReduction reduction) const;
+  at::Tensor run_unit(int64_t unit, const std::function<at::Tensor()>& part) const {
+    return unit_runner_ ? unit_runner_(unit, part) : part();
+  }
   GPTOptions options_;
   at::Tensor rope_cos_, rope_sin_;  // (block_size, head_dim / 2)
+  UnitRunner unit_runner_;
 };
 TORCH_MODULE(GPT);
 

@@ -34,10 +34,27 @@
 // first), so the CPU step cannot overlap backward; with overlap_forward it overlaps the next
 // forward instead.
 //
-// With one process (a default ProcessGroup) it is AdamW over flat buffers. Stage 3 (sharded
-// parameters) is not in this version; asking for it is an error. Checkpoints hold the whole state
-// gathered from every rank (gather_state), loadable on another world size, stage or offload.
+// Stage 3 also shards the parameters: a rank keeps only its chunks of the values, and a unit of
+// parameters (a transformer block: `units` at construction) is all-gathered before a forward or
+// backward that uses it and freed after. The parameters stay views of a per-bucket tensor whose
+// storage comes and goes, so modules and autograd's saved tensors need no change; the model's
+// code brackets each unit's forward:
+//
+//   optim::ZeroAdamW adamw(groups, optim::ZeroAdamWOptions(6e-4).stage(3), group, unit_of_each_param);
+//   x = adamw.run_unit(u, [&] { return block_u->forward(x); });   // gather, forward, free, and
+//                                                                  // backward gathers it again
+//
+// Gathering unit u also starts unit u + 1's all-gather (u - 1's in backward), so communication
+// overlaps compute. A unit gathered for backward is freed once all its gradients have arrived.
+// Outside run_unit the parameters have no storage: gather_parameters() / release_parameters()
+// bracket code that reads or writes the whole model (saving, evaluation without units); writes
+// made in between are kept. Gradients are handled as at stage 2.
+//
+// With one process (a default ProcessGroup) it is AdamW over flat buffers. Checkpoints hold the
+// whole state gathered from every rank (gather_state), loadable on another world size, stage or
+// offload.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -59,7 +76,7 @@ struct ZeroAdamWOptions : public torch::optim::OptimizerCloneableOptions<ZeroAda
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
   TORCH_ARG(double, eps) = 1e-8;
   TORCH_ARG(double, weight_decay) = 1e-2;
-  // 1: shard optimizer state; 2: also gradients.
+  // 1: shard optimizer state; 2: also gradients; 3: also parameters.
   TORCH_ARG(int64_t, stage) = 1;
   // Keep the optimizer state in host memory and step it on the CPU (see above).
   TORCH_ARG(bool, cpu_offload) = false;
@@ -119,7 +136,7 @@ struct ZeroParamSlice {
 
 // Bytes of the tensors a rank holds now, by kind (ZeRO's accounting).
 struct ZeroMemory {
-  int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer)
+  int64_t parameter_bytes = 0;  // the model's parameters (the flat buffer; stage 3: this rank's chunks and units gathered)
   int64_t gradient_bytes = 0;   // gradient buffers: the flat one (stage 1), this rank's chunks, buckets in flight
   int64_t optimizer_bytes = 0;  // exp_avg, exp_avg_sq, fp32 master, step counts (0 with cpu_offload)
   // cpu_offload: host memory: the optimizer state above, this rank's gradient chunks and (bf16/fp16
@@ -130,11 +147,14 @@ struct ZeroMemory {
 class ZeroAdamW : public torch::optim::Optimizer {
  public:
   // Every parameter: one dtype (fp32, bf16, fp16), one device (CPU for a Gloo group, CUDA for an
-  // NCCL one), contiguous, requires_grad. Throws std::invalid_argument naming a bad option or
-  // parameter; collectives that fail throw dist::DistError.
+  // NCCL one), contiguous, requires_grad. `units` (stage 3): per parameter in param-group order,
+  // its unit, numbered in the order the forward uses them (empty: each parameter its own unit).
+  // Throws std::invalid_argument naming a bad option or parameter; collectives that fail throw
+  // dist::DistError.
   ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, ZeroAdamWOptions defaults = {},
-            dist::ProcessGroup group = {});
-  ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults = {}, dist::ProcessGroup group = {});
+            dist::ProcessGroup group = {}, std::vector<int64_t> units = {});
+  ZeroAdamW(std::vector<at::Tensor> params, ZeroAdamWOptions defaults = {}, dist::ProcessGroup group = {},
+            std::vector<int64_t> units = {});
   ~ZeroAdamW() override;
   ZeroAdamW(const ZeroAdamW&) = delete;
   ZeroAdamW& operator=(const ZeroAdamW&) = delete;
@@ -160,6 +180,25 @@ class ZeroAdamW : public torch::optim::Optimizer {
   // return at once when no step is pending.
   void wait_parameter(int64_t index);
   void synchronize();
+
+  // Stage 3 (at stages 1-2 these do nothing: the parameters are always whole). Collectives: every
+  // rank gathers and releases the same units in the same order.
+  int64_t num_units() const;               // 0 below stage 3
+  int64_t unit_of(int64_t index) const;    // parameter `index`'s unit (-1 below stage 3)
+  // Makes unit `unit`'s parameters whole (waits; starts unit + 1's gather). Counted: each call needs
+  // a release_unit(); the unit is freed when none is left and no backward needs it.
+  void gather_unit(int64_t unit);
+  void release_unit(int64_t unit);
+  // Backward gathers `unit` again when it reaches `output` (a hook on it), before the forward that
+  // produced `output` is differentiated; prepare_backward() is that hook's work, for callers that
+  // register hooks themselves (Python).
+  void gather_for_backward(const at::Tensor& output, int64_t unit);
+  void prepare_backward(int64_t unit);
+  // gather_unit, forward(), release_unit, gather_for_backward on its output.
+  at::Tensor run_unit(int64_t unit, const std::function<at::Tensor()>& forward);
+  // Every unit whole / released; parameter writes made in between are kept.
+  void gather_parameters();
+  void release_parameters();
 
   const dist::BucketLayout& layout() const;
   const dist::ProcessGroup& process_group() const;

@@ -37,12 +37,12 @@ struct OptimizerOptions {
   TORCH_ARG(double, grad_clip) = 1.0;
   TORCH_ARG(FusedChoice, fused) = FusedChoice::automatic;
   // ZeRO (optim/zero_adamw.h): 0 steps with the AdamW above; 1 shards AdamW's state over the ranks
-  // of a torchrun launch (or keeps it whole in one process), 2 also the gradients. A launch of
-  // several ranks (WORLD_SIZE > 1) needs 1 or 2.
+  // of a torchrun launch (or keeps it whole in one process), 2 also the gradients, 3 also the parameters (gathered block by block). A launch of
+  // several ranks (WORLD_SIZE > 1) needs 1, 2 or 3.
   TORCH_ARG(int64_t, zero_stage) = 0;
-  // zero_stage 1 or 2: AdamW's state in host memory, stepped there by the CPU AdamW.
+  // zero_stage 1-3: AdamW's state in host memory, stepped there by the CPU AdamW.
   TORCH_ARG(bool, cpu_offload) = false;
-  // zero_stage 1 or 2: gradient bucket size in MiB, the unit of reduce-scatter and all-gather.
+  // zero_stage 1-3: gradient bucket size in MiB, the unit of reduce-scatter and all-gather.
   TORCH_ARG(double, bucket_mb) = 25.0;
 
  public:  // TORCH_ARG leaves the section private

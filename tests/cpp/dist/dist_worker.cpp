@@ -17,6 +17,7 @@
 // Exit code 0 when every check holds; 1 with a message on stderr otherwise; 3 on a DistError.
 #include <csignal>
 #include <cstdio>
+#include <functional>
 #include <cstdlib>
 #include <limits>
 #include <sstream>
@@ -131,6 +132,46 @@ std::vector<torch::optim::OptimizerParamGroup> groups_of(torch::nn::Sequential& 
   return groups;
 }
 
+// Stage 3's units: one per Linear (weight and bias), in forward order; groups_of lists the weights,
+// then the biases.
+std::vector<int64_t> units_of(torch::nn::Sequential& model) {
+  std::vector<int64_t> units;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t unit = 0; unit < 3; ++unit) units.push_back(unit);
+  }
+  expect(units.size() == model->parameters().size(), "one unit entry per parameter");
+  return units;
+}
+
+// The model's forward; stage 3 runs each Linear as its unit (gathered, run, freed; backward gathers
+// it again). `inside` sees the optimizer within each unit's forward.
+at::Tensor forward(torch::nn::Sequential& model, scaletrain::optim::ZeroAdamW& adamw, at::Tensor x,
+                   const std::function<void(int64_t)>& inside = {}) {
+  int64_t unit = 0;
+  for (size_t i = 0; i < model->size(); ++i) {
+    auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(model->ptr(i));
+    if (!linear) {
+      x = at::tanh(x);
+      continue;
+    }
+    const int64_t u = unit++;
+    x = adamw.run_unit(u, [&] {
+      if (inside) inside(u);
+      return linear->forward(x);
+    });
+  }
+  return x;
+}
+
+// The parameters' values (stage 3 gathers them for the copy).
+std::vector<at::Tensor> values_of(torch::nn::Sequential& model, scaletrain::optim::ZeroAdamW& adamw) {
+  adamw.gather_parameters();
+  std::vector<at::Tensor> values;
+  for (auto& p : model->parameters()) values.push_back(p.detach().clone());
+  adamw.release_parameters();
+  return values;
+}
+
 double relative_error(const at::Tensor& got, const at::Tensor& expected) {
   return (got - expected).abs().max().item<double>() / std::max(expected.abs().max().item<double>(), 1e-12);
 }
@@ -166,8 +207,28 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
       groups_of(model, scaletrain::optim::ZeroAdamWOptions(lr).betas({0.9, 0.95}).eps(eps)),
       scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(clip).cpu_offload(offload > 0).overlap_forward(offload >= 2)
           .offload_fraction(offload == 3 ? 0.5 : 1.0),
-      group);
+      group, units_of(model));
   expect(adamw.layout().buckets.size() > 2, "the test model spans several buckets");
+  // Stage 3: the parameter bytes a rank holds inside unit u's forward: its chunks, unit u and the
+  // unit prefetched after it, no more (the units before are freed).
+  const auto& layout_of = adamw.layout();
+  auto unit_bytes = [&](int64_t u) {
+    int64_t sum = 0;
+    for (const auto& bucket : layout_of.buckets) {
+      if (bucket.unit == u) sum += bucket.numel;
+    }
+    return 4 * sum;
+  };
+  int64_t worst_held = 0;
+  auto inside = [&](int64_t u) {
+    if (stage != 3) return;
+    int64_t held = adamw.memory().parameter_bytes - 4 * layout_of.shard_numel();
+    expect(held <= unit_bytes(u) + unit_bytes(u + 1),
+           "unit " + std::to_string(u) + ": " + std::to_string(held) + " parameter bytes gathered (expected at most " +
+               std::to_string(unit_bytes(u) + unit_bytes(u + 1)) + ")");
+    expect(held >= unit_bytes(u), "unit " + std::to_string(u) + " gathered in its forward");
+    worst_held = std::max(worst_held, held);
+  };
 
   auto model_params = model->parameters();
   auto reference_params = reference->parameters();
@@ -197,7 +258,7 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
       adamw.set_gradient_sync(micro + 1 == accum);
       auto x = inputs[micro].narrow(0, rank * local, local);
       auto y = targets[micro].narrow(0, rank * local, local);
-      auto loss = at::mse_loss(model->forward(x), y) / static_cast<double>(accum) * loss_scale;
+      auto loss = at::mse_loss(forward(model, adamw, x, inside), y) / static_cast<double>(accum) * loss_scale;
       if (skip && rank == 0 && micro == 0) loss = loss * std::numeric_limits<double>::infinity();
       loss.backward();
     }
@@ -217,8 +278,9 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
     }
     expect(result.found_inf.item<float>() == (skip ? 1.0f : 0.0f),
            "found_inf on step " + std::to_string(step) + " is " + std::to_string(result.found_inf.item<float>()));
+    auto values = values_of(model, adamw);
     for (size_t i = 0; i < model_params.size(); ++i) {
-      double error = relative_error(model_params[i], reference_params[i]);
+      double error = relative_error(values[i], reference_params[i]);
       worst = std::max(worst, error);
       expect(error <= 1e-6, "step " + std::to_string(step) + " parameter " + std::to_string(i) + ": relative error " +
                                 std::to_string(error));
@@ -236,7 +298,10 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
   expect(shard * world == layout.total_numel, "chunks add up to the flat buffer");
   expect(layout.total_numel >= psi && layout.total_numel <= psi + 64 * (world * buckets + 6),
          "padding is at most one alignment per parameter and world x alignment per bucket");
-  expect(memory.parameter_bytes == 4 * layout.total_numel, "parameter bytes: 4 x flat buffer");
+  // Stage 3 holds its chunks only, once every unit is released.
+  expect(memory.parameter_bytes == 4 * (stage == 3 ? shard : layout.total_numel),
+         "parameter bytes: " + std::to_string(memory.parameter_bytes) + " (stage 3: 4 x shard, else 4 x flat buffer)");
+  expect(stage != 3 || worst_held > 0, "stage 3 gathered units in the forward");
   // Offload moves the moments to the host, with an fp32 master of the chunks (the step's values)
   // and the chunks' gradients; nothing of the optimizer stays on the model's device.
   // Offload 3 keeps half of the state on the device: each byte is on one side (8 per element on
@@ -254,7 +319,7 @@ void zero(int64_t stage, int64_t accum, double clip, bool fallbacks, double loss
          "optimizer bytes " + std::to_string(memory.optimizer_bytes) + " (expected " + std::to_string(expected_optimizer) +
              "), host bytes " + std::to_string(memory.host_bytes) + " (expected " + std::to_string(expected_host) + ")");
   int64_t expected_gradients = stage == 1 ? 4 * layout.total_numel : (offload ? 0 : 4 * shard);
-  if (offload == 3 && stage == 2) expected_gradients = memory.gradient_bytes;  // the device's chunks
+  if (offload == 3 && stage >= 2) expected_gradients = memory.gradient_bytes;  // the device's chunks
   expect(memory.gradient_bytes == expected_gradients, "gradient bytes after the step: got " +
                                                           std::to_string(memory.gradient_bytes) + ", expected " +
                                                           std::to_string(expected_gradients));
@@ -322,14 +387,16 @@ void zero_checkpoint(const std::string& mode, const std::string& dir, int64_t st
   scaletrain::optim::ZeroAdamW adamw(
       groups_of(model, scaletrain::optim::ZeroAdamWOptions(lr).betas({0.9, 0.95}).eps(eps)),
       scaletrain::optim::ZeroAdamWOptions(lr).stage(stage).bucket_mb(0.002).max_grad_norm(0.2).cpu_offload(offload),
-      group);
+      group, units_of(model));
   scaletrain::train::CheckpointStore store(dir);
   int first = 0;
   if (mode == "load") {
     auto checkpoint = store.latest_valid();
     expect(checkpoint.has_value() && checkpoint->step == saved_at, "the newest valid checkpoint is step 3's");
     if (!checkpoint) return;
+    adamw.gather_parameters();  // stage 3: written whole, each rank keeps its chunks
     load_parameters(model, checkpoint->file("model.pt"));
+    adamw.release_parameters();
     scaletrain::train::load_sharded(*checkpoint, adamw);
     first = static_cast<int>(checkpoint->step);
   }
@@ -337,10 +404,10 @@ void zero_checkpoint(const std::string& mode, const std::string& dir, int64_t st
   double worst = 0;
   for (int step = first; step < steps; ++step) {
     auto [x, y] = batch(step);
-    at::mse_loss(model->forward(x.narrow(0, rank * local, local)), y.narrow(0, rank * local, local)).backward();
+    at::mse_loss(forward(model, adamw, x.narrow(0, rank * local, local)), y.narrow(0, rank * local, local)).backward();
     adamw.step();
     adamw.zero_grad();
-    auto params = model->parameters();
+    auto params = values_of(model, adamw);
     for (size_t i = 0; i < params.size(); ++i) {
       double error = relative_error(params[i], expected[static_cast<size_t>(step)][i]);
       worst = std::max(worst, error);
@@ -352,7 +419,10 @@ void zero_checkpoint(const std::string& mode, const std::string& dir, int64_t st
       auto dying = [&] {
         if (mode == "die" && step + 1 == 5 && rank == world - 1) std::raise(SIGKILL);
       };
-      scaletrain::train::save_sharded(store, step + 1, adamw, {{"model.pt", save_parameters(model)}}, dying);
+      adamw.gather_parameters();
+      std::string weights = save_parameters(model);
+      adamw.release_parameters();
+      scaletrain::train::save_sharded(store, step + 1, adamw, {{"model.pt", weights}}, dying);
     }
   }
   std::printf("rank %lld of %lld: %s stage %lld%s: steps %d to %d, worst relative error %.3g\n",

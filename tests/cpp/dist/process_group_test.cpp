@@ -47,7 +47,20 @@ TEST(BucketLayout, ParameterLargerThanABucketGetsItsOwn) {
   EXPECT_EQ(layout.buckets[1].numel, 102);  // 100 rounded up to a multiple of 3
 }
 
+TEST(BucketLayout, UnitsNeverShareABucket) {
+  // Parameters 0..3 of one group in units 0, 0, 1, 1: one bucket would hold them all; units split it.
+  auto layout = plan_buckets({2, 2, 2, 2}, {0, 0, 0, 0}, 100, 1, 1, {0, 0, 1, 1});
+  ASSERT_EQ(layout.buckets.size(), 2u);
+  EXPECT_EQ(layout.buckets[0].params, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(layout.buckets[0].unit, 1);
+  EXPECT_EQ(layout.buckets[1].params, (std::vector<int64_t>{1, 0}));
+  EXPECT_EQ(layout.buckets[1].unit, 0);
+  EXPECT_EQ(plan_buckets({2, 2, 2, 2}, {0, 0, 0, 0}, 100, 1, 1).buckets.size(), 1u);
+}
+
 TEST(BucketLayout, RejectsBadArguments) {
+  EXPECT_THROW(plan_buckets({1, 2}, {0, 0}, 10, 1, 1, {0}), std::invalid_argument);
+  EXPECT_THROW(plan_buckets({1, 2}, {0, 0}, 10, 1, 1, {0, -1}), std::invalid_argument);
   EXPECT_THROW(plan_buckets({1, 0}, {0, 0}, 10, 1, 1), std::invalid_argument);
   EXPECT_THROW(plan_buckets({1, 2}, {1, 0}, 10, 1, 1), std::invalid_argument);
   EXPECT_THROW(plan_buckets({1}, {0}, 10, 0, 1), std::invalid_argument);

@@ -70,7 +70,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1, 1, 2, 0.2, false, 1, -1, 1}, Case{1, 2, 1, 0, false, 1, -1, 1},
                       Case{2, 2, 2, 0.2, false, 1024, 4, 1}, Case{3, 1, 3, 0, false, 1, -1, 1},
                       Case{4, 2, 1, 0.2, true, 1, -1, 1}, Case{2, 1, 2, 0.2, false, 1024, 3, 2},
-                      Case{1, 1, 1, 0, false, 1, -1, 3}, Case{3, 2, 2, 0.2, false, 1024, 4, 3}),
+                      Case{1, 1, 1, 0, false, 1, -1, 3}, Case{3, 2, 2, 0.2, false, 1024, 4, 3},
+                      // Stage 3 (sharded parameters, gathered per Linear): ranks 1-4, accumulation,
+                      // clipping, scaling, an inf, the fallbacks, and offload with its overlap.
+                      Case{1, 3, 1, 0, false, 1, -1}, Case{2, 3, 2, 0.2, false, 1024, 4},
+                      Case{3, 3, 3, 0, true, 1, -1}, Case{4, 3, 2, 0.2, false, 1, -1},
+                      Case{2, 3, 2, 0.2, false, 1, -1, 1}, Case{4, 3, 1, 0.2, false, 1024, 3, 2},
+                      Case{3, 3, 2, 0, false, 1, -1, 3}),
     name_of);
 
 using scaletrain::testing::error_message;
@@ -78,9 +84,15 @@ const auto& message_of = error_message;
 
 TEST(ZeroAdamW, RefusesWhatItDoesNotDo) {
   torch::nn::Linear linear(3, 2);
-  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(3)); }).find("stage 3"),
+  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(4)); }).find("stage 4"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(0)); }).find("stage 0"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(3), {}, {0}); })
+                .find("1 units for 2 parameters"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(1e-3).stage(3), {}, {0, -2}); })
+                .find("parameter 1 in unit -2"),
             std::string::npos);
   EXPECT_NE(message_of([&] { ZeroAdamW(linear->parameters(), ZeroAdamWOptions(-1.0)); }).find("lr -1"),
             std::string::npos);
@@ -164,6 +176,60 @@ TEST(ZeroAdamW, Stage2HoldsNoBucketBuffersAfterBackward) {
   EXPECT_FALSE(linear->weight.grad().defined());
 }
 
+// Stage 3 in one process: a unit's parameters have storage only inside its forward and its
+// backward; the steps follow torch::optim::AdamW; writes between gather_parameters() and
+// release_parameters() are kept.
+TEST(ZeroAdamW, Stage3ParametersHaveStorageOnlyWhileTheirUnitIsInUse) {
+  torch::manual_seed(7);
+  torch::nn::Linear first(32, 48), second(48, 16);
+  std::vector<at::Tensor> params{first->weight, first->bias, second->weight, second->bias};
+  std::vector<at::Tensor> reference;
+  for (auto& p : params) reference.push_back(p.detach().clone().requires_grad_());
+  torch::optim::AdamW reference_adamw(reference, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  ZeroAdamW adamw(params, ZeroAdamWOptions(1e-2).weight_decay(0.1).stage(3), {}, {0, 0, 1, 1});
+  ASSERT_EQ(adamw.num_units(), 2);
+  EXPECT_EQ(adamw.unit_of(2), 1);
+  const int64_t shard_bytes = 4 * adamw.layout().shard_numel();
+  auto storage_bytes = [](const at::Tensor& t) { return t.storage().nbytes(); };
+  EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);
+  EXPECT_EQ(storage_bytes(first->weight), 0u);
+  for (int step = 0; step < 3; ++step) {
+    auto x = at::randn({8, 32});
+    at::linear(at::tanh(at::linear(x, reference[0], reference[1])), reference[2], reference[3]).square().mean().backward();
+    reference_adamw.step();
+    reference_adamw.zero_grad();
+
+    at::Tensor hidden = adamw.run_unit(0, [&] {
+      EXPECT_GT(storage_bytes(first->weight), 0u);
+      return first->forward(x);
+    });
+    EXPECT_EQ(storage_bytes(first->weight), 0u);  // freed after its forward
+    at::Tensor out = adamw.run_unit(1, [&] { return second->forward(at::tanh(hidden)); });
+    EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);  // nothing gathered between units
+    out.square().mean().backward();                          // gathers each unit again, frees it
+    EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);
+    EXPECT_FALSE(first->weight.grad().defined());            // as stage 2: moved into its bucket
+    adamw.step();
+    adamw.zero_grad();
+    adamw.gather_parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_LT((params[i] - reference[i]).abs().max().item<double>(), 1e-6) << "step " << step << " parameter " << i;
+    }
+    adamw.release_parameters();
+  }
+  adamw.gather_parameters();
+  {
+    at::NoGradGuard no_grad;
+    second->bias.fill_(0.5);
+  }
+  adamw.release_parameters();
+  adamw.gather_unit(1);
+  EXPECT_TRUE(at::equal(second->bias, at::full({16}, 0.5)));
+  adamw.release_unit(1);
+  EXPECT_NE(message_of([&] { adamw.release_unit(1); }).find("unit 1 is not gathered"), std::string::npos);
+  EXPECT_NE(message_of([&] { adamw.gather_unit(2); }).find("unit 2 (expected 0 to 1)"), std::string::npos);
+}
+
 TEST(ZeroAdamW, ParametersBecomeViewsOfOneBufferAndKeepTheirValues) {
   torch::manual_seed(1);
   torch::nn::Linear linear(5, 3);
@@ -176,9 +242,10 @@ TEST(ZeroAdamW, ParametersBecomeViewsOfOneBufferAndKeepTheirValues) {
 
 // A bf16 model: ZeroAdamW keeps an fp32 master of its chunks and writes the rounded values into
 // the model. Reference: torch::optim::AdamW on fp32 copies of the initial parameters, stepped with
-// the bf16 model's own gradients (in fp32; stage 1 keeps them readable); the model must hold
-// the reference rounded to bf16.
-void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool offload) {
+// the bf16 model's own gradients (in fp32, caught by hooks before they reach the optimizer); the
+// model must hold the reference rounded to bf16. Stage 3 writes the rounded values into its shard
+// and gathers them for the forward.
+void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool offload, int64_t stage = 1) {
   torch::manual_seed(3);
   torch::nn::Linear linear(70, 30);
   linear->to(device, at::kBFloat16);
@@ -186,15 +253,19 @@ void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool off
   for (auto& p : linear->parameters()) reference.push_back(p.detach().to(at::kFloat).clone().requires_grad_());
   torch::optim::AdamW reference_adamw(reference, torch::optim::AdamWOptions(1e-2).eps(1e-5).weight_decay(0.1));
   ZeroAdamW adamw(linear->parameters(),
-                  ZeroAdamWOptions(1e-2).eps(1e-5).weight_decay(0.1).stage(1).bucket_mb(0.001).cpu_offload(offload));
+                  ZeroAdamWOptions(1e-2).eps(1e-5).weight_decay(0.1).stage(stage).bucket_mb(0.001).cpu_offload(offload),
+                  {}, stage == 3 ? std::vector<int64_t>{0, 0} : std::vector<int64_t>{});
+  auto params = linear->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i].register_hook([&reference, i](const at::Tensor& grad) { reference[i].mutable_grad() = grad.to(at::kFloat); });
+  }
   for (int step = 0; step < 5; ++step) {
     auto x = at::randn({8, 70}, at::TensorOptions().device(device).dtype(at::kBFloat16));
-    linear->forward(x).square().mean().backward();
-    auto params = linear->parameters();
-    for (size_t i = 0; i < params.size(); ++i) reference[i].mutable_grad() = params[i].grad().to(at::kFloat);
+    adamw.run_unit(0, [&] { return linear->forward(x); }).square().mean().backward();
     reference_adamw.step();
     adamw.step();
     adamw.zero_grad();
+    adamw.gather_parameters();  // stage 3: to read them
     for (size_t i = 0; i < params.size(); ++i) {
       auto expected = reference[i].detach();
       auto got = params[i].detach().to(at::kFloat);
@@ -203,6 +274,7 @@ void expect_bf16_model_follows_fp32_reference(const at::Device& device, bool off
       ASSERT_TRUE((got - expected).abs().le(bound).all().item<bool>())
           << "step " << step << " parameter " << i << ": max difference " << (got - expected).abs().max().item<double>();
     }
+    adamw.release_parameters();
   }
   // fp32 master, exp_avg, exp_avg_sq and the step counts; offloaded, on the host with the bf16
   // gradient chunks and the bf16 values to copy back.
@@ -236,17 +308,21 @@ TEST(ZeroAdamW, ParametersWrittenBetweenStepsReplaceTheMasters) {
 TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCpu) {
   expect_bf16_model_follows_fp32_reference(at::kCPU, false);
   expect_bf16_model_follows_fp32_reference(at::kCPU, true);
+  expect_bf16_model_follows_fp32_reference(at::kCPU, false, 3);
+  expect_bf16_model_follows_fp32_reference(at::kCPU, true, 3);
 }
 
 TEST(ZeroAdamW, Bf16ModelFollowsTheFp32ReferenceOnCuda) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), false);
   expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), true);
+  expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), false, 3);
+  expect_bf16_model_follows_fp32_reference(at::Device(at::kCUDA, 0), true, 3);
 }
 
 TEST(ZeroAdamW, Fp32OnCudaMatchesTorchAdamW) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
-  for (const char* stage : {"1", "2"}) {
+  for (const char* stage : {"1", "2", "3"}) {
     for (const char* offload : {"0", "1", "2", "3"}) {
       auto results = run_ranks(1, {"zero", stage, "2", "0.2", "0", "1024", "3", "cuda", offload}, 240);
       ASSERT_EQ(results[0].exit_code, 0) << outputs(results);

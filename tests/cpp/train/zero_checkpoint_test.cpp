@@ -50,7 +50,8 @@ TEST_P(ZeroCheckpointReshards, ResumesOnAnotherWorldSizeAsIfUninterrupted) {
 
 INSTANTIATE_TEST_SUITE_P(Worlds, ZeroCheckpointReshards,
                          ::testing::Values(Reshard{2, 2, false, 4, 1, false}, Reshard{4, 1, false, 1, 2, true},
-                                           Reshard{3, 1, true, 2, 2, false}));
+                                           Reshard{3, 1, true, 2, 2, false}, Reshard{2, 2, false, 3, 3, false},
+                                           Reshard{4, 3, false, 2, 3, true}, Reshard{3, 3, true, 1, 1, false}));
 
 TEST(ZeroCheckpoint, ARankKilledDuringASaveLeavesThePreviousCheckpoint) {
   TempDir dir;
