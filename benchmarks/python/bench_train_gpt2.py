@@ -51,7 +51,8 @@ MODELS = {"124m": (12, 12, 768), "355m": (24, 16, 1024)}
 
 
 def ours(exe, tokens, precision, steps, work, checkpointing=False, model="124m", extra=()):
-    out = Path(work) / f"ours_{model}_{precision}_{int(checkpointing)}_{len(extra)}"
+    tag = "_".join(x.replace("=", "-").replace(".", "-") for x in extra)
+    out = Path(work) / f"ours_{model}_{precision}_{int(checkpointing)}_{tag}"
     n_layer, n_head, n_embd = MODELS[model]
     sets = [f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}", *extra]
     cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"), *[a for x in sets for a in ("--set", x)],
@@ -122,6 +123,10 @@ def main():
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
     parser.add_argument("--no-checkpointing", action="store_true", help="leave out the activation checkpointing rows")
     parser.add_argument("--models", default="124m", help="comma-separated: 124m, 355m (355m: bf16 rows only)")
+    parser.add_argument("--zero-stages", default="",
+                        help="comma-separated optim.zero_stage values (1-3): bf16 rows of the trainer with ZeroAdamW "
+                             "on one GPU against the same trainer with zero_stage 0; only these rows and the bf16 "
+                             "twin eager one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_gpt2: needs a CUDA device")
@@ -154,7 +159,7 @@ def main():
         for model in args.models.split(","):
             if model not in MODELS:
                 raise SystemExit(f"--models: unknown model '{model}', expected one of {', '.join(MODELS)}")
-            precisions = args.precisions.split(",") if model == "124m" else ["bf16"]
+            precisions = args.precisions.split(",") if model == "124m" and not args.zero_stages else ["bf16"]
             our_bf16_rate = our_bf16_peak = None
             for precision in precisions:
                 our_rate, our_peak, our_params, summary = ours(exe, tokens, precision, args.steps, work, model=model)
@@ -169,11 +174,18 @@ def main():
                 record(model, label, baseline, our_rate, torch_rate, our_peak, torch_peak)
                 if precision == "bf16":
                     our_bf16_rate, our_bf16_peak = our_rate, our_peak
-                    if summary.get("cuda_graph"):  # what the graph buys: the same run with it off
+                    if summary.get("cuda_graph") and not args.zero_stages:  # what the graph buys: the same run with it off
                         rate, peak, _, _ = ours(exe, tokens, precision, args.steps, work, model=model,
                                                 extra=["train.cuda_graph=off"])
                         record(model, "bf16 cuda graph on vs off", "scaletrain with train.cuda_graph=off",
                                our_rate, rate, our_peak, peak)
+            for stage in [int(s) for s in args.zero_stages.split(",") if s]:
+                rate, peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, model=model,
+                                        extra=[f"optim.zero_stage={stage}"])
+                record(model, f"bf16 zero-{stage}", "scaletrain bf16 optim.zero_stage 0 (fused AdamW, CUDA graph)",
+                       rate, our_bf16_rate, peak, our_bf16_peak)
+            if args.zero_stages:
+                continue
             if our_bf16_rate is not None:
                 # (a) nanoGPT-style eager and (c) the twin under torch.compile.
                 rate, peak, _ = theirs(tokens, "bf16", args.steps - 10, kind="nanogpt", size=model)
