@@ -32,9 +32,10 @@ def main():
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **shape)
     model = GPT2LMHeadModel(config).to(device)
     scaletrain.nn.convert_model_to_efficient_attention(model)  # scaletrain
+    sharded = dict(model=model, units=model.transformer.h) if args.stage == 3 else {}  # stage 3: per block
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, weight_decay=0.1, stage=args.stage,  # scaletrain
                                      max_grad_norm=1.0, cpu_offload=args.cpu_offload,
-                                     overlap_forward=args.cpu_offload)
+                                     overlap_forward=args.cpu_offload, **sharded)
     acc = scaletrain.accum.accumulate(model, opt, args.micro_batches)  # scaletrain
 
     start = time.perf_counter()

@@ -69,7 +69,7 @@ def loop_arguments(description, steps, lr):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[2] / "README.md"))
     return parser
@@ -127,9 +127,11 @@ def main():
     torch.manual_seed(0)
     model = GPT(256, args.seq, args.layers, args.heads, args.dim).to(device)
     scaletrain.nn.convert_model_to_efficient_attention(model)  # scaletrain
+    # Stage 3 gathers each block's parameters around its forward and backward (the rest per module).
+    sharded = dict(model=model, units=model.blocks) if args.stage == 3 else {}
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,  # scaletrain
                                      stage=args.stage, max_grad_norm=1.0, cpu_offload=args.cpu_offload,
-                                     overlap_forward=args.cpu_offload)
+                                     overlap_forward=args.cpu_offload, **sharded)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))

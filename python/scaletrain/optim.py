@@ -46,65 +46,63 @@ def _default_group(process_group: Any) -> Any:
     return None
 
 
+def _auto_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The elements of every ``nn.ModuleList`` / ``nn.Sequential`` that hold parameters (the
+    transformer blocks), outermost first; nothing inside one of them is a unit of its own."""
+    found: list[torch.nn.Module] = []
+
+    def walk(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) and \
+                    next(child.parameters(), None) is not None:
+                found.append(child)
+            else:
+                walk(child)
+
+    walk(model)
+    return found
+
+
 def _plan_units(model: torch.nn.Module, params: list[torch.Tensor],
                 units: Optional[Iterable[torch.nn.Module]]) -> tuple[list[int], list[tuple[torch.nn.Module, list[int]]]]:
-    """Stage 3: each parameter's unit (numbered in module order) and the modules to hook with the
-    units each must gather: a unit module its own; any other module the units of the parameters it
-    holds directly, unless an enclosing unit module gathers them already."""
+    """Stage 3: each parameter's unit and the modules to hook with the units each gathers. Unit 0
+    holds the parameters outside every unit module (embeddings, final norm, head): ``model``'s
+    forward gathers it for its whole length. Units 1.. are the unit modules in order, each gathered
+    by its own forward (with the units of any parameter it shares with an earlier one)."""
     index = {id(p): i for i, p in enumerate(params)}
-    unit_of = [-1] * len(params)
-    given = list(units) if units is not None else []
+    given = list(units) if units is not None else _auto_units(model)
     for module in given:
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"ZeroAdamW: units must be modules, got {type(module).__name__}")
-    given_ids = {id(m) for m in given}
-    # Numbered in module order (the order a forward usually runs them): a unit module takes every
-    # parameter under it not yet taken; any other module the ones it holds directly.
-    unit_module: dict[int, int] = {}
-    count = 0
-    for module in model.modules():
-        if id(module) in given_ids:
-            fresh = [index[id(p)] for p in module.parameters() if id(p) in index and unit_of[index[id(p)]] < 0]
-            unit_module[id(module)] = count
-        else:
-            fresh = [index[id(p)] for p in module._parameters.values()
-                     if p is not None and id(p) in index and unit_of[index[id(p)]] < 0]
-            if not fresh:
-                continue
-        for i in fresh:
-            unit_of[i] = count
-        count += 1
-    outside = [m for m in given if id(m) not in unit_module]
+    inside = {id(m) for m in model.modules()}
+    outside = [m for m in given if id(m) not in inside]
     if outside:
         raise ValueError(f"ZeroAdamW: {len(outside)} of units= are not modules of model=")
-    missing = [i for i, u in enumerate(unit_of) if u < 0]
+    unit_of = [-1] * len(params)
+    for u, module in enumerate(given, start=1):
+        for p in module.parameters():
+            i = index.get(id(p))
+            if i is not None and unit_of[i] < 0:
+                unit_of[i] = u
+    in_model = {id(p) for p in model.parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in in_model]
     if missing:
-        raise ValueError(f"ZeroAdamW: parameters {missing[:5]} are not in model= (stage 3 gathers a parameter "
-                         "around the forward of the module that holds it)")
+        raise ValueError(f"ZeroAdamW: parameters {missing[:5]} are not in model= (stage 3 gathers each parameter "
+                         "around the forward of model= or of its unit)")
+    rest = [i for i, u in enumerate(unit_of) if u < 0]
+    for i in rest:
+        unit_of[i] = 0
     plan: list[tuple[torch.nn.Module, list[int]]] = []
-
-    def walk(module: torch.nn.Module, covered: frozenset[int]) -> None:
-        needed = []
-        own = unit_module.get(id(module))
-        if own is not None and own not in covered:
-            needed.append(own)
-        # A module with parameters of its own may also read its children's directly (as
-        # nn.MultiheadAttention reads out_proj's): it gathers those too.
-        own_params = [p for p in module._parameters.values() if p is not None]
-        reads = list(module.parameters()) if own_params and next(module.children(), None) is not None else own_params
-        for p in reads:
-            if id(p) in index:
-                u = unit_of[index[id(p)]]
-                if u not in covered and u not in needed:
-                    needed.append(u)
+    if rest:
+        plan.append((model, [0]))
+    for u, module in enumerate(given, start=1):
+        needed = sorted({unit_of[index[id(p)]] for p in module.parameters() if id(p) in index} - {0})
         if needed:
             plan.append((module, needed))
-        inner = covered | frozenset([own] if own is not None else [])
-        for child in module.children():
-            walk(child, inner)
-
-    walk(model, frozenset())
-    return unit_of, plan
+    # Numbered densely (a unit module without parameters of this optimizer has none).
+    used = sorted(set(unit_of))
+    dense = {u: n for n, u in enumerate(used)}
+    return [dense[u] for u in unit_of], [(m, [dense[u] for u in needed]) for m, needed in plan]
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -123,8 +121,9 @@ class ZeroAdamW(torch.optim.Optimizer):
             ``with opt.gathered_parameters():`` (saving the model, loading weights).
         model: stage 3: the module whose forward runs the parameters (hooks go on its submodules).
         units: stage 3: modules whose parameters are gathered together, in forward order (e.g.
-            ``model.transformer.h``, the blocks); every other parameter is gathered with the module
-            that holds it directly. Default: every module that holds parameters is its own unit.
+            ``model.transformer.h``, the blocks), each around its own forward; the other parameters
+            (embeddings, final norm, head) form one unit gathered around ``model``'s whole forward.
+            Default: the elements of the model's ``nn.ModuleList`` and ``nn.Sequential`` containers.
         bucket_mb: size of a gradient bucket (the unit of reduce-scatter and all-gather) in MiB.
         max_grad_norm: clip the global gradient norm to this, as ``clip_grad_norm_`` (0: off).
         average_gradients: divide the summed gradients by the world size (DDP's mean).

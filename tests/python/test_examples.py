@@ -19,7 +19,7 @@ def run(command):
     return [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
 
 
-@pytest.mark.parametrize("extra", [[], ["--cpu-offload", "--stage", "1"]])
+@pytest.mark.parametrize("extra", [[], ["--cpu-offload", "--stage", "1"], ["--stage", "3"]])
 def test_train_gpt_learns(extra):
     losses = run([sys.executable, str(ROOT / "examples/python/train_gpt.py"), *SMALL, *extra])
     assert len(losses) >= 5 and losses[-1] < 0.8 * losses[0], losses
