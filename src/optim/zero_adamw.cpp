@@ -14,6 +14,7 @@
 
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/linalg_vector_norm.h>
@@ -34,6 +35,8 @@
 #include "scaletrain/optim/adamw.h"
 
 #ifdef SCALETRAIN_WITH_CUDA
+#include <cuda_runtime_api.h>
+
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -111,6 +114,29 @@ torch::optim::AdamWOptions adamw_options(const ZeroAdamWOptions& options) {
       .betas(options.betas())
       .eps(options.eps())
       .weight_decay(options.weight_decay());
+}
+
+// Offload's host state: `numel` elements, page-locked for a CUDA model. Allocated here rather than
+// by torch's caching host allocator, which rounds every allocation up to a power of two (the state
+// of a 5B-parameter model would ask for 32 GiB per 20 GB tensor).
+at::Tensor host_empty(int64_t numel, at::ScalarType dtype, bool pinned, const char* what) {
+  const auto options = at::TensorOptions().dtype(dtype);
+  if (!pinned) return at::empty({numel}, options);
+#ifdef SCALETRAIN_WITH_CUDA
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* data = nullptr;
+  const cudaError_t status = cudaHostAlloc(&data, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it
+    throw std::runtime_error(fmt::format(
+        "ZeroAdamW: cpu_offload could not pin {:.2f} GiB of host memory for {} ({}); the offloaded state "
+        "takes 16 bytes per parameter of this rank's share",
+        static_cast<double>(bytes) / (1 << 30), what, cudaGetErrorString(status)));
+  }
+  return at::from_blob(data, {numel}, [](void* p) { (void)cudaFreeHost(p); }, options);
+#else
+  return at::empty({numel}, options);
+#endif
 }
 
 constexpr int64_t kAlign = 64;  // elements: every parameter and chunk starts 128-byte aligned in bf16
@@ -936,11 +962,12 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     if (s.dtype != at::kFloat) s.master = at::empty({device_numel}, fp32);
   }
   if (host_numel > 0) {
-    s.host_exp_avg = at::zeros({host_numel}, host);
-    s.host_exp_avg_sq = at::zeros({host_numel}, host);
-    s.host_master = at::empty({host_numel}, host);
-    s.host_grad = at::zeros({host_numel}, host.dtype(s.dtype));
-    if (s.dtype != at::kFloat) s.host_copy = at::empty({host_numel}, host.dtype(s.dtype));
+    const bool pinned = s.device.is_cuda();
+    s.host_exp_avg = host_empty(host_numel, at::kFloat, pinned, "exp_avg").zero_();
+    s.host_exp_avg_sq = host_empty(host_numel, at::kFloat, pinned, "exp_avg_sq").zero_();
+    s.host_master = host_empty(host_numel, at::kFloat, pinned, "the fp32 master");
+    s.host_grad = host_empty(host_numel, s.dtype, pinned, "the gradient chunks").zero_();
+    if (s.dtype != at::kFloat) s.host_copy = host_empty(host_numel, s.dtype, pinned, "the values to copy back");
   }
   for (size_t b = 0; b < s.layout.buckets.size(); ++b) {
     at::Tensor value = s.master_of(b);
