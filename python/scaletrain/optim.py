@@ -63,12 +63,17 @@ def _auto_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+Plan = list[tuple[torch.nn.Module, list[int], int, int]]
+
+
 def _plan_units(model: torch.nn.Module, params: list[torch.Tensor],
-                units: Optional[Iterable[torch.nn.Module]]) -> tuple[list[int], list[tuple[torch.nn.Module, list[int]]]]:
-    """Stage 3: each parameter's unit and the modules to hook with the units each gathers. Unit 0
-    holds the parameters outside every unit module (embeddings, final norm, head): ``model``'s
-    forward gathers it for its whole length. Units 1.. are the unit modules in order, each gathered
-    by its own forward (with the units of any parameter it shares with an earlier one)."""
+                units: Optional[Iterable[torch.nn.Module]]) -> tuple[list[int], Plan]:
+    """Stage 3: each parameter's unit and the hooks: (module, the units its forward gathers, the
+    unit the forward needs next, the unit backward needs next; -1: none). Unit 0 holds the
+    parameters outside every unit module (embeddings, final norm, head): ``model``'s forward
+    gathers it for its whole length, with the units of any parameter that a module outside the
+    unit modules shares with one (a tied head). Units 1.. are the unit modules in order, each
+    gathered around its own forward (with the units of the parameters it shares with another)."""
     index = {id(p): i for i, p in enumerate(params)}
     given = list(units) if units is not None else _auto_units(model)
     for module in given:
@@ -78,31 +83,49 @@ def _plan_units(model: torch.nn.Module, params: list[torch.Tensor],
     outside = [m for m in given if id(m) not in inside]
     if outside:
         raise ValueError(f"ZeroAdamW: {len(outside)} of units= are not modules of model=")
-    unit_of = [-1] * len(params)
-    for u, module in enumerate(given, start=1):
-        for p in module.parameters():
-            i = index.get(id(p))
-            if i is not None and unit_of[i] < 0:
-                unit_of[i] = u
     in_model = {id(p) for p in model.parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in in_model]
     if missing:
         raise ValueError(f"ZeroAdamW: parameters {missing[:5]} are not in model= (stage 3 gathers each parameter "
                          "around the forward of model= or of its unit)")
-    rest = [i for i, u in enumerate(unit_of) if u < 0]
-    for i in rest:
-        unit_of[i] = 0
-    plan: list[tuple[torch.nn.Module, list[int]]] = []
-    if rest:
-        plan.append((model, [0]))
+    raw = [0] * len(params)
     for u, module in enumerate(given, start=1):
-        needed = sorted({unit_of[index[id(p)]] for p in module.parameters() if id(p) in index} - {0})
-        if needed:
-            plan.append((module, needed))
-    # Numbered densely (a unit module without parameters of this optimizer has none).
-    used = sorted(set(unit_of))
-    dense = {u: n for n, u in enumerate(used)}
-    return [dense[u] for u in unit_of], [(m, [dense[u] for u in needed]) for m, needed in plan]
+        for p in module.parameters():
+            i = index.get(id(p))
+            if i is not None and raw[i] == 0:
+                raw[i] = u
+    # Dense numbers, in order: 0 (when some parameter is outside every unit module), then the
+    # unit modules that hold parameters of this optimizer.
+    dense = {u: n for n, u in enumerate(sorted(set(raw)))}
+    unit_of = [dense[u] for u in raw]
+    unit_ids = [dense.get(u, -1) for u in range(1, len(given) + 1)]  # per unit module (-1: none)
+    order = [u for u in unit_ids if u >= 0]
+    first, last = (order[0], order[-1]) if order else (-1, -1)
+    given_ids = {id(m) for m in given}
+    # The parameters that modules outside every unit subtree hold directly.
+    shared: set[int] = set()
+
+    def walk(module: torch.nn.Module) -> None:
+        for p in module._parameters.values():
+            if p is not None and id(p) in index:
+                shared.add(unit_of[index[id(p)]])
+        for child in module.children():
+            if id(child) not in given_ids:
+                walk(child)
+
+    walk(model)
+    plan: Plan = []
+    if 0 in dense and dense[0] == 0:
+        plan.append((model, [0] + sorted(shared - {0}), first, last))
+    for k, (module, u) in enumerate(zip(given, unit_ids)):
+        if u < 0:
+            continue
+        needed = [u] + sorted({unit_of[index[id(p)]] for p in module.parameters() if id(p) in index} - {u})
+        position = order.index(u)
+        next_forward = order[position + 1] if position + 1 < len(order) else -1
+        next_backward = order[position - 1] if position > 0 else -1
+        plan.append((module, needed, next_forward, next_backward))
+    return unit_of, plan
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -196,7 +219,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                 group = dist.new_group(ranks=dist.get_process_group_ranks(group), use_local_synchronization=True)
         flat = [p for g in self.param_groups for p in g["params"]]
         unit_of: list[int] = []
-        plan: list[tuple[torch.nn.Module, list[int]]] = []
+        plan: Plan = []
         if stage == 3:
             if not isinstance(model, torch.nn.Module):
                 raise ValueError("ZeroAdamW: stage 3 needs model= (the module whose forward uses the parameters), "
@@ -230,17 +253,23 @@ class ZeroAdamW(torch.optim.Optimizer):
         if stage == 3:
             self._install_unit_hooks(plan)
 
-    def _install_unit_hooks(self, plan: list[tuple[torch.nn.Module, list[int]]]) -> None:
+    def _install_unit_hooks(self, plan: Plan) -> None:
         core = self._core
         from torch.utils._pytree import tree_flatten
 
-        def pre(needed: list[int]) -> Any:
+        def pre(needed: list[int], next_forward: int) -> Any:
             def hook(module: torch.nn.Module, args: Any) -> None:
-                for u in needed:
-                    core.gather_unit(u)
+                core.gather_unit(needed[0], next_forward)
+                for u in needed[1:]:
+                    core.gather_unit(u, -1)
             return hook
 
-        def post(needed: list[int]) -> Any:
+        def post(needed: list[int], next_backward: int) -> Any:
+            def prepare(grad: torch.Tensor) -> None:
+                core.prepare_backward(needed[0], next_backward)
+                for u in needed[1:]:
+                    core.prepare_backward(u, -1)
+
             def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
                 for u in needed:
                     core.release_unit(u)
@@ -249,12 +278,13 @@ class ZeroAdamW(torch.optim.Optimizer):
                 # Backward gathers the units again when it reaches these outputs.
                 for t in tree_flatten(output)[0]:
                     if isinstance(t, torch.Tensor) and t.requires_grad:
-                        t.register_hook(lambda grad, needed=needed: [core.prepare_backward(u) for u in needed] and None)
+                        t.register_hook(prepare)
             return hook
 
-        for module, needed in plan:
-            self._unit_hooks.append(module.register_forward_pre_hook(pre(needed)))
-            self._unit_hooks.append(module.register_forward_hook(post(needed)))
+        for module, needed, next_forward, next_backward in plan:
+            self._unit_hooks.append(module.register_forward_pre_hook(pre(needed, next_forward)))
+            # always_call: a forward that raises releases its units too.
+            self._unit_hooks.append(module.register_forward_hook(post(needed, next_backward), always_call=True))
 
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:

@@ -168,9 +168,10 @@ void bind_optim(py::module_& parent) {
       .def("zero_grad", [](optim::ZeroAdamW& self) { self.zero_grad(); })
       // Stage 3: collectives (the GIL released: backward hooks of other threads may need it).
       .def("num_units", &optim::ZeroAdamW::num_units)
-      .def("gather_unit", &optim::ZeroAdamW::gather_unit, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
+      .def("gather_unit", &optim::ZeroAdamW::gather_unit, py::arg("unit"), py::arg("prefetch") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def("release_unit", &optim::ZeroAdamW::release_unit, py::arg("unit"), py::call_guard<py::gil_scoped_release>())
-      .def("prepare_backward", &optim::ZeroAdamW::prepare_backward, py::arg("unit"),
+      .def("prepare_backward", &optim::ZeroAdamW::prepare_backward, py::arg("unit"), py::arg("prefetch") = py::none(),
            py::call_guard<py::gil_scoped_release>())
       .def("gather_parameters", &optim::ZeroAdamW::gather_parameters, py::call_guard<py::gil_scoped_release>())
       .def("release_parameters", &optim::ZeroAdamW::release_parameters, py::call_guard<py::gil_scoped_release>())

@@ -146,14 +146,16 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
     sin = rope_sin_.narrow(0, offset, seq).view({1, seq, half});
   }
   // (1 or batch, seq, half), in the tables' precision: the rotation runs in it and rounds to q/k's dtype.
-  auto x = run_unit(0, [&] { return embedding_dropout(wte(tokens)); });
+  const int64_t n_layer = options_.n_layer();
+  // The embedding's backward comes last: nothing to prefetch after it.
+  auto x = run_unit({0, 1, -1}, [&] { return embedding_dropout(wte(tokens)); });
   // Checkpointing pays off only when backward will run; a cache would be appended to twice.
   const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
                          context.cache == nullptr;
   for (size_t i = 0; i < blocks->size(); ++i) {
     const auto layer = static_cast<int64_t>(i);
     auto block = blocks->ptr<BlockImpl>(i);
-    x = run_unit(1 + layer, [&] {
+    x = run_unit({1 + layer, 2 + layer < 1 + n_layer ? 2 + layer : -1, layer}, [&] {
       if (recompute) {
         // Captured by value: the recomputation runs in backward, after this frame is gone.
         return checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
@@ -164,7 +166,8 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
     });
   }
   if (context.cache) context.cache->length += seq;
-  return run_unit(0, [&] {
+  // The head (unit 0 again): its backward comes first and the last block's next.
+  return run_unit({0, -1, n_layer}, [&] {
     auto last = ln_f(x);
     return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last);
   });

@@ -25,7 +25,9 @@
 #include <ATen/record_function.h>
 #include <c10/core/DeviceGuard.h>
 #include <fmt/format.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/optim/adamw.h>
@@ -194,6 +196,7 @@ struct ZeroAdamW::Impl {
   std::vector<bool> unit_backward;               // per unit: gathered for the backward in progress
   std::vector<int64_t> unit_arrived;             // per unit: gradients arrived since that gather
   std::vector<int64_t> units;                    // per parameter: its unit
+  bool end_queued = false;                       // the running backward's end callback is queued
 
   // CPU offload: master, exp_avg and exp_avg_sq of this rank's chunks live in host memory (pinned
   // for a CUDA model) and the CPU AdamW steps them, on a worker thread that takes jobs in order:
@@ -309,10 +312,21 @@ struct ZeroAdamW::Impl {
     if (gathered[b]) return;
     if (offload) wait_stepped(b);  // its values are this step's
     set_storage(b, true);
-    gathered[b] = true;
     // The whole bucket's chunk r comes from rank r's param_shard chunk (bucket_param's own chunk
     // offsets are bucket-relative).
-    gathering[b] = group.all_gather(bucket_param[b], param_chunk(b));  // NOLINT: bucket_param[b] is an lvalue
+    try {
+      gathering[b] = group.all_gather(bucket_param[b], param_chunk(b));  // NOLINT: bucket_param[b] is an lvalue
+    } catch (...) {
+      set_storage(b, false);
+      throw;
+    }
+    gathered[b] = true;
+  }
+  // Offload: bucket b's CPU step is still queued (a prefetch would wait for it).
+  bool step_pending(size_t b) {
+    if (!offload) return false;
+    std::lock_guard<std::mutex> lock(worker_mutex);
+    return !pending.empty() && pending[b] == Pending::queued;
   }
   void wait_gathered(size_t b) {
     dist::Work work = std::move(gathering[b]);
@@ -331,9 +345,12 @@ struct ZeroAdamW::Impl {
                                               static_cast<int64_t>(unit_buckets.size()) - 1));
     }
   }
+  // Not a bucket whose CPU step is still running (overlap_forward): its gather waits for it then.
   void prefetch_unit(int64_t unit) {
     if (unit < 0 || unit >= static_cast<int64_t>(unit_buckets.size())) return;
-    for (size_t b : unit_buckets[static_cast<size_t>(unit)]) start_gather(b);
+    for (size_t b : unit_buckets[static_cast<size_t>(unit)]) {
+      if (!step_pending(b)) start_gather(b);
+    }
   }
   // Caller holds mutex.
   void gather_unit_locked(int64_t unit, int64_t prefetch) {
@@ -347,15 +364,34 @@ struct ZeroAdamW::Impl {
     for (size_t b : unit_buckets[u]) free_bucket(b);
   }
   // Backward reaches a forward that used `unit`: gather it for the backward (until its last
-  // gradient arrives) and prefetch the unit before it.
-  void prepare_backward(int64_t unit) {
+  // gradient arrives, or the backward ends) and prefetch `prefetch`, the unit backward needs next.
+  void prepare_backward(int64_t unit, int64_t prefetch) {
     std::lock_guard<std::mutex> lock(mutex);
+    if (!end_queued && torch::autograd::get_current_graph_task_id() != -1) {
+      // At the end of this backward every hold it took ends (a unit with a parameter that got no
+      // gradient would otherwise stay gathered into the next backward).
+      end_queued = true;
+      torch::autograd::Engine::get_default_engine().queue_callback([this] { end_backward(); });
+    }
     auto u = static_cast<size_t>(unit);
     if (!unit_backward[u]) {
       unit_backward[u] = true;
       unit_arrived[u] = 0;
     }
-    gather_unit_locked(unit, unit - 1);
+    gather_unit_locked(unit, prefetch);
+  }
+  void end_backward() {
+    std::lock_guard<std::mutex> lock(mutex);
+    end_queued = false;
+    end_backward_holds();
+  }
+  // Caller holds mutex.
+  void end_backward_holds() {
+    for (size_t u = 0; u < unit_backward.size(); ++u) {
+      if (!unit_backward[u]) continue;
+      unit_backward[u] = false;
+      maybe_free_unit(static_cast<int64_t>(u));
+    }
   }
   // A gradient of `index` arrived: its unit is freed after its last one (caller holds mutex).
   void count_arrival(int64_t index) {
@@ -892,13 +928,17 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     at::NoGradGuard no_grad;
     s.param_shard = at::empty({s.layout.shard_numel()}, model_options);
     s.bucket_param.resize(n);
+    s.gathered.assign(n, false);
+    s.gathering.resize(n);
     for (size_t b = 0; b < n; ++b) {
       const auto& bucket = s.layout.buckets[b];
       s.param_chunk(b).copy_(s.chunk_of(s.param_flat, bucket));
-      s.bucket_param[b] = s.bucket_view(s.param_flat, bucket).clone();
+      // A tensor of the bucket's size whose storage is freed at once (no second copy of the model).
+      s.bucket_param[b] = at::empty({bucket.numel}, model_options);
       for (int64_t index : bucket.params) {
         s.params[static_cast<size_t>(index)].set_data(s.slot(s.bucket_param[b], b, index));
       }
+      s.set_storage(b, false);
     }
     s.param_flat = at::Tensor();
     int64_t unit_count = 0;
@@ -912,9 +952,6 @@ ZeroAdamW::ZeroAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param
     s.unit_hold.assign(static_cast<size_t>(unit_count), 0);
     s.unit_backward.assign(static_cast<size_t>(unit_count), false);
     s.unit_arrived.assign(static_cast<size_t>(unit_count), 0);
-    s.gathered.assign(n, true);
-    s.gathering.resize(n);
-    for (size_t b = 0; b < n; ++b) s.free_bucket(b);
   }
 
   // This rank's chunks: where each bucket's state lives and where its chunk sits in that home's
@@ -1059,6 +1096,7 @@ void ZeroAdamW::zero_grad(bool /*set_to_none*/) {
   } else {
     for (auto& param : s.params) param.mutable_grad().reset();
   }
+  s.end_backward_holds();  // stage 3: holds of a backward that gathered outside autograd's engine
   s.reset_step_state();
 }
 
@@ -1306,14 +1344,16 @@ int64_t ZeroAdamW::unit_of(int64_t index) const {
   return s.sharded_params ? s.units[static_cast<size_t>(index)] : -1;
 }
 
-void ZeroAdamW::gather_unit(int64_t unit) {
+void ZeroAdamW::gather_unit(int64_t unit, std::optional<int64_t> prefetch) {
   Impl& s = *impl_;
   if (!s.sharded_params) return;
   s.check_unit(unit, "gather_unit");
   at::NoGradGuard no_grad;
   std::lock_guard<std::mutex> lock(s.mutex);
+  // Inside backward (activation checkpointing's recomputation) the next unit's backward is done.
+  const bool in_backward = torch::autograd::get_current_graph_task_id() != -1;
+  s.gather_unit_locked(unit, in_backward ? -1 : prefetch.value_or(unit + 1));
   ++s.unit_hold[static_cast<size_t>(unit)];
-  s.gather_unit_locked(unit, unit + 1);
 }
 
 void ZeroAdamW::release_unit(int64_t unit) {
@@ -1327,26 +1367,31 @@ void ZeroAdamW::release_unit(int64_t unit) {
   s.maybe_free_unit(unit);
 }
 
-void ZeroAdamW::gather_for_backward(const at::Tensor& output, int64_t unit) {
+void ZeroAdamW::gather_for_backward(const at::Tensor& output, int64_t unit, std::optional<int64_t> prefetch) {
   Impl& s = *impl_;
   if (!s.sharded_params || !output.defined() || !output.requires_grad()) return;
   s.check_unit(unit, "gather_for_backward");
   Impl* impl = impl_.get();
+  const int64_t next = prefetch.value_or(unit - 1);
   // Runs when the gradient of `output` is computed, before the nodes that produced it run.
-  output.register_hook([impl, unit](const at::Tensor&) { impl->prepare_backward(unit); });
+  output.register_hook([impl, unit, next](const at::Tensor&) {
+    at::NoGradGuard no_grad;
+    impl->prepare_backward(unit, next);
+  });
 }
 
-void ZeroAdamW::prepare_backward(int64_t unit) {
+void ZeroAdamW::prepare_backward(int64_t unit, std::optional<int64_t> prefetch) {
   Impl& s = *impl_;
   if (!s.sharded_params) return;
   s.check_unit(unit, "prepare_backward");
   at::NoGradGuard no_grad;
-  s.prepare_backward(unit);
+  s.prepare_backward(unit, prefetch.value_or(unit - 1));
 }
 
-at::Tensor ZeroAdamW::run_unit(int64_t unit, const std::function<at::Tensor()>& forward) {
+at::Tensor ZeroAdamW::run_unit(int64_t unit, const std::function<at::Tensor()>& forward, std::optional<int64_t> prefetch,
+                               std::optional<int64_t> backward_prefetch) {
   if (!impl_->sharded_params) return forward();
-  gather_unit(unit);
+  gather_unit(unit, prefetch);
   at::Tensor output;
   try {
     output = forward();
@@ -1355,7 +1400,7 @@ at::Tensor ZeroAdamW::run_unit(int64_t unit, const std::function<at::Tensor()>& 
     throw;
   }
   release_unit(unit);
-  gather_for_backward(output, unit);
+  gather_for_backward(output, unit, backward_prefetch);
   return output;
 }
 

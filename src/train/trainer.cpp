@@ -295,8 +295,9 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
     zero_ = zero.get();
     if (optim.zero_stage() == 3) {
       optim::ZeroAdamW* sharded = zero_;
-      model_->set_unit_runner(
-          [sharded](int64_t unit, const std::function<at::Tensor()>& part) { return sharded->run_unit(unit, part); });
+      model_->set_unit_runner([sharded](const model::GPTImpl::UnitCall& call, const std::function<at::Tensor()>& part) {
+        return sharded->run_unit(call.unit, part, call.next_forward, call.next_backward);
+      });
     }
     skipped_on_device_ = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
     if (scaler_) scaler_->keep_on_device(device_);

@@ -121,8 +121,14 @@ class GPTImpl : public torch::nn::Module {
   // ZeRO-3 units: parts of the forward that use disjoint parameters, in forward order: unit 0 the
   // embedding, the final norm and the lm_head; unit 1 + i block i. parameter_units() gives each
   // parameter's unit (parameters() order). A runner set here runs each part (ZeroAdamW::run_unit
-  // gathers the unit's parameters around it); unset, the parts run plainly.
-  using UnitRunner = std::function<at::Tensor(int64_t unit, const std::function<at::Tensor()>& part)>;
+  // gathers the unit's parameters around it) and is told which unit the forward and the backward
+  // need next (-1: none); unset, the parts run plainly.
+  struct UnitCall {
+    int64_t unit;
+    int64_t next_forward;
+    int64_t next_backward;
+  };
+  using UnitRunner = std::function<at::Tensor(const UnitCall& call, const std::function<at::Tensor()>& part)>;
   void set_unit_runner(UnitRunner runner) { unit_runner_ = std::move(runner); }
   std::vector<int64_t> parameter_units() const;
 
@@ -139,8 +145,8 @@ class GPTImpl : public torch::nn::Module {
   // Cross-entropy over the first `classes` columns: the fused kernel or the reference (fused_ops).
   at::Tensor loss_over(const at::Tensor& logits, const at::Tensor& targets, int64_t classes, int64_t ignore_index,
                        LossReduction reduction) const;
-  at::Tensor run_unit(int64_t unit, const std::function<at::Tensor()>& part) const {
-    return unit_runner_ ? unit_runner_(unit, part) : part();
+  at::Tensor run_unit(const UnitCall& call, const std::function<at::Tensor()>& part) const {
+    return unit_runner_ ? unit_runner_(call, part) : part();
   }
   GPTOptions options_;
   at::Tensor rope_cos_, rope_sin_;  // (block_size, head_dim / 2)

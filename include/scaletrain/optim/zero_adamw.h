@@ -48,7 +48,10 @@
 // overlaps compute. A unit gathered for backward is freed once all its gradients have arrived.
 // Outside run_unit the parameters have no storage: gather_parameters() / release_parameters()
 // bracket code that reads or writes the whole model (saving, evaluation without units); writes
-// made in between are kept. Gradients are handled as at stage 2.
+// made in between are kept. Gradients are handled as at stage 2. Every rank must use the same
+// parameters in each backward (a parameter without a gradient on one rank only would leave the
+// ranks' gathered units, and so their collectives, apart). Destroying the optimizer leaves the
+// parameters that are not gathered without storage: gather_parameters() first to keep the model.
 //
 // With one process (a default ProcessGroup) it is AdamW over flat buffers. Checkpoints hold the
 // whole state gathered from every rank (gather_state), loadable on another world size, stage or
@@ -56,6 +59,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -185,17 +189,21 @@ class ZeroAdamW : public torch::optim::Optimizer {
   // rank gathers and releases the same units in the same order.
   int64_t num_units() const;               // 0 below stage 3
   int64_t unit_of(int64_t index) const;    // parameter `index`'s unit (-1 below stage 3)
-  // Makes unit `unit`'s parameters whole (waits; starts unit + 1's gather). Counted: each call needs
-  // a release_unit(); the unit is freed when none is left and no backward needs it.
-  void gather_unit(int64_t unit);
+  // Makes unit `unit`'s parameters whole (waits) and starts the gather of `prefetch`, the unit the
+  // forward needs next (default unit + 1; -1: none; none either inside backward, where activation
+  // checkpointing recomputes). Counted: each call needs a release_unit(); the unit is freed when
+  // none is left and no backward needs it.
+  void gather_unit(int64_t unit, std::optional<int64_t> prefetch = std::nullopt);
   void release_unit(int64_t unit);
   // Backward gathers `unit` again when it reaches `output` (a hook on it), before the forward that
-  // produced `output` is differentiated; prepare_backward() is that hook's work, for callers that
-  // register hooks themselves (Python).
-  void gather_for_backward(const at::Tensor& output, int64_t unit);
-  void prepare_backward(int64_t unit);
+  // produced `output` is differentiated, and prefetches the unit backward needs next (default
+  // unit - 1); the hold ends when the unit's last gradient arrives or the backward ends.
+  // prepare_backward() is that hook's work, for callers that register hooks themselves (Python).
+  void gather_for_backward(const at::Tensor& output, int64_t unit, std::optional<int64_t> prefetch = std::nullopt);
+  void prepare_backward(int64_t unit, std::optional<int64_t> prefetch = std::nullopt);
   // gather_unit, forward(), release_unit, gather_for_backward on its output.
-  at::Tensor run_unit(int64_t unit, const std::function<at::Tensor()>& forward);
+  at::Tensor run_unit(int64_t unit, const std::function<at::Tensor()>& forward,
+                      std::optional<int64_t> prefetch = std::nullopt, std::optional<int64_t> backward_prefetch = std::nullopt);
   // Every unit whole / released; parameter writes made in between are kept.
   void gather_parameters();
   void release_parameters();

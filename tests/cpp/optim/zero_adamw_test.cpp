@@ -177,16 +177,18 @@ TEST(ZeroAdamW, Stage2HoldsNoBucketBuffersAfterBackward) {
 }
 
 // Stage 3 in one process: a unit's parameters have storage only inside its forward and its
-// backward; the steps follow torch::optim::AdamW; writes between gather_parameters() and
-// release_parameters() are kept.
+// backward, also when a parameter of the unit gets no gradient and over accumulated micro-steps;
+// the steps follow torch::optim::AdamW (the unused parameter stepped with a zero gradient, as
+// ZeroAdamW counts it); writes between gather_parameters() and release_parameters() are kept.
 TEST(ZeroAdamW, Stage3ParametersHaveStorageOnlyWhileTheirUnitIsInUse) {
   torch::manual_seed(7);
   torch::nn::Linear first(32, 48), second(48, 16);
-  std::vector<at::Tensor> params{first->weight, first->bias, second->weight, second->bias};
+  auto unused = at::randn({5}).requires_grad_();
+  std::vector<at::Tensor> params{first->weight, first->bias, second->weight, second->bias, unused};
   std::vector<at::Tensor> reference;
   for (auto& p : params) reference.push_back(p.detach().clone().requires_grad_());
   torch::optim::AdamW reference_adamw(reference, torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
-  ZeroAdamW adamw(params, ZeroAdamWOptions(1e-2).weight_decay(0.1).stage(3), {}, {0, 0, 1, 1});
+  ZeroAdamW adamw(params, ZeroAdamWOptions(1e-2).weight_decay(0.1).stage(3), {}, {0, 0, 1, 1, 0});
   ASSERT_EQ(adamw.num_units(), 2);
   EXPECT_EQ(adamw.unit_of(2), 1);
   const int64_t shard_bytes = 4 * adamw.layout().shard_numel();
@@ -194,21 +196,29 @@ TEST(ZeroAdamW, Stage3ParametersHaveStorageOnlyWhileTheirUnitIsInUse) {
   EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);
   EXPECT_EQ(storage_bytes(first->weight), 0u);
   for (int step = 0; step < 3; ++step) {
-    auto x = at::randn({8, 32});
-    at::linear(at::tanh(at::linear(x, reference[0], reference[1])), reference[2], reference[3]).square().mean().backward();
+    std::vector<at::Tensor> inputs{at::randn({8, 32}), at::randn({8, 32})};
+    for (const auto& x : inputs) {
+      (at::linear(at::tanh(at::linear(x, reference[0], reference[1])), reference[2], reference[3]).square().mean() / 2)
+          .backward();
+    }
+    reference[4].mutable_grad() = at::zeros({5});
     reference_adamw.step();
     reference_adamw.zero_grad();
 
-    at::Tensor hidden = adamw.run_unit(0, [&] {
-      EXPECT_GT(storage_bytes(first->weight), 0u);
-      return first->forward(x);
-    });
-    EXPECT_EQ(storage_bytes(first->weight), 0u);  // freed after its forward
-    at::Tensor out = adamw.run_unit(1, [&] { return second->forward(at::tanh(hidden)); });
-    EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);  // nothing gathered between units
-    out.square().mean().backward();                          // gathers each unit again, frees it
-    EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);
-    EXPECT_FALSE(first->weight.grad().defined());            // as stage 2: moved into its bucket
+    for (size_t micro = 0; micro < inputs.size(); ++micro) {
+      adamw.set_gradient_sync(micro + 1 == inputs.size());
+      at::Tensor hidden = adamw.run_unit(0, [&] {
+        EXPECT_GT(storage_bytes(first->weight), 0u);
+        return first->forward(inputs[micro]);
+      });
+      EXPECT_EQ(storage_bytes(first->weight), 0u);  // freed after its forward
+      at::Tensor out = adamw.run_unit(1, [&] { return second->forward(at::tanh(hidden)); });
+      EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes);  // nothing gathered between units
+      (out.square().mean() / 2).backward();                   // gathers each unit again, frees it
+      // Unit 0's `unused` got no gradient: its hold ends with the backward all the same.
+      EXPECT_EQ(adamw.memory().parameter_bytes, shard_bytes) << "step " << step << " micro-step " << micro;
+    }
+    EXPECT_FALSE(first->weight.grad().defined());  // as stage 2: moved into its bucket
     adamw.step();
     adamw.zero_grad();
     adamw.gather_parameters();
