@@ -129,7 +129,7 @@ def torchao_offload():
     return timed(step)
 
 
-def deepspeed_zero2(offload=False, stage=2):
+def deepspeed_zero(offload=False, stage=2):
     import deepspeed
     import torch
 
@@ -158,10 +158,10 @@ CASES = {
     "scaletrain_zero1": lambda: scaletrain_zero(1),
     "scaletrain_zero2": lambda: scaletrain_zero(2),
     "scaletrain_zero2_bf16": lambda: scaletrain_zero(2, bf16_params=True),
-    "deepspeed_zero2": deepspeed_zero2,
+    "deepspeed_zero2": deepspeed_zero,
     "scaletrain_zero3": lambda: scaletrain_zero(3),
     "scaletrain_zero3_bf16": lambda: scaletrain_zero(3, bf16_params=True),
-    "deepspeed_zero3": lambda: deepspeed_zero2(stage=3),
+    "deepspeed_zero3": lambda: deepspeed_zero(stage=3),
     "scaletrain_zero3_offload_overlap": lambda: scaletrain_zero(3, offload=True, overlap=True),
     "scaletrain_zero2_offload": lambda: scaletrain_zero(2, offload=True),
     "scaletrain_zero2_offload_overlap": lambda: scaletrain_zero(2, offload=True, overlap=True),
@@ -169,7 +169,7 @@ CASES = {
     "scaletrain_zero2_bf16_offload_overlap_f07": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True,
                                                                           fraction=0.7),
     "torchao_offload": torchao_offload,
-    "deepspeed_zero2_offload": lambda: deepspeed_zero2(offload=True),
+    "deepspeed_zero2_offload": lambda: deepspeed_zero(offload=True),
 }
 
 OURS = {"scaletrain_zero1": "zero-1 fp32 params bf16 autocast", "scaletrain_zero2": "zero-2 fp32 params bf16 autocast",

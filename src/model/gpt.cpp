@@ -1,6 +1,7 @@
 #include "scaletrain/model/gpt.h"
 
 #include <cmath>
+#include <unordered_map>
 
 #include <torch/nn/functional/linear.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -174,12 +175,14 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
 }
 
 std::vector<int64_t> GPTImpl::parameter_units() const {
+  std::unordered_map<const void*, int64_t> block_of;  // a block's parameters -> 1 + its index
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    for (const auto& p : blocks->ptr(i)->parameters()) block_of[p.unsafeGetTensorImpl()] = 1 + static_cast<int64_t>(i);
+  }
   std::vector<int64_t> units;
-  for (const auto& item : named_parameters()) {
-    const std::string& name = item.key();
-    int64_t unit = 0;
-    if (name.rfind("blocks.", 0) == 0) unit = 1 + std::stoll(name.substr(7, name.find('.', 7) - 7));
-    units.push_back(unit);
+  for (const auto& p : parameters()) {
+    auto found = block_of.find(p.unsafeGetTensorImpl());
+    units.push_back(found == block_of.end() ? 0 : found->second);
   }
   return units;
 }
