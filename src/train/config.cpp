@@ -18,6 +18,11 @@ void OptimizerOptions::visit(core::FieldVisitor& v) {
           "ZeRO: 0 off, 1 shards AdamW's state over the ranks (torchrun), 2 also the gradients, 3 also the "
           "parameters (gathered per block)", core::between(0, 3));
   v.field("cpu_offload", cpu_offload(), "zero_stage 1-3: AdamW's state in host memory, stepped by the CPU");
+  v.field("offload_overlap", offload_overlap(),
+          "cpu_offload: the CPU step overlaps the next forward (each block waits for its own parameters)");
+  v.field("offload_fraction", offload_fraction(),
+          "cpu_offload: the share of AdamW's state in host memory (the rest stays on the device)",
+          core::open_closed(0, 1));
   v.field("bucket_mb", bucket_mb(), "zero_stage 1-3: gradient bucket size in MiB", core::greater_than(0));
 }
 
@@ -78,6 +83,11 @@ void RunConfig::validate() const {
   if (optim.zero_stage() == 0 && optim.cpu_offload())
     throw core::ConfigError("optim.cpu_offload", "optim.cpu_offload: got true with optim.zero_stage 0, expected "
                                                  "optim.zero_stage 1, 2 or 3 (the offload is ZeroAdamW's)");
+  if (!optim.cpu_offload() && optim.offload_fraction() != 1.0)
+    throw core::ConfigError("optim.offload_fraction", "optim.offload_fraction: got " +
+                                                          core::format_number(optim.offload_fraction()) +
+                                                          " with optim.cpu_offload false, expected optim.cpu_offload "
+                                                          "true (the fraction is of the offloaded state)");
   if (optim.zero_stage() > 0 && optim.fused() == FusedChoice::on)
     throw core::ConfigError("optim.fused", "optim.fused: got on with optim.zero_stage " +
                                                std::to_string(optim.zero_stage()) +

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -272,6 +273,8 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
                               .weight_decay(optim.weight_decay())
                               .stage(optim.zero_stage())
                               .cpu_offload(optim.cpu_offload())
+                              .offload_fraction(optim.offload_fraction())
+                              .overlap_forward(optim.cpu_offload() && optim.offload_overlap())
                               .bucket_mb(optim.bucket_mb())
                               .max_grad_norm(optim.grad_clip());
     std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -280,10 +283,10 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
       options->weight_decay(static_cast<const torch::optim::AdamWOptions&>(group.options()).weight_decay());
       groups.emplace_back(group.params(), std::move(options));
     }
-    // Stage 3: each parameter's unit (the model's parts: embedding and head, each block), in the
-    // groups' order; the model's forward then runs each part with its unit gathered.
+    // Each parameter's unit (the model's parts: embedding and head, each block), in the groups'
+    // order. Stage 3: the model's forward runs each part with its unit gathered.
     std::vector<int64_t> units;
-    if (optim.zero_stage() == 3) {
+    {
       std::unordered_map<const void*, int64_t> unit_of;
       const auto params = model_->parameters();
       const auto model_units = model_->parameter_units();
@@ -291,8 +294,37 @@ std::unique_ptr<torch::optim::Optimizer> Trainer::make_optimizer() {
       for (const auto& group : groups)
         for (const auto& p : group.params()) units.push_back(unit_of.at(p.unsafeGetTensorImpl()));
     }
-    auto zero = std::make_unique<optim::ZeroAdamW>(groups, defaults, group_, units);
+    const bool overlap = defaults.overlap_forward() && optim.zero_stage() < 3;
+    auto zero = std::make_unique<optim::ZeroAdamW>(groups, defaults, group_,
+                                                   optim.zero_stage() == 3 ? units : std::vector<int64_t>{});
     zero_ = zero.get();
+    if (overlap) {
+      // Stages 1-2 with the CPU step behind the next forward: each part of the model waits for
+      // its own parameters' buckets (the embedding for its table only; the head, the last part,
+      // for the rest of unit 0). Stage 3's gathers wait by themselves.
+      std::vector<std::vector<int64_t>> unit_params;
+      std::vector<int64_t> embedding_params;
+      std::unordered_set<const void*> embedding;
+      for (const auto& p : model_->wte->parameters()) embedding.insert(p.unsafeGetTensorImpl());
+      int64_t index = 0;
+      for (const auto& group : groups) {
+        for (const auto& p : group.params()) {
+          const auto unit = static_cast<size_t>(units[static_cast<size_t>(index)]);
+          if (unit_params.size() <= unit) unit_params.resize(unit + 1);
+          unit_params[unit].push_back(index);
+          if (embedding.count(p.unsafeGetTensorImpl())) embedding_params.push_back(index);
+          ++index;
+        }
+      }
+      optim::ZeroAdamW* sharded = zero_;
+      model_->set_unit_runner([sharded, unit_params, embedding_params](const model::GPTImpl::UnitCall& call,
+                                                                         const std::function<at::Tensor()>& part) {
+        const bool is_embedding = call.unit == 0 && call.next_forward >= 0;
+        for (int64_t i : is_embedding ? embedding_params : unit_params.at(static_cast<size_t>(call.unit)))
+          sharded->wait_parameter(i);
+        return part();
+      });
+    }
     if (optim.zero_stage() == 3) {
       optim::ZeroAdamW* sharded = zero_;
       model_->set_unit_runner([sharded](const model::GPTImpl::UnitCall& call, const std::function<at::Tensor()>& part) {
@@ -327,6 +359,9 @@ bool uses_fused_adamw(FusedChoice choice, const c10::Device& device) {
 
 std::pair<double, int64_t> Trainer::across_ranks(double loss_sum, int64_t tokens) const {
   if (group_.size() == 1) return {loss_sum, tokens};
+  // The CPU step behind the last one (optim.offload_overlap) all-gathers on the group: it ends
+  // first, so that the ranks' collectives keep one order.
+  if (zero_) zero_->synchronize();
   at::Tensor both = at::tensor(std::vector<double>{loss_sum, static_cast<double>(tokens)}).to(group_.device());
   group_.all_reduce(both).wait();
   const at::Tensor host = both.cpu();
@@ -344,6 +379,7 @@ void Trainer::report(const std::string& line) {
 }
 
 EvalResult Trainer::evaluate(bool generate) {
+  if (zero_) zero_->synchronize();  // the CPU step behind the last one (optim.offload_overlap)
   data::DataSource source = config_.data.source();
   OutputChecker checker;
   if (source == data::DataSource::dsl) checker = [](const std::string& p) { return data::check_program(p); };
@@ -466,7 +502,9 @@ void Trainer::restore_amp_state(const std::string& json) {
 double Trainer::save_checkpoint(const TrainState& state, const TrainProgress& progress) {
   const auto begin = Clock::now();
   // Every rank takes part in gathering the optimizer state (ZeroAdamW; at stage 3 the model's
-  // parameters too); rank 0 writes.
+  // parameters too); rank 0 writes. The CPU step behind the last one (optim.offload_overlap)
+  // finishes first: the model's values are read.
+  if (zero_) zero_->synchronize();
   if (zero_) zero_->gather_parameters();
   const auto files = state.files(progress, config_.to_yaml());
   if (zero_) zero_->release_parameters();
@@ -523,6 +561,14 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
 
   const std::unique_ptr<torch::optim::Optimizer> owned_optimizer = make_optimizer();
   torch::optim::Optimizer& optimizer = *owned_optimizer;
+  // The model's unit runner and zero_ point at the optimizer: they go with it, however fit ends.
+  struct ForgetOptimizer {
+    Trainer& trainer;
+    ~ForgetOptimizer() {
+      trainer.model_->set_unit_runner({});
+      trainer.zero_ = nullptr;
+    }
+  } forget_optimizer{*this};
   // Stage 3's runner points at the optimizer: gone with it, however fit ends.
   const auto forget_units = c10::make_scope_exit([this] { model_->set_unit_runner({}); });
   // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
@@ -684,10 +730,11 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
   summary.skipped_steps = skipped_steps();
   if (scaler_) summary.loss_scale = scaler_->get_scale();
   summary.peak_memory_bytes = peak_memory(device_);
-  if (zero_ && config_.optim.zero_stage() == 3) {
-    // The model whole again for what follows (evaluation, saving) and after fit (a collective).
-    zero_->gather_parameters();
+  if (zero_) {
+    zero_->synchronize();  // the CPU step still behind the last one (optim.offload_overlap)
     model_->set_unit_runner({});
+    // Stage 3: the model whole again for what follows (evaluation, saving) and after fit (a collective).
+    if (config_.optim.zero_stage() == 3) zero_->gather_parameters();
   }
 
   summary.after = evaluate(generate);

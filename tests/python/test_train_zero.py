@@ -78,6 +78,16 @@ def test_one_process_zero_equals_adamw(tmp_path, reference, stage):
     close(got, reference)
 
 
+@pytest.mark.parametrize("sets", [["optim.zero_stage=2", "optim.offload_overlap=false"],
+                                  ["optim.zero_stage=1", "optim.offload_fraction=0.5"],
+                                  ["optim.zero_stage=3", "optim.offload_fraction=0.4", "model.n_layer=2"]])
+def test_one_process_offload_equals_adamw(tmp_path, reference, reference_two_blocks, sets):
+    # AdamW's state in host memory (all of it, the CPU step before the next forward or behind it
+    # by default; or a share, the rest stepped on the device): the same losses.
+    got, _ = train(tmp_path, "optim.cpu_offload=true", "train.grad_accum_steps=2", *sets)
+    close(got, reference_two_blocks if "model.n_layer=2" in sets else reference)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_one_process_stage3_equals_adamw(tmp_path, reference_two_blocks, recompute):
     # Stage 3 gathers each block around its forward and backward (and, with activation
@@ -125,3 +135,16 @@ def test_cpu_offload_needs_zero(tmp_path):
                            "--set", "optim.cpu_offload=true"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "optim.cpu_offload: got true with optim.zero_stage 0, expected optim.zero_stage 1, 2 or 3" in proc.stderr
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["optim.zero_stage=2", "optim.offload_fraction=0.5"],
+     "optim.offload_fraction: got 0.5 with optim.cpu_offload false, expected optim.cpu_offload true"),
+    (["optim.zero_stage=2", "optim.cpu_offload=true", "optim.offload_fraction=0"],
+     "optim.offload_fraction"),
+])
+def test_offload_options_are_checked(tmp_path, sets, message):
+    proc = subprocess.run([str(BUILD / "scaletrain"), "train", *BASE, "--set", f"train.out_dir={tmp_path}",
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr

@@ -40,6 +40,8 @@ inline Bounds greater_than(double v) { return Bounds{v, std::nullopt, true, fals
 inline Bounds between(double lo, double hi) { return Bounds{lo, hi, false, false}; }
 // lo <= value < hi
 inline Bounds half_open(double lo, double hi) { return Bounds{lo, hi, false, true}; }
+// lo < value <= hi
+inline Bounds open_closed(double lo, double hi) { return Bounds{lo, hi, true, false}; }
 
 // Maps an enum used in a config to its YAML names. Specialise with
 //   static constexpr std::array<std::pair<E, const char*>, N> values = {...};

@@ -42,6 +42,12 @@ struct OptimizerOptions {
   TORCH_ARG(int64_t, zero_stage) = 0;
   // zero_stage 1-3: AdamW's state in host memory, stepped there by the CPU AdamW.
   TORCH_ARG(bool, cpu_offload) = false;
+  // cpu_offload: the CPU step of the buckets overlaps the next forward, each part of the model
+  // waiting for its own parameters (the same numbers as waiting for the whole step).
+  TORCH_ARG(bool, offload_overlap) = true;
+  // cpu_offload: the share of AdamW's state in host memory, in (0, 1]; the rest (the parameters
+  // the forward needs first) stays on the device and is stepped there.
+  TORCH_ARG(double, offload_fraction) = 1.0;
   // zero_stage 1-3: gradient bucket size in MiB, the unit of reduce-scatter and all-gather.
   TORCH_ARG(double, bucket_mb) = 25.0;
 
