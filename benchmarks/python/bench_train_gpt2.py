@@ -124,7 +124,9 @@ def main():
     parser.add_argument("--no-checkpointing", action="store_true", help="leave out the activation checkpointing rows")
     parser.add_argument("--models", default="124m", help="comma-separated: 124m, 355m (355m: bf16 rows only)")
     parser.add_argument("--zero-stages", default="",
-                        help="comma-separated optim.zero_stage values (1-3): bf16 rows of the trainer with ZeroAdamW "
+                        help="comma-separated optim.zero_stage values (1-3), each optionally followed by "
+                             "':key=value' optim settings (2:cpu_offload=true:offload_fraction=0.7): bf16 rows of the "
+                             "trainer with ZeroAdamW "
                              "on one GPU against the same trainer with zero_stage 0; only these rows and the bf16 "
                              "twin eager one")
     args = parser.parse_args()
@@ -179,11 +181,13 @@ def main():
                                                 extra=["train.cuda_graph=off"])
                         record(model, "bf16 cuda graph on vs off", "scaletrain with train.cuda_graph=off",
                                our_rate, rate, our_peak, peak)
-            for stage in [int(s) for s in args.zero_stages.split(",") if s]:
+            for item in [s for s in args.zero_stages.split(",") if s]:
+                stage, *options = item.split(":")  # 2:cpu_offload=true:offload_fraction=0.7
                 rate, peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, model=model,
-                                        extra=[f"optim.zero_stage={stage}"])
-                record(model, f"bf16 zero-{stage}", "scaletrain bf16 optim.zero_stage 0 (fused AdamW, CUDA graph)",
-                       rate, our_bf16_rate, peak, our_bf16_peak)
+                                        extra=[f"optim.zero_stage={int(stage)}", *[f"optim.{o}" for o in options]])
+                record(model, " ".join([f"bf16 zero-{stage}", *options]),
+                       "scaletrain bf16 optim.zero_stage 0 (fused AdamW, CUDA graph)", rate, our_bf16_rate, peak,
+                       our_bf16_peak)
             if args.zero_stages:
                 continue
             if our_bf16_rate is not None:

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <string>
@@ -30,17 +31,29 @@ double gpt_parameter_count(const model::GPTOptions& options) {
   return embedding + static_cast<double>(options.n_layer()) * block + layer_norm + head;
 }
 
-ModelStateBytes model_state_bytes(const model::GPTOptions& model, const amp::AmpOptions& amp) {
+ModelStateBytes model_state_bytes(const model::GPTOptions& model, const amp::AmpOptions& amp, const ZeroPlan& zero) {
   ModelStateBytes bytes;
   bytes.parameters = gpt_parameter_count(model);
   const double n = bytes.parameters;
   const bool low = amp.low_precision_params() && amp.precision() != amp::Precision::fp32;
   const double element = low ? 2 : 4;
-  bytes.weights = n * element;
-  bytes.gradients = n * element + (low ? n * 4 : 0);
-  bytes.master = low ? n * 4 : 0;
-  bytes.optimizer = n * 8;
   bytes.buffers = 2.0 * static_cast<double>(model.block_size()) * static_cast<double>(model.head_dim() / 2) * 4;
+  if (zero.stage == 0) {
+    bytes.weights = n * element;
+    bytes.gradients = n * element + (low ? n * 4 : 0);
+    bytes.master = low ? n * 4 : 0;
+    bytes.optimizer = n * 8;
+    return bytes;
+  }
+  // ZeroAdamW: this rank's shard of the state (fp32 master with low-precision parameters; the
+  // gradients reduced into the shard in the model's dtype, no fp32 copy), `off` of it on the host.
+  const double shard = n / static_cast<double>(std::max<int64_t>(zero.world, 1));
+  const double off = zero.cpu_offload ? zero.offload_fraction : 0.0;
+  bytes.weights = (zero.stage == 3 ? shard : n) * element;
+  bytes.gradients = zero.stage == 1 ? n * element : (1 - off) * shard * element;
+  bytes.master = low ? (1 - off) * shard * 4 : 0;
+  bytes.optimizer = (1 - off) * shard * 8;
+  bytes.host = off * shard * 16;  // master, exp_avg, exp_avg_sq, gradient chunk and copy back
   return bytes;
 }
 
@@ -84,8 +97,9 @@ std::string format_bytes(double bytes) {
   return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.2f} {}", bytes, units[unit]);
 }
 
-void check_model_fits(const model::GPTOptions& model, const amp::AmpOptions& amp, const c10::Device& device) {
-  const ModelStateBytes bytes = model_state_bytes(model, amp);
+void check_model_fits(const model::GPTOptions& model, const amp::AmpOptions& amp, const c10::Device& device,
+                      const ZeroPlan& zero) {
+  const ModelStateBytes bytes = model_state_bytes(model, amp, zero);
   auto refuse = [&](double needed, const char* what, const std::string& where, double available) {
     throw core::ConfigError(
         "model", fmt::format("model: {:.4g} parameters (model.n_layer {}, model.n_embd {}, model.vocab_size {}) need "
@@ -100,6 +114,8 @@ void check_model_fits(const model::GPTOptions& model, const amp::AmpOptions& amp
   const double host = device_memory_bytes(c10::Device(c10::kCPU));
   const double built = bytes.parameters * 4 + bytes.buffers;
   if (!device.is_cpu() && host > 0 && built > host) refuse(built, "the fp32 weights built on the host", "the host", host);
+  if (bytes.host > 0 && !device.is_cpu() && host > 0 && bytes.host > host)
+    refuse(bytes.host, "AdamW state offloaded to the host (optim.offload_fraction)", "the host", host);
 }
 
 }  // namespace scaletrain::plan

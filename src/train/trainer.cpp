@@ -152,7 +152,9 @@ Trainer::Trainer(RunConfig config) : config_(std::move(config)), device_(resolve
                                                  " (or use attention sdpa)");
   }
   if (config_.train.threads() > 0) at::set_num_threads(static_cast<int>(config_.train.threads()));
-  plan::check_model_fits(config_.model, config_.amp, device_);  // before anything is allocated
+  plan::ZeroPlan zero_plan{config_.optim.zero_stage(), group_.size(), config_.optim.cpu_offload(),
+                          config_.optim.offload_fraction()};
+  plan::check_model_fits(config_.model, config_.amp, device_, zero_plan);  // before anything is allocated
   dataset_ = data::load_dataset(config_.data, config_.model.block_size(), config_.model.vocab_size());
   if (dataset_->vocab_size() > config_.model.vocab_size()) {
     throw core::ConfigError("model.vocab_size", fmt::format("model.vocab_size: got {}, expected at least {} for this data",

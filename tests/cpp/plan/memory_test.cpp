@@ -34,6 +34,25 @@ TEST(ModelMemory, BytesPerParameterFollowThePrecision) {
   EXPECT_EQ(low.total(), 20 * n + rope);
 }
 
+TEST(ModelMemory, ZeroDividesTheStatesOverTheRanksAndOffloadMovesThemToTheHost) {
+  // The formulas of ZeRO (Rajbhandari et al.) for one of 4 ranks, bf16 parameters with an fp32
+  // master: stage 1 shards master and moments, stage 2 also the gradients, stage 3 also the weights.
+  model::GPTOptions model;
+  model.n_layer(2).n_head(2).n_embd(32).block_size(16);
+  const double n = gpt_parameter_count(model), rope = 2.0 * 16 * 8 * 4;
+  const auto bf16 = amp::AmpOptions().precision(amp::Precision::bf16).low_precision_params(true);
+  EXPECT_EQ(model_state_bytes(model, bf16, {1, 4}).total(), 2 * n + 2 * n + 12 * n / 4 + rope);
+  EXPECT_EQ(model_state_bytes(model, bf16, {2, 4}).total(), 2 * n + (2 + 12) * n / 4 + rope);
+  EXPECT_EQ(model_state_bytes(model, bf16, {3, 4}).total(), (2 + 2 + 12) * n / 4 + rope);
+  EXPECT_EQ(model_state_bytes(model, bf16, {3, 4}).host, 0);
+  // Offload: 16 bytes per parameter of the offloaded share on the host (ZeroAdamW's host buffers).
+  const auto off = model_state_bytes(model, bf16, {2, 1, true, 0.75});
+  EXPECT_DOUBLE_EQ(off.total(), 2 * n + 0.25 * (2 + 12) * n + rope);
+  EXPECT_DOUBLE_EQ(off.host, 0.75 * 16 * n);
+  // An fp32 model has no master on the device: 4 + 4 + 8 bytes, sharded as above.
+  EXPECT_EQ(model_state_bytes(model, amp::AmpOptions(), {2, 2}).total(), 4 * n + 12 * n / 2 + rope);
+}
+
 TEST(ModelMemory, AModelThatCannotFitFailsBeforeAllocating) {
   model::GPTOptions huge;
   huge.n_layer(1024).n_head(64).n_embd(65536);
