@@ -15,6 +15,13 @@
   torchao offload   torchao 0.18 CPUOffloadOptimizer(AdamW fused, offload_gradients=True), fp32 params +
                     autocast; it cannot clip (the gradients leave the GPU), so it runs without clipping
   deepspeed zero2 offload   DeepSpeed ZeRO-2 with offload_optimizer to pinned CPU memory (DeepSpeedCPUAdam)
+  torch compile     torch eager's set-up under torch.compile (default mode; compiled in the warm-up)
+  scaletrain hf [autocast] [compile] [offload]   the plain loop with scaletrain's pieces:
+                    scaletrain.nn.convert_model (flash attention where no dropout applies, the output
+                    layer padded to 50304 rows with the fused cross-entropy, one-kernel GELU), bf16
+                    params with ZeroAdamW's fp32 master and fused step on one GPU, no process group
+                    (autocast: fp32 params + bf16 autocast instead); under torch.compile; with
+                    cpu_offload, overlap_forward, offload_fraction=0.7
 
 Each case runs in its own subprocess (fresh memory statistics). Rows per BENCHMARKS.md: ours
 against torch eager and against DeepSpeed ZeRO-2 measured in this run.
@@ -80,6 +87,49 @@ def torch_eager():
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return timed(step)
+
+
+def torch_compile():
+    import torch
+
+    m = model()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    compiled = torch.compile(m)
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = compiled(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step)
+
+
+def scaletrain_hf(bf16_params=True, compile=False, offload=False):
+    """The plain loop of a user's script with scaletrain's pieces (five changed lines)."""
+    import torch
+
+    import scaletrain
+    from scaletrain.optim import ZeroAdamW
+
+    m = model(torch.bfloat16 if bf16_params else None)
+    scaletrain.nn.convert_model(m)
+    extra = {"cpu_offload": True, "overlap_forward": True, "offload_fraction": 0.7} if offload else {}
+    opt = ZeroAdamW(m.parameters(), lr=3e-4, weight_decay=0.1, stage=1, max_grad_norm=1.0, **extra)
+    run = torch.compile(m) if compile else m
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=not bf16_params):
+            loss = run(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
 
     return timed(step)
 
@@ -169,6 +219,11 @@ CASES = {
     "scaletrain_zero2_bf16_offload_overlap_f07": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True,
                                                                           fraction=0.7),
     "torchao_offload": torchao_offload,
+    "torch_compile": torch_compile,
+    "scaletrain_hf": scaletrain_hf,
+    "scaletrain_hf_autocast": lambda: scaletrain_hf(bf16_params=False),
+    "scaletrain_hf_compile": lambda: scaletrain_hf(compile=True),
+    "scaletrain_hf_offload": lambda: scaletrain_hf(offload=True),
     "deepspeed_zero2_offload": lambda: deepspeed_zero(offload=True),
 }
 
@@ -186,6 +241,13 @@ OFFLOAD = {"scaletrain_zero2_offload": ("zero-2 cpu offload fp32 params bf16 aut
                                                     "scaletrain_zero2"),
            "scaletrain_zero2_bf16_offload_overlap_f07": ("zero-2 cpu offload 0.7 overlap_forward bf16 params fp32 master",
                                                          "scaletrain_zero2_bf16")}
+# The plain loop with scaletrain's pieces against the user's eager and compiled script.
+PIECES = {"scaletrain_hf": "convert_model bf16 params zeroadamw",
+          "scaletrain_hf_autocast": "convert_model fp32 params bf16 autocast zeroadamw",
+          "scaletrain_hf_compile": "convert_model bf16 params zeroadamw torch.compile",
+          "scaletrain_hf_offload": "convert_model bf16 params zeroadamw cpu offload 0.7 overlap_forward"}
+PIECES_BASES = {"torch_eager": "torch eager fused AdamW bf16 autocast",
+                "torch_compile": "torch.compile fused AdamW bf16 autocast"}
 OFFLOAD_BASES = {"torch_eager": "torch eager fused AdamW bf16 autocast",
                  "torchao_offload": "torchao 0.18 CPUOffloadOptimizer fused AdamW bf16 autocast (no clipping)",
                  "deepspeed_zero2_offload": "deepspeed 0.19.8 zero-2 offload_optimizer bf16"}
@@ -239,6 +301,10 @@ def main():
     for ours, (words, same) in OFFLOAD.items():
         compare(ours, words, dict(OFFLOAD_BASES, **{
             same: f"scaletrain {same[11:].replace('_', ' ')} without offload (same set-up)"}))
+    for ours, words in PIECES.items():
+        offload = {"torchao_offload": OFFLOAD_BASES["torchao_offload"],
+                   "scaletrain_hf": "scaletrain hf without offload (same set-up)"} if "offload" in ours else {}
+        compare(ours, words, dict(PIECES_BASES, **offload))
     for row in rows:
         print(f"{row['name']:70s} {row['ours']:12.1f} {row['baseline']:12.1f} {row['baseline_name']}")
     write_results(args.out, torch.cuda.get_device_name(), batch=B, seq=T, cases=cases, rows=rows)

@@ -10,8 +10,18 @@
   any module with an ``attention_function`` attribute (a callable with SDPA's signature, as the
   GPT of examples/python/train_gpt.py has). Outputs and gradients stay those of the model before,
   within the rounding of the dtype.
+- ``cross_entropy(logits, targets, ...)``: ``torch.nn.functional.cross_entropy`` in one fused pass
+  (fp32 math on bf16/fp16 logits read in place: no fp32 copy of the logits), over the first
+  ``classes`` columns when the output layer is padded.
+- ``convert_model_to_fused_loss(model, pad_vocab_to=64)``: a transformers causal LM's output layer
+  padded to a multiple of 64 rows (fast GEMMs; the padded columns never reach the loss or the
+  logits the model returns) and its loss computed by ``cross_entropy``.
+- ``convert_activations(model)``: transformers' GELU modules written out in Python (``gelu_new``,
+  ``gelu_fast``...) replaced by the same function in one kernel (``nn.GELU(approximate="tanh")``).
+- ``convert_model(model)``: all three conversions.
 """
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -20,8 +30,8 @@ from torch import Tensor, nn
 
 from scaletrain.attention import flash_attention
 
-__all__ = ["EfficientAttention", "convert_model_to_efficient_attention", "flash_supported",
-           "scaled_dot_product_attention"]
+__all__ = ["EfficientAttention", "convert_activations", "convert_model", "convert_model_to_efficient_attention",
+           "convert_model_to_fused_loss", "cross_entropy", "flash_supported", "scaled_dot_product_attention"]
 
 _CUDA_HEAD_DIMS = (64, 128)
 _CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -154,3 +164,162 @@ def convert_model_to_efficient_attention(model: nn.Module,
                          "(expected a transformers PreTrainedModel, or modules with an attention_function attribute "
                          "that their forward calls)")
     return model
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, classes, ignore_index = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.classes, ctx.ignore_index = classes, ignore_index
+
+
+def _cross_entropy_backward(ctx, grad_rows, _grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    if grad_rows is None:
+        return None, None, None, None
+    grad = torch.ops.scaletrain.cross_entropy_backward(grad_rows, logits, targets, lse, ctx.classes, ctx.ignore_index)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("scaletrain::cross_entropy_forward", _cross_entropy_backward,
+                                setup_context=_cross_entropy_setup)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  classes: Optional[int] = None) -> Tensor:
+    """``F.cross_entropy(logits[..., :classes].float(), targets)`` in one pass over the logits.
+
+    logits (..., C) in float32, bfloat16, float16 (float64: ATen's ops) with a dense last dimension,
+    any other strides (a view of padded logits is read in place); targets (...) int64. Only the
+    first ``classes`` columns (default C) take part: the others get zero gradient. Rows whose target
+    is ``ignore_index`` count for nothing; ``mean`` divides by the rows that count (NaN when none
+    do, as torch). ``reduction`` is "mean", "sum" or "none" (per-row losses, 0 for ignored rows).
+    Returns float32 (float64 for float64 logits); the gradient has the logits' dtype. A target
+    outside [0, classes) raises on the CPU and gives a NaN loss on CUDA (checked without waiting for
+    the device). A ``torch.library`` operator: ``torch.compile(fullgraph=True)`` traces it.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction {reduction!r}, expected 'mean', 'sum' or 'none'")
+    if logits.dim() < 1:
+        raise ValueError("cross_entropy: logits must have a class dimension")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)} "
+                         "(one target per row of the last dimension)")
+    columns = logits.shape[-1]
+    rows = logits.reshape(-1, columns)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    flat = targets.reshape(-1)
+    loss_rows, _ = torch.ops.scaletrain.cross_entropy_forward(rows, flat, columns if classes is None else classes,
+                                                              ignore_index)
+    if reduction == "none":
+        return loss_rows.view(targets.shape)
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (flat != ignore_index).sum()
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """transformers' causal-LM loss contract (``ForCausalLMLoss``: tokens < n predict n; a sum
+    divided by ``num_items_in_batch`` when given, else the mean) on ``cross_entropy`` over the first
+    ``vocab_size`` columns, reading the (bf16) logits in place instead of an fp32 copy."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.to(logits.device)
+    if num_items_in_batch is None:
+        return cross_entropy(logits, targets, ignore_index, "mean", classes=vocab_size)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return cross_entropy(logits, targets, ignore_index, "sum", classes=vocab_size) / num_items_in_batch
+
+
+class PaddedVocabLinear(nn.Linear):
+    """An output layer whose weight has more rows than the vocabulary (``vocab_size``): the matrix
+    product runs on the padded weight (GEMM-friendly shapes) and the logits of the real vocabulary
+    come back, a view (the loss reads them in place)."""
+
+    vocab_size: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)[..., :self.vocab_size]
+
+
+def _padded_rows(t: Tensor, rows: int) -> nn.Parameter:
+    with torch.no_grad():
+        pad = t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))
+        return nn.Parameter(torch.cat([t, pad]), requires_grad=t.requires_grad)
+
+
+def convert_model_to_fused_loss(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
+    """A transformers causal LM (GPT-2, Llama...: ``get_output_embeddings()`` an ``nn.Linear``) with
+    its output layer padded to a multiple of ``pad_vocab_to`` rows and its loss on ``cross_entropy``;
+    in place, returns ``model``. Call it before making the optimizer (the padded weight is a new
+    parameter).
+
+    The padded rows are zeros; tied input embeddings are padded with the head (no token id reaches
+    the new rows). ``model(ids).logits`` keeps ``config.vocab_size`` columns, and the loss, its
+    gradients and the real rows' gradients are those of the model before (the padded rows get
+    zero gradient, so weight decay keeps them zero). The model's state dict then holds the padded
+    rows: ``weight[:config.vocab_size]`` are the model's. ``pad_vocab_to=1`` pads nothing and only
+    fuses the loss.
+    """
+    if pad_vocab_to < 1:
+        raise ValueError(f"convert_model_to_fused_loss: pad_vocab_to {pad_vocab_to}, expected >= 1")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear) or not hasattr(model, "config") or not hasattr(type(model), "loss_function"):
+        raise ValueError(f"convert_model_to_fused_loss: {type(model).__name__} is not a transformers causal LM with "
+                         "a linear output layer (expected get_output_embeddings() to be an nn.Linear and a "
+                         "loss_function)")
+    vocab = head.vocab_size if isinstance(head, PaddedVocabLinear) else int(model.config.vocab_size)
+    if not isinstance(head, PaddedVocabLinear) and head.out_features != vocab:
+        raise ValueError(f"convert_model_to_fused_loss: the output layer has {head.out_features} rows, "
+                         f"config.vocab_size is {vocab}")
+    padded = math.ceil(vocab / pad_vocab_to) * pad_vocab_to
+    if padded > head.weight.shape[0]:
+        embedding = model.get_input_embeddings()
+        tied = embedding is not None and embedding.weight is head.weight
+        head.weight = _padded_rows(head.weight, padded)
+        if head.bias is not None:
+            head.bias = _padded_rows(head.bias, padded)
+        head.out_features = padded
+        if tied:
+            embedding.weight = head.weight
+            embedding.num_embeddings = padded
+    if not isinstance(head, PaddedVocabLinear):
+        head.__class__ = PaddedVocabLinear
+        head.vocab_size = vocab
+    model.loss_function = causal_lm_loss
+    return model
+
+
+def _gelu_tanh_modules():
+    try:
+        from transformers import activations
+    except ImportError:
+        return ()
+    # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), written out in several kernels.
+    return tuple(getattr(activations, name) for name in ("NewGELUActivation", "FastGELUActivation")
+                 if hasattr(activations, name))
+
+
+def convert_activations(model: nn.Module) -> nn.Module:
+    """transformers' tanh-approximated GELU modules (``gelu_new``, ``gelu_fast``: several elementwise
+    kernels forward and backward) replaced by ``nn.GELU(approximate="tanh")``, the same function in
+    one kernel each way; in place, returns ``model`` (a model without them is left as it is)."""
+    kinds = _gelu_tanh_modules()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if kinds and isinstance(child, kinds):
+                setattr(module, name, nn.GELU(approximate="tanh"))
+    return model
+
+
+def convert_model(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
+    """``convert_model_to_efficient_attention``, ``convert_model_to_fused_loss`` (transformers
+    causal LMs) and ``convert_activations``, in place; returns ``model``. Call it before making the
+    optimizer."""
+    convert_model_to_efficient_attention(model)
+    if callable(getattr(model, "get_output_embeddings", None)) and isinstance(model.get_output_embeddings(), nn.Linear):
+        convert_model_to_fused_loss(model, pad_vocab_to)
+    return convert_activations(model)

@@ -252,8 +252,8 @@ void cross_entropy_forward_cpu(const at::Tensor& logits, const int64_t* targets,
 }
 
 template <typename T>
-void cross_entropy_backward_cpu(const at::Tensor& logits, const int64_t* targets, const float* lse, float scale,
-                                const CrossEntropyDims& d, T* grad) {
+void cross_entropy_backward_cpu(const at::Tensor& logits, const int64_t* targets, const float* lse, const float* scales,
+                                int64_t scale_stride, const CrossEntropyDims& d, T* grad) {
   const T* base = logits.const_data_ptr<T>();
   at::parallel_for(0, d.rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -261,6 +261,7 @@ void cross_entropy_backward_cpu(const at::Tensor& logits, const int64_t* targets
       T* out = grad + r * d.columns;
       const int64_t t = targets[r];
       const bool counts = t != d.ignore_index;
+      const float scale = scales[r * scale_stride];
       for (int64_t c = 0; c < d.columns; ++c) {
         const float p = counts && c < d.classes ? std::exp(static_cast<float>(row[c]) - lse[r]) : 0.f;
         out[c] = static_cast<T>(counts && c < d.classes ? (p - (c == t ? 1.f : 0.f)) * scale : 0.f);
@@ -269,34 +270,93 @@ void cross_entropy_backward_cpu(const at::Tensor& logits, const int64_t* targets
   });
 }
 
+// The rows' losses and log-sum-exp (the kernels; fp64 logits: ATen's ops in fp64).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_impl(const at::Tensor& logits, const at::Tensor& targets,
+                                                           int64_t classes, int64_t ignore_index) {
+  const CrossEntropyDims d{logits.size(0), logits.size(1), logits.stride(0), classes, ignore_index};
+  if (logits.scalar_type() == at::kDouble) {
+    const auto counts = targets.ne(ignore_index);
+    const auto lse = at::logsumexp(logits.narrow(1, 0, classes), {1});
+    const auto picked = logits.gather(1, targets.where(counts, 0).unsqueeze(1)).squeeze(1);
+    return {(lse - picked).where(counts, 0.0), lse};
+  }
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto loss_rows = at::empty({d.rows}, f32), lse = at::empty({d.rows}, f32);
+  if (logits.is_cuda()) {
+#ifdef SCALETRAIN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    check_launch(cuda::launch_cross_entropy_forward(kernel_dtype(logits, "cross_entropy"), logits.const_data_ptr(),
+                                                    targets.const_data_ptr<int64_t>(),
+                                                    {d.rows, d.classes, d.row_stride, d.ignore_index},
+                                                    loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
+                                                    c10::cuda::getCurrentCUDAStream().stream()),
+                 "cross_entropy");
+#endif
+  } else {
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < d.rows; ++r) {
+      TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), "cross_entropy: targets[", r, "] = ", t[r],
+                  ", expected a class in [0, ", classes, ") or ignore_index (", ignore_index, ")");
+    }
+    dispatch_kernel_types(logits.scalar_type(), "cross_entropy", [&](auto tag) {
+      cross_entropy_forward_cpu<decltype(tag)>(logits, t, d, loss_rows.data_ptr<float>(), lse.data_ptr<float>());
+    });
+  }
+  return {loss_rows, lse};
+}
+
+// d loss / d logits (rows, columns), dense, from d loss / d loss_rows: `scale` (rows) or one value.
+at::Tensor cross_entropy_rows_backward_impl(const at::Tensor& scale, const at::Tensor& logits,
+                                            const at::Tensor& targets, const at::Tensor& lse, int64_t classes,
+                                            int64_t ignore_index) {
+  const CrossEntropyDims d{logits.size(0), logits.size(1), logits.stride(0), classes, ignore_index};
+  if (logits.scalar_type() == at::kDouble) {
+    const auto counts = targets.ne(ignore_index);
+    auto grad = at::zeros({d.rows, d.columns}, logits.options());
+    auto p = (logits.narrow(1, 0, classes) - lse.unsqueeze(1)).exp();
+    p.scatter_add_(1, targets.where(counts, 0).unsqueeze(1), at::full({d.rows, 1}, -1.0, p.options()));
+    const auto g = scale.to(at::kDouble).expand({d.rows}).where(counts, 0.0);
+    grad.narrow(1, 0, classes).copy_(p * g.unsqueeze(1));
+    return grad;
+  }
+  // One value for every row (a mean or a sum of the rows) or one per row.
+  at::Tensor g = scale.to(at::kFloat);
+  int64_t scale_stride = 0;
+  if (g.dim() == 1 && g.stride(0) != 0) {
+    g = g.contiguous();
+    scale_stride = 1;
+  } else if (g.dim() == 1) {
+    g = g.select(0, 0);  // expanded: one value
+  }
+  auto grad = at::empty({d.rows, d.columns}, logits.options());
+  if (logits.is_cuda()) {
+#ifdef SCALETRAIN_WITH_CUDA
+    g = g.to(logits.device());
+    const c10::cuda::CUDAGuard guard(logits.device());
+    check_launch(cuda::launch_cross_entropy_backward(
+                     kernel_dtype(logits, "cross_entropy backward"), logits.const_data_ptr(),
+                     targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), g.const_data_ptr<float>(),
+                     scale_stride, {d.rows, d.classes, d.row_stride, d.ignore_index}, d.columns, grad.data_ptr(),
+                     c10::cuda::getCurrentCUDAStream().stream()),
+                 "cross_entropy backward");
+#endif
+  } else {
+    g = g.cpu();
+    dispatch_kernel_types(logits.scalar_type(), "cross_entropy backward", [&](auto tag) {
+      using T = decltype(tag);
+      cross_entropy_backward_cpu<T>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
+                                    g.const_data_ptr<float>(), scale_stride, d, grad.data_ptr<T>());
+    });
+  }
+  return grad;
+}
+
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   // logits: (rows, columns), last dimension dense; targets: (rows) int64, dense.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
                             int64_t classes, int64_t ignore_index, bool mean) {
-    const CrossEntropyDims d{logits.size(0), logits.size(1), logits.stride(0), classes, ignore_index};
-    const auto f32 = logits.options().dtype(at::kFloat);
-    auto loss_rows = at::empty({d.rows}, f32), lse = at::empty({d.rows}, f32);
-    if (logits.is_cuda()) {
-#ifdef SCALETRAIN_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(logits.device());
-      check_launch(cuda::launch_cross_entropy_forward(kernel_dtype(logits, "cross_entropy"), logits.const_data_ptr(),
-                                                      targets.const_data_ptr<int64_t>(),
-                                                      {d.rows, d.classes, d.row_stride, d.ignore_index},
-                                                      loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
-                                                      c10::cuda::getCurrentCUDAStream().stream()),
-                   "cross_entropy");
-#endif
-    } else {
-      const int64_t* t = targets.const_data_ptr<int64_t>();
-      for (int64_t r = 0; r < d.rows; ++r) {
-        TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), "cross_entropy: targets[", r, "] = ", t[r],
-                    ", expected a class in [0, ", classes, ") or ignore_index (", ignore_index, ")");
-      }
-      dispatch_kernel_types(logits.scalar_type(), "cross_entropy", [&](auto tag) {
-        cross_entropy_forward_cpu<decltype(tag)>(logits, t, d, loss_rows.data_ptr<float>(), lse.data_ptr<float>());
-      });
-    }
+    auto [loss_rows, lse] = cross_entropy_rows_impl(logits, targets, classes, ignore_index);
     auto loss = loss_rows.sum();
     at::Tensor count;
     if (mean) {
@@ -312,33 +372,35 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &logits = saved[0], &targets = saved[1], &lse = saved[2], &count = saved[3];
-    const CrossEntropyDims d{logits.size(0), logits.size(1), logits.stride(0), ctx->saved_data["classes"].toInt(),
-                             ctx->saved_data["ignore_index"].toInt()};
     auto scale = grads[0].to(at::kFloat);
     if (count.defined()) scale = scale / count;
-    scale = scale.reshape({}).contiguous();
-    auto grad = at::empty({d.rows, d.columns}, logits.options());
-    if (logits.is_cuda()) {
-#ifdef SCALETRAIN_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(logits.device());
-      check_launch(cuda::launch_cross_entropy_backward(
-                       kernel_dtype(logits, "cross_entropy backward"), logits.const_data_ptr(),
-                       targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-                       {d.rows, d.classes, d.row_stride, d.ignore_index}, d.columns, grad.data_ptr(),
-                       c10::cuda::getCurrentCUDAStream().stream()),
-                   "cross_entropy backward");
-#endif
-    } else {
-      const float s = scale.item<float>();
-      dispatch_kernel_types(logits.scalar_type(), "cross_entropy backward", [&](auto tag) {
-        using T = decltype(tag);
-        cross_entropy_backward_cpu<T>(logits, targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), s, d,
-                                      grad.data_ptr<T>());
-      });
-    }
+    auto grad = cross_entropy_rows_backward_impl(scale.reshape({}).contiguous(), logits, targets, lse,
+                                                 ctx->saved_data["classes"].toInt(),
+                                                 ctx->saved_data["ignore_index"].toInt());
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// The checks of the row functions: what the kernels read.
+void check_rows(const char* what, const at::Tensor& logits, const at::Tensor& targets, int64_t classes) {
+  TORCH_CHECK_VALUE(logits.defined() && logits.dim() == 2, what, ": logits must be (rows, classes), got ",
+                    logits.defined() ? logits.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), what, ": logits must be floating point, got ",
+                    logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.stride(1) == 1 && logits.stride(0) >= logits.size(1), what,
+                    ": logits must have a dense last dimension (strides ", logits.strides(), ")");
+  TORCH_CHECK_VALUE(classes >= 1 && classes <= logits.size(1), what, ": classes = ", classes, ", expected 1..",
+                    logits.size(1), " (the logits' last dimension)");
+  TORCH_CHECK_VALUE(targets.defined() && targets.scalar_type() == at::kLong && targets.dim() == 1 &&
+                        targets.size(0) == logits.size(0),
+                    what, ": targets must be int64 (rows) = (", logits.size(0), "), got ",
+                    targets.defined() ? targets.sizes() : at::IntArrayRef{}, " ",
+                    targets.defined() ? c10::toString(targets.scalar_type()) : "undefined");
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), what, ": targets are on ", targets.device(), ", logits on ",
+                    logits.device());
+  TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int32_t>::max(), what, ": ", logits.size(0),
+                    " rows, at most 2^31 - 1 (one CUDA block each)");
+}
 
 void check_cuda_built(const at::Tensor& t, const char* what) {
 #ifndef SCALETRAIN_WITH_CUDA
@@ -416,6 +478,25 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
               " rows, at most 2^31 - 1 (one CUDA block each)");
   return CrossEntropyFunction::apply(rows, targets.reshape({-1}).contiguous(), classes, ignore_index,
                                      reduction == LossReduction::mean);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets,
+                                                      int64_t classes, int64_t ignore_index) {
+  check_rows("cross_entropy_forward", logits, targets, classes);
+  check_cuda_built(logits, "cross_entropy_forward");
+  return cross_entropy_rows_impl(logits, targets.contiguous(), classes, ignore_index);
+}
+
+at::Tensor cross_entropy_rows_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& targets,
+                                       const at::Tensor& lse, int64_t classes, int64_t ignore_index) {
+  check_rows("cross_entropy_backward", logits, targets, classes);
+  check_cuda_built(logits, "cross_entropy_backward");
+  TORCH_CHECK_VALUE(grad_rows.numel() == 1 || (grad_rows.dim() == 1 && grad_rows.size(0) == logits.size(0)),
+                    "cross_entropy_backward: grad_rows ", grad_rows.sizes(), ", expected (", logits.size(0), ")");
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == logits.size(0), "cross_entropy_backward: lse ", lse.sizes(),
+                    ", expected (", logits.size(0), ")");
+  return cross_entropy_rows_backward_impl(grad_rows.numel() == 1 ? grad_rows.reshape({}) : grad_rows, logits,
+                                          targets.contiguous(), lse.contiguous(), classes, ignore_index);
 }
 
 }  // namespace scaletrain::model

@@ -257,14 +257,15 @@ __device__ __forceinline__ float ce_grad(float x, int64_t c, int64_t t, float ro
 template <typename T>
 __global__ void cross_entropy_backward(const T* __restrict__ logits, const int64_t* __restrict__ targets,
                                        const float* __restrict__ lse, const float* __restrict__ scale,
-                                       CrossEntropyShape s, int64_t columns, T* __restrict__ grad) {
+                                       int64_t scale_stride, CrossEntropyShape s, int64_t columns,
+                                       T* __restrict__ grad) {
   constexpr int V = 16 / sizeof(T);
   const int64_t r = blockIdx.x;
   const T* row = logits + r * s.row_stride;
   T* out = grad + r * columns;
   const int64_t t = targets[r];
   const bool counts = t != s.ignore_index && t >= 0 && t < s.classes;
-  const float g = counts ? *scale : 0.f, row_lse = lse[r];
+  const float g = counts ? scale[r * scale_stride] : 0.f, row_lse = lse[r];
   // Columns past `classes` are not read: the row may hold fewer readable elements than `columns`.
   const int64_t vectors = aligned16(row) && aligned16(out) ? s.classes / V : 0;
   for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
@@ -290,11 +291,11 @@ cudaError_t cross_entropy_forward_typed(const void* logits, const int64_t* targe
 
 template <typename T>
 cudaError_t cross_entropy_backward_typed(const void* logits, const int64_t* targets, const float* lse,
-                                         const float* scale, const CrossEntropyShape& s, int64_t columns, void* grad,
-                                         cudaStream_t stream) {
+                                         const float* scale, int64_t scale_stride, const CrossEntropyShape& s,
+                                         int64_t columns, void* grad, cudaStream_t stream) {
   if (s.rows == 0) return cudaSuccess;
-  cross_entropy_backward<T><<<s.rows, kThreads, 0, stream>>>(static_cast<const T*>(logits), targets, lse, scale, s,
-                                                              columns, static_cast<T*>(grad));
+  cross_entropy_backward<T><<<s.rows, kThreads, 0, stream>>>(static_cast<const T*>(logits), targets, lse, scale,
+                                                              scale_stride, s, columns, static_cast<T*>(grad));
   return cudaGetLastError();
 }
 
@@ -337,15 +338,17 @@ cudaError_t launch_cross_entropy_forward(DType type, const void* logits, const i
 }
 
 cudaError_t launch_cross_entropy_backward(DType type, const void* logits, const int64_t* targets, const float* lse,
-                                          const float* scale, const CrossEntropyShape& shape, int64_t columns,
-                                          void* grad, cudaStream_t stream) {
+                                          const float* scale, int64_t scale_stride, const CrossEntropyShape& shape,
+                                          int64_t columns, void* grad, cudaStream_t stream) {
   switch (type) {
     case DType::f32:
-      return cross_entropy_backward_typed<float>(logits, targets, lse, scale, shape, columns, grad, stream);
+      return cross_entropy_backward_typed<float>(logits, targets, lse, scale, scale_stride, shape, columns, grad, stream);
     case DType::f16:
-      return cross_entropy_backward_typed<__half>(logits, targets, lse, scale, shape, columns, grad, stream);
+      return cross_entropy_backward_typed<__half>(logits, targets, lse, scale, scale_stride, shape, columns, grad,
+                                                  stream);
     case DType::bf16:
-      return cross_entropy_backward_typed<__nv_bfloat16>(logits, targets, lse, scale, shape, columns, grad, stream);
+      return cross_entropy_backward_typed<__nv_bfloat16>(logits, targets, lse, scale, scale_stride, shape, columns,
+                                                         grad, stream);
     case DType::none: break;
   }
   return cudaErrorInvalidValue;

@@ -39,10 +39,11 @@ struct CrossEntropyShape {
 cudaError_t launch_cross_entropy_forward(DType type, const void* logits, const int64_t* targets,
                                          const CrossEntropyShape& shape, float* loss, float* lse,
                                          cudaStream_t stream);
-// grad[r, c] = (softmax(logits[r])[c] - [c == target]) * *scale for c < classes, 0 for the other
-// columns of the row (columns in all) and for ignored or invalid rows. grad is dense.
+// grad[r, c] = (softmax(logits[r])[c] - [c == target]) * scale[r * scale_stride] for c < classes
+// (scale_stride 0: one scale for every row), 0 for the other columns of the row (columns in all)
+// and for ignored or invalid rows. grad is dense.
 cudaError_t launch_cross_entropy_backward(DType type, const void* logits, const int64_t* targets, const float* lse,
-                                          const float* scale, const CrossEntropyShape& shape, int64_t columns,
-                                          void* grad, cudaStream_t stream);
+                                          const float* scale, int64_t scale_stride, const CrossEntropyShape& shape,
+                                          int64_t columns, void* grad, cudaStream_t stream);
 
 }  // namespace scaletrain::model::cuda

@@ -175,3 +175,177 @@ def test_converts_transformers_gpt2_on_cuda_in_bf16(flash_calls):
     check_conversion(model, run, flash_calls, 5e-2)
     assert scaletrain.nn.flash_supported(torch.empty(1, 4, 8, 64, device="cuda", dtype=torch.bfloat16),
                                          torch.empty(1, 4, 8, 64, device="cuda", dtype=torch.bfloat16))
+
+
+def rel_close(a, b, tol):
+    """Largest error within tol of b's largest magnitude (gradients are small: no floor at 1)."""
+    return (a.double() - b.double()).abs().max().item() <= tol * b.double().abs().max().item()
+
+
+def reference_cross_entropy(logits, targets, classes, ignore_index=-100, reduction="mean"):
+    """fp64 math: F.cross_entropy over the first `classes` columns."""
+    return F.cross_entropy(logits[..., :classes].double().reshape(-1, classes), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_fp64_torch(dtype, tol, reduction):
+    torch.manual_seed(8)
+    # (3, 13) rows of 50 columns of which 45 are classes (5 padding columns), a few ignored rows.
+    padded = (torch.randn(3, 13, 50, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 45, (3, 13))
+    targets[0, :4] = -100
+    got = snn.cross_entropy(padded, targets, reduction=reduction, classes=45)
+    want = reference_cross_entropy(padded.detach().double().requires_grad_(), targets, 45, reduction=reduction)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert close(got.double().reshape(-1), want.detach().reshape(-1), 1e-6 if dtype != torch.float64 else 1e-12)
+    weights = torch.rand_like(want) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    (got.double() * weights.view(got.shape)).sum().backward()
+    ref = padded.detach().double().requires_grad_()
+    (reference_cross_entropy(ref, targets, 45, reduction=reduction) * weights).sum().backward()
+    assert padded.grad.dtype == dtype
+    assert torch.all(padded.grad[..., 45:] == 0)  # padding columns take no part
+    assert torch.all(padded.grad[0, :4] == 0)  # nor ignored rows
+    assert rel_close(padded.grad, ref.grad, tol)
+
+
+def test_cross_entropy_reads_a_view_of_padded_logits_in_place(monkeypatch):
+    torch.manual_seed(9)
+    full = torch.randn(4, 6, 64, requires_grad=True)
+    view = full[..., :50]  # (4, 6, 50) with rows 64 apart: no copy before the kernel
+    seen = []
+    forward = torch.ops.scaletrain.cross_entropy_forward
+
+    def spy(rows, *args):
+        seen.append((rows.shape, rows.stride(), rows.data_ptr() == full.data_ptr()))
+        return forward(rows, *args)
+
+    monkeypatch.setattr(torch.ops.scaletrain, "cross_entropy_forward", spy)
+    targets = torch.randint(0, 50, (4, 6))
+    snn.cross_entropy(view, targets).backward()
+    assert seen == [(torch.Size([24, 50]), (64, 1), True)]
+    ref = full.detach().double().requires_grad_()
+    reference_cross_entropy(ref[..., :50], targets, 50).backward()
+    assert rel_close(full.grad, ref.grad, 1e-6)
+
+
+def test_cross_entropy_checks_its_arguments():
+    logits, targets = torch.randn(5, 10), torch.randint(0, 10, (5,))
+    with pytest.raises(ValueError, match=r"targets \(4,\) do not match logits \(5, 10\)"):
+        snn.cross_entropy(logits, targets[:4])
+    with pytest.raises(ValueError, match="classes = 11, expected 1..10"):
+        snn.cross_entropy(logits, targets, classes=11)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        snn.cross_entropy(logits, targets.int())
+    with pytest.raises(ValueError, match="logits must be floating point"):
+        snn.cross_entropy(targets.view(5, 1), targets)
+    with pytest.raises(ValueError, match="reduction 'avg'"):
+        snn.cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(RuntimeError, match=r"targets\[2\] = 10, expected a class in \[0, 10\)"):
+        snn.cross_entropy(logits, torch.tensor([0, 1, 10, 2, 3]))
+
+
+def test_cross_entropy_compiles_with_fullgraph():
+    torch.manual_seed(10)
+    head = torch.nn.Linear(16, 64)
+    x, targets = torch.randn(3, 7, 16), torch.randint(0, 50, (3, 7))
+
+    def loss_of(x):
+        return snn.cross_entropy(head(x)[..., :50], targets)
+
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    want = loss_of(x)
+    assert torch.equal(compiled(x), want)
+    g_want = torch.autograd.grad(loss_of(x), list(head.parameters()))
+    g_got = torch.autograd.grad(compiled(x), list(head.parameters()))
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+
+
+def loss_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    loss = model(ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_fused_loss_pads_gpt2s_vocabulary_without_changing_the_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(11)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
+    model = transformers.GPT2LMHeadModel(config).eval()  # no dropout: the same forward twice
+    ids = torch.randint(0, 97, (2, 20))
+    logits_before = model(ids).logits
+    loss_before, grads_before = loss_and_grads(model, ids)
+    items_before, _ = loss_and_grads(model, ids, num_items_in_batch=torch.tensor(33))
+    generated_before = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert snn.convert_model_to_fused_loss(model) is model
+    assert model.lm_head.weight.shape == (128, 32) and model.transformer.wte.weight is model.lm_head.weight
+    assert torch.all(model.lm_head.weight[97:] == 0)
+    logits = model(ids).logits
+    assert logits.shape == (2, 20, 97) and close(logits, logits_before, 1e-5)
+    loss, grads = loss_and_grads(model, ids)
+    assert close(loss, loss_before, 1e-6)
+    for name, grad in grads.items():
+        want = grads_before[name]
+        if name == "transformer.wte.weight":
+            assert torch.all(grad[97:] == 0)
+            grad = grad[:97]
+        assert close(grad, want, 1e-5), name
+    items, _ = loss_and_grads(model, ids, num_items_in_batch=torch.tensor(33))
+    assert close(items, items_before, 1e-6)
+    assert torch.equal(model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, pad_token_id=0),
+                       generated_before)
+
+
+def test_fused_loss_pads_an_untied_llama_head_only():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(12)
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 101, (2, 16))
+    loss_before, grads_before = loss_and_grads(model, ids)
+    snn.convert_model_to_fused_loss(model, pad_vocab_to=32)
+    assert model.lm_head.weight.shape == (128, 32) and model.model.embed_tokens.weight.shape == (101, 32)
+    loss, grads = loss_and_grads(model, ids)
+    assert close(loss, loss_before, 1e-6)
+    assert close(grads["lm_head.weight"][:101], grads_before["lm_head.weight"], 1e-5)
+    assert torch.all(grads["lm_head.weight"][101:] == 0)
+    with pytest.raises(ValueError, match="is not a transformers causal LM"):
+        snn.convert_model_to_fused_loss(torch.nn.Linear(4, 4))
+
+
+def test_convert_model_swaps_gelu_and_keeps_the_outputs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(13)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 97, (2, 20))
+    assert type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+    loss_before, grads_before = loss_and_grads(model, ids)
+    snn.convert_model(model)
+    assert isinstance(model.transformer.h[0].mlp.act, torch.nn.GELU)
+    assert model.config._attn_implementation == "scaletrain"
+    loss, grads = loss_and_grads(model, ids)
+    assert close(loss, loss_before, 1e-5)
+    for name, grad in grads.items():
+        assert close(grad[:97] if name == "transformer.wte.weight" else grad, grads_before[name], 1e-4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cross_entropy_on_cuda_in_bf16():
+    torch.manual_seed(14)
+    full = (torch.randn(300, 50304, device="cuda") * 4).bfloat16().requires_grad_()
+    targets = torch.randint(0, 50257, (300,), device="cuda")
+    targets[:7] = -100
+    loss = snn.cross_entropy(full[:, :50257], targets)
+    loss.backward()
+    ref = full.detach().double().requires_grad_()
+    want = reference_cross_entropy(ref, targets, 50257)
+    want.backward()
+    assert close(loss.double(), want.detach(), 1e-5)
+    assert torch.all(full.grad[:, 50257:] == 0)
+    assert rel_close(full.grad, ref.grad, 1e-2)

@@ -10,6 +10,7 @@
 //                  log-sum-exp per row, backward writes the logits' gradient in their dtype in one
 //                  pass (zeros in the padding columns). Replaces narrow + to(fp32) + cross_entropy.
 #include <cstdint>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -44,6 +45,19 @@ enum class LossReduction { mean, sum };
 // synchronising with the host). Returns an fp32 scalar (fp64 logits: cross_entropy_reference).
 at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
                          int64_t ignore_index = -100, LossReduction reduction = LossReduction::mean);
+// The kernels without autograd, for the dispatcher operators
+//   torch.ops.scaletrain.cross_entropy_forward(logits, targets, classes, ignore_index=-100)
+//       -> (loss_rows, lse)
+//   torch.ops.scaletrain.cross_entropy_backward(grad_rows, logits, targets, lse, classes,
+//       ignore_index=-100) -> grad_logits
+// logits (rows, columns) with a dense last dimension and any row stride (a narrowed view of padded
+// logits is read in place), targets (rows) int64. loss_rows and lse are fp32 (fp64 for fp64
+// logits); an ignored row's loss is 0. grad_rows is d loss / d loss_rows: (rows), or one value for
+// every row; grad_logits is (rows, columns) dense, zero past `classes`. Errors are ValueErrors.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets,
+                                                      int64_t classes, int64_t ignore_index = -100);
+at::Tensor cross_entropy_rows_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& targets,
+                                       const at::Tensor& lse, int64_t classes, int64_t ignore_index = -100);
 // The unfused reference: narrow to `classes` columns, convert to (at least) fp32, ATen's
 // cross_entropy (log_softmax + nll_loss).
 at::Tensor cross_entropy_reference(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
