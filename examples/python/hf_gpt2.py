@@ -1,6 +1,6 @@
 """Hugging Face transformers' GPT-2 (built from a config: nothing is downloaded) trained by a plain
-PyTorch loop with scaletrain's optimizer, accumulation and flash attention (lines marked `# scaletrain`). It learns the
-bytes of a text file (the README by default) with a 256-token vocabulary.
+PyTorch loop with scaletrain's optimizer, accumulation, flash attention, fused loss and GELU (lines marked
+`# scaletrain`). It learns the bytes of a text file (the README by default) with a 256-token vocabulary.
 
     python examples/python/hf_gpt2.py                          # a small GPT-2 on the CPU or one GPU
     python examples/python/hf_gpt2.py --gpt2-124m --batch 16 --seq 1024 --cpu-offload   # GPT-2 124M's shapes
@@ -31,7 +31,7 @@ def main():
     config = GPT2Config(vocab_size=256, n_positions=max(args.seq, 64), bos_token_id=0, eos_token_id=0,
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **shape)
     model = GPT2LMHeadModel(config).to(device)
-    scaletrain.nn.convert_model_to_efficient_attention(model)  # scaletrain
+    scaletrain.nn.convert_model(model)  # scaletrain: flash attention, fused loss, one-kernel GELU
     sharded = dict(model=model, units=model.transformer.h) if args.stage == 3 else {}  # stage 3: per block
     opt = scaletrain.optim.ZeroAdamW(model.parameters(), lr=args.lr, weight_decay=0.1, stage=args.stage,  # scaletrain
                                      max_grad_norm=1.0, cpu_offload=args.cpu_offload,
