@@ -73,35 +73,18 @@ def init_group(port):
     dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
 
 
-def torch_eager():
+def torch_eager(compile=False):
+    """The user's script: fp32 params, bf16 autocast, fused AdamW, clipping (under torch.compile)."""
     import torch
 
     m = model()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    run = torch.compile(m) if compile else m
     x = torch.randint(0, 50257, (B, T), device="cuda")
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):
-            loss = m(x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return timed(step)
-
-
-def torch_compile():
-    import torch
-
-    m = model()
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    compiled = torch.compile(m)
-    x = torch.randint(0, 50257, (B, T), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = compiled(x, labels=x).loss
+            loss = run(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
@@ -219,7 +202,7 @@ CASES = {
     "scaletrain_zero2_bf16_offload_overlap_f07": lambda: scaletrain_zero(2, bf16_params=True, offload=True, overlap=True,
                                                                           fraction=0.7),
     "torchao_offload": torchao_offload,
-    "torch_compile": torch_compile,
+    "torch_compile": lambda: torch_eager(compile=True),
     "scaletrain_hf": scaletrain_hf,
     "scaletrain_hf_autocast": lambda: scaletrain_hf(bf16_params=False),
     "scaletrain_hf_compile": lambda: scaletrain_hf(compile=True),
