@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -295,8 +296,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_impl(const at::Tensor& log
   } else {
     const int64_t* t = targets.const_data_ptr<int64_t>();
     for (int64_t r = 0; r < d.rows; ++r) {
-      TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), "cross_entropy: targets[", r, "] = ", t[r],
-                  ", expected a class in [0, ", classes, ") or ignore_index (", ignore_index, ")");
+      if (t[r] != ignore_index && (t[r] < 0 || t[r] >= classes)) {
+        TORCH_CHECK(false, "cross_entropy: targets[" + std::to_string(r) + "] = " + std::to_string(t[r]) +
+                               ", expected a class in [0, " + std::to_string(classes) + ") or ignore_index (" +
+                               std::to_string(ignore_index) + ")");
+      }
     }
     dispatch_kernel_types(logits.scalar_type(), "cross_entropy", [&](auto tag) {
       cross_entropy_forward_cpu<decltype(tag)>(logits, t, d, loss_rows.data_ptr<float>(), lse.data_ptr<float>());
@@ -381,25 +385,36 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// Messages from std::to_string, not integers streamed by c10::str: on the GPU host (Ubuntu 24.04,
+// g++ 13) these checks segfaulted when the error carried a streamed int64 to Python, while one
+// streaming only a dtype and strings raised. Flash attention's checks build strings too.
+std::string shape_text(at::IntArrayRef shape) {
+  std::string text = "(";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
+[[noreturn]] void value_error(const std::string& message) { TORCH_CHECK_VALUE(false, message); }
+
 // The checks of the row functions: what the kernels read.
-void check_rows(const char* what, const at::Tensor& logits, const at::Tensor& targets, int64_t classes) {
-  TORCH_CHECK_VALUE(logits.defined() && logits.dim() == 2, what, ": logits must be (rows, classes), got ",
-                    logits.defined() ? logits.sizes() : at::IntArrayRef{});
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), what, ": logits must be floating point, got ",
-                    logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.stride(1) == 1 && logits.stride(0) >= logits.size(1), what,
-                    ": logits must have a dense last dimension (strides ", logits.strides(), ")");
-  TORCH_CHECK_VALUE(classes >= 1 && classes <= logits.size(1), what, ": classes = ", classes, ", expected 1..",
-                    logits.size(1), " (the logits' last dimension)");
-  TORCH_CHECK_VALUE(targets.defined() && targets.scalar_type() == at::kLong && targets.dim() == 1 &&
-                        targets.size(0) == logits.size(0),
-                    what, ": targets must be int64 (rows) = (", logits.size(0), "), got ",
-                    targets.defined() ? targets.sizes() : at::IntArrayRef{}, " ",
-                    targets.defined() ? c10::toString(targets.scalar_type()) : "undefined");
-  TORCH_CHECK_VALUE(targets.device() == logits.device(), what, ": targets are on ", targets.device(), ", logits on ",
-                    logits.device());
-  TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int32_t>::max(), what, ": ", logits.size(0),
-                    " rows, at most 2^31 - 1 (one CUDA block each)");
+void check_rows(const std::string& what, const at::Tensor& logits, const at::Tensor& targets, int64_t classes) {
+  if (!logits.defined() || logits.dim() != 2)
+    value_error(what + ": logits must be (rows, classes), got " + (logits.defined() ? shape_text(logits.sizes()) : "undefined"));
+  if (!at::isFloatingType(logits.scalar_type()))
+    value_error(what + ": logits must be floating point, got " + c10::toString(logits.scalar_type()));
+  if (logits.stride(1) != 1 || logits.stride(0) < logits.size(1))
+    value_error(what + ": logits must have a dense last dimension (strides " + shape_text(logits.strides()) + ")");
+  if (classes < 1 || classes > logits.size(1))
+    value_error(what + ": classes = " + std::to_string(classes) + ", expected 1.." + std::to_string(logits.size(1)) +
+                " (the logits' last dimension)");
+  if (!targets.defined() || targets.scalar_type() != at::kLong || targets.dim() != 1 || targets.size(0) != logits.size(0))
+    value_error(what + ": targets must be int64 (rows) = (" + std::to_string(logits.size(0)) + ",), got " +
+                (targets.defined() ? shape_text(targets.sizes()) + " " + c10::toString(targets.scalar_type())
+                                   : std::string("undefined")));
+  if (targets.device() != logits.device())
+    value_error(what + ": targets are on " + targets.device().str() + ", logits on " + logits.device().str());
+  if (logits.size(0) > std::numeric_limits<int32_t>::max())
+    value_error(what + ": " + std::to_string(logits.size(0)) + " rows, at most 2^31 - 1 (one CUDA block each)");
 }
 
 void check_cuda_built(const at::Tensor& t, const char* what) {
@@ -491,10 +506,12 @@ at::Tensor cross_entropy_rows_backward(const at::Tensor& grad_rows, const at::Te
                                        const at::Tensor& lse, int64_t classes, int64_t ignore_index) {
   check_rows("cross_entropy_backward", logits, targets, classes);
   check_cuda_built(logits, "cross_entropy_backward");
-  TORCH_CHECK_VALUE(grad_rows.numel() == 1 || (grad_rows.dim() == 1 && grad_rows.size(0) == logits.size(0)),
-                    "cross_entropy_backward: grad_rows ", grad_rows.sizes(), ", expected (", logits.size(0), ")");
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == logits.size(0), "cross_entropy_backward: lse ", lse.sizes(),
-                    ", expected (", logits.size(0), ")");
+  if (grad_rows.numel() != 1 && (grad_rows.dim() != 1 || grad_rows.size(0) != logits.size(0)))
+    value_error("cross_entropy_backward: grad_rows " + shape_text(grad_rows.sizes()) + ", expected (" +
+                std::to_string(logits.size(0)) + ",)");
+  if (lse.dim() != 1 || lse.size(0) != logits.size(0))
+    value_error("cross_entropy_backward: lse " + shape_text(lse.sizes()) + ", expected (" +
+                std::to_string(logits.size(0)) + ",)");
   return cross_entropy_rows_backward_impl(grad_rows.numel() == 1 ? grad_rows.reshape({}) : grad_rows, logits,
                                           targets.contiguous(), lse.contiguous(), classes, ignore_index);
 }
