@@ -251,7 +251,7 @@ def _padded_rows(t: Tensor, rows: int) -> nn.Parameter:
 
 
 def convert_model_to_fused_loss(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
-    """A transformers causal LM (GPT-2, Llama...: ``get_output_embeddings()`` an ``nn.Linear``) with
+    """A transformers causal LM (GPT-2, Llama...: ``get_output_embeddings()`` a plain ``nn.Linear``) with
     its output layer padded to a multiple of ``pad_vocab_to`` rows and its loss on ``cross_entropy``;
     in place, returns ``model``. Call it before making the optimizer (the padded weight is a new
     parameter).
@@ -267,9 +267,11 @@ def convert_model_to_fused_loss(model: nn.Module, pad_vocab_to: int = 64) -> nn.
         raise ValueError(f"convert_model_to_fused_loss: pad_vocab_to {pad_vocab_to}, expected >= 1")
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear) or not hasattr(model, "config") or not hasattr(type(model), "loss_function"):
+    # Exactly nn.Linear: the class swap below would drop a subclass's own forward (quantized, LoRA...).
+    if type(head) not in (nn.Linear, PaddedVocabLinear) or not hasattr(model, "config") \
+            or not hasattr(type(model), "loss_function"):
         raise ValueError(f"convert_model_to_fused_loss: {type(model).__name__} is not a transformers causal LM with "
-                         "a linear output layer (expected get_output_embeddings() to be an nn.Linear and a "
+                         "a linear output layer (expected get_output_embeddings() to be a plain nn.Linear and a "
                          "loss_function)")
     vocab = head.vocab_size if isinstance(head, PaddedVocabLinear) else int(model.config.vocab_size)
     if not isinstance(head, PaddedVocabLinear) and head.out_features != vocab:
@@ -320,6 +322,7 @@ def convert_model(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
     causal LMs) and ``convert_activations``, in place; returns ``model``. Call it before making the
     optimizer."""
     convert_model_to_efficient_attention(model)
-    if callable(getattr(model, "get_output_embeddings", None)) and isinstance(model.get_output_embeddings(), nn.Linear):
+    if callable(getattr(model, "get_output_embeddings", None)) and \
+            type(model.get_output_embeddings()) in (nn.Linear, PaddedVocabLinear):
         convert_model_to_fused_loss(model, pad_vocab_to)
     return convert_activations(model)
