@@ -250,6 +250,15 @@ def _padded_rows(t: Tensor, rows: int) -> nn.Parameter:
         return nn.Parameter(torch.cat([t, pad]), requires_grad=t.requires_grad)
 
 
+def _linear_head(model: nn.Module):
+    """The model's output layer when it is a plain nn.Linear (or one converted already), else None.
+    Exactly nn.Linear: the class swap of convert_model_to_fused_loss would drop a subclass's own
+    forward (quantized, LoRA...)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if type(head) in (nn.Linear, PaddedVocabLinear) else None
+
+
 def convert_model_to_fused_loss(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
     """A transformers causal LM (GPT-2, Llama...: ``get_output_embeddings()`` a plain ``nn.Linear``) with
     its output layer padded to a multiple of ``pad_vocab_to`` rows and its loss on ``cross_entropy``;
@@ -265,11 +274,8 @@ def convert_model_to_fused_loss(model: nn.Module, pad_vocab_to: int = 64) -> nn.
     """
     if pad_vocab_to < 1:
         raise ValueError(f"convert_model_to_fused_loss: pad_vocab_to {pad_vocab_to}, expected >= 1")
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    # Exactly nn.Linear: the class swap below would drop a subclass's own forward (quantized, LoRA...).
-    if type(head) not in (nn.Linear, PaddedVocabLinear) or not hasattr(model, "config") \
-            or not hasattr(type(model), "loss_function"):
+    head = _linear_head(model)
+    if head is None or not hasattr(model, "config") or not hasattr(type(model), "loss_function"):
         raise ValueError(f"convert_model_to_fused_loss: {type(model).__name__} is not a transformers causal LM with "
                          "a linear output layer (expected get_output_embeddings() to be a plain nn.Linear and a "
                          "loss_function)")
@@ -322,7 +328,6 @@ def convert_model(model: nn.Module, pad_vocab_to: int = 64) -> nn.Module:
     causal LMs) and ``convert_activations``, in place; returns ``model``. Call it before making the
     optimizer."""
     convert_model_to_efficient_attention(model)
-    if callable(getattr(model, "get_output_embeddings", None)) and \
-            type(model.get_output_embeddings()) in (nn.Linear, PaddedVocabLinear):
+    if _linear_head(model) is not None:
         convert_model_to_fused_loss(model, pad_vocab_to)
     return convert_activations(model)

@@ -563,16 +563,12 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
 
   const std::unique_ptr<torch::optim::Optimizer> owned_optimizer = make_optimizer();
   torch::optim::Optimizer& optimizer = *owned_optimizer;
-  // The model's unit runner and zero_ point at the optimizer: they go with it, however fit ends.
-  struct ForgetOptimizer {
-    Trainer& trainer;
-    ~ForgetOptimizer() {
-      trainer.model_->set_unit_runner({});
-      trainer.zero_ = nullptr;
-    }
-  } forget_optimizer{*this};
-  // Stage 3's runner points at the optimizer: gone with it, however fit ends.
-  const auto forget_units = c10::make_scope_exit([this] { model_->set_unit_runner({}); });
+  // The model's unit runner (stage 3, offload overlap) and zero_ point at the optimizer: they go
+  // with it, however fit ends.
+  const auto forget_optimizer = c10::make_scope_exit([this] {
+    model_->set_unit_runner({});
+    zero_ = nullptr;
+  });
   // What a checkpoint holds. More parts of the training state (loss scaler, master weights)
   // register here, one line each: state.add_json(...) / state.add_tensors(...), see train_state.h.
   TrainState state(model_, optimizer);
