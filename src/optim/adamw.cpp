@@ -1,5 +1,6 @@
 #include "scaletrain/optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -80,21 +81,42 @@ cpu::Coeffs coefficients(const torch::optim::AdamWOptions& o, double step, float
 constexpr int64_t kCpuGrain = 1 << 16;
 
 void step_cpu(const std::vector<Work>& work, const torch::optim::AdamWOptions& o, float factor) {
+  // One parallel_for over the group's elements (parameters laid end to end), not one per parameter:
+  // a model's many small tensors share tasks, and the pool is joined once per group.
+  struct Span {
+    cpu::Coeffs c;
+    float *p, *m, *v;
+    const char* g;
+    char* copy;
+    core::DType grad_type, copy_type;
+    size_t grad_size, copy_size;
+    int64_t start;  // offset of the parameter's first element in the group
+  };
+  std::vector<Span> spans;
+  spans.reserve(work.size());
+  int64_t total = 0;
   for (const auto& w : work) {
     w.step.add_(1);
-    const cpu::Coeffs c = coefficients(o, w.step.item<float>(), factor);
-    float* p = w.param.data_ptr<float>();
-    float* m = w.exp_avg.data_ptr<float>();
-    float* v = w.exp_avg_sq.data_ptr<float>();
-    const auto grad_type = core::dtype_of(w.grad), copy_type = core::dtype_of(w.copy);
-    const size_t grad_size = w.grad.element_size(), copy_size = w.copy.defined() ? w.copy.element_size() : 0;
-    const auto* g = static_cast<const char*>(w.grad.const_data_ptr());
-    auto* copy = w.copy.defined() ? static_cast<char*>(w.copy.data_ptr()) : nullptr;
-    at::parallel_for(0, w.param.numel(), kCpuGrain, [&](int64_t begin, int64_t end) {
-      cpu::adamw_span(c, p + begin, m + begin, v + begin, g + begin * grad_size, grad_type,
-                      copy ? copy + begin * copy_size : nullptr, copy_type, end - begin);
-    });
+    spans.push_back({coefficients(o, w.step.item<float>(), factor), w.param.data_ptr<float>(),
+                     w.exp_avg.data_ptr<float>(), w.exp_avg_sq.data_ptr<float>(),
+                     static_cast<const char*>(w.grad.const_data_ptr()),
+                     w.copy.defined() ? static_cast<char*>(w.copy.data_ptr()) : nullptr, core::dtype_of(w.grad),
+                     core::dtype_of(w.copy), static_cast<size_t>(w.grad.element_size()),
+                     w.copy.defined() ? static_cast<size_t>(w.copy.element_size()) : 0, total});
+    total += w.param.numel();
   }
+  at::parallel_for(0, total, kCpuGrain, [&](int64_t begin, int64_t end) {
+    // The last span starting at or before `begin`, then forward through the spans the range covers.
+    auto it = std::upper_bound(spans.begin(), spans.end(), begin,
+                               [](int64_t x, const Span& s) { return x < s.start; }) - 1;
+    for (; it != spans.end() && it->start < end; ++it) {
+      const int64_t size = (it + 1 == spans.end() ? total : (it + 1)->start) - it->start;
+      const int64_t lo = std::max(begin, it->start) - it->start, hi = std::min(end, it->start + size) - it->start;
+      if (lo >= hi) continue;
+      cpu::adamw_span(it->c, it->p + lo, it->m + lo, it->v + lo, it->g + lo * it->grad_size, it->grad_type,
+                      it->copy ? it->copy + lo * it->copy_size : nullptr, it->copy_type, hi - lo);
+    }
+  });
 }
 
 #ifdef SCALETRAIN_WITH_CUDA
