@@ -560,6 +560,14 @@ bool cuda_supports_head_dim(int64_t head_dim) {
 #endif
 }
 
+bool cuda_hopper_forward() {
+#ifdef SCALETRAIN_WITH_CUDA
+  return cuda::hopper_forward_enabled();
+#else
+  return false;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v,
                                                            const std::optional<at::Tensor>& cu_seqlens_q,

@@ -5,6 +5,10 @@
 // floor of one rounding (in the dtype) of the largest value; the varlen entry must equal the dense
 // one sequence by sequence.
 #include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -257,6 +261,68 @@ TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
   const auto out = flash_attention(bshd_q, k, v, true);
   EXPECT_EQ(out.strides(), bshd_q.strides());
   EXPECT_TRUE(at::equal(out, dense.out));
+}
+
+// SCALETRAIN_FLASH_SM90 set for a scope (the forward reads it at each call), restored after.
+class ForwardKernelEnv {
+ public:
+  explicit ForwardKernelEnv(const char* value) {
+    if (const char* old = std::getenv(kName)) old_ = old;
+    ::setenv(kName, value, 1);
+  }
+  ~ForwardKernelEnv() { old_ ? (void)::setenv(kName, old_->c_str(), 1) : (void)::unsetenv(kName); }
+
+ private:
+  static constexpr const char* kName = "SCALETRAIN_FLASH_SM90";
+  std::optional<std::string> old_;
+};
+
+// On a Hopper GPU the forward runs the wgmma kernel (the tests above check it against fp64); the
+// portable mma.sync forward, which other GPUs run, is checked here on the same grid with the
+// Hopper kernel switched off.
+TEST(FlashAttention, CudaPortableForwardOnHopperWithinTwiceTorchSdpaErrorOfFp64) {
+  SCALETRAIN_REQUIRE_CUDA();
+  if (!cuda_hopper_forward()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90): the tests above ran it";
+  const ForwardKernelEnv portable("0");
+  ASSERT_FALSE(cuda_hopper_forward());
+  const at::Device gpu(at::kCUDA);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
+    for (int64_t dim : {64, 128})
+      for (bool causal : {false, true})
+        for (const Case& c : std::vector<Case>{{2, 4, 2, 17, 17, dim, causal, dtype, gpu},
+                                               {4, 2, 1, 1000, 1000, dim, causal, dtype, gpu},
+                                               {1, 2, 2, 17, 1000, dim, causal, dtype, gpu},
+                                               {2, 2, 2, 1000, 127, dim, false, dtype, gpu}})
+          check_against_fp64(c);
+}
+
+// The two forwards on one input (odd lengths, GQA, a query block longer than the keys): outputs
+// within a rounding of each other and log-sum-exps within fp32 noise; rows without keys zero in both.
+TEST(FlashAttention, CudaHopperForwardMatchesPortable) {
+  SCALETRAIN_REQUIRE_CUDA();
+  if (!cuda_hopper_forward()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
+    for (int64_t dim : {64, 128})
+      for (bool causal : {false, true})
+        for (const auto& [lq, lk] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {300, 77}, {513, 1030}, {4097, 4097}}) {
+          SCOPED_TRACE("q" + std::to_string(lq) + " k" + std::to_string(lk) + " d" + std::to_string(dim) +
+                       (causal ? " causal" : ""));
+          at::manual_seed(lq + lk + dim);
+          const auto o = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+          const auto q = at::randn({2, 4, lq, dim}, o), k = at::randn({2, 2, lk, dim}, o), v = at::randn({2, 2, lk, dim}, o);
+          const auto [out, lse] = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+          at::Tensor out0, lse0;
+          {
+            const ForwardKernelEnv portable("0");
+            std::tie(out0, lse0) = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+          }
+          const double eps = dtype == at::kHalf ? 9.8e-4 : 7.9e-3;
+          EXPECT_LE(max_err(out, out0.to(at::kDouble)), 2 * eps * out0.abs().max().item<double>());
+          const auto seen = lse0.isfinite();
+          EXPECT_TRUE(at::equal(seen, lse.isfinite()));
+          EXPECT_LE(max_err(lse.masked_fill(seen.logical_not(), 0), lse0.masked_fill(seen.logical_not(), 0).to(at::kDouble)),
+                    1e-4);
+        }
 }
 
 // torch.use_deterministic_algorithms: dq from its own kernel (no atomics), every gradient bit for bit
