@@ -10,7 +10,6 @@
 // MN-major. K and V tiles are double-buffered with cp.async: tile t + 1 loads while tile t is used.
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
@@ -33,59 +32,34 @@ __device__ __forceinline__ uint32_t sw128(int row, int col) {
 // kRows x kD elements from global rows `row_stride` apart into a sw128 tile at `dst`; rows >= valid
 // are zero-filled.
 template <int kRows, int kD, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64_t row_stride, int valid, const T* safe,
-                                          int thread) {
+__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64_t row_stride, int valid, const T* safe) {
   constexpr int kChunks = kD / 8;
 #pragma unroll
-  for (int c = thread; c < kRows * kChunks; c += kThreads) {
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
     const int r = c / kChunks, ch = c % kChunks;
     const bool ok = r < valid;
     cp_async16(dst + sw128<kRows>(r, ch * 8), ok ? src + r * row_stride + ch * 8 : safe, ok ? 16 : 0);
   }
 }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the barrier's phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// Named barriers 1 and 2 (0 is __syncthreads) between the two consumer warpgroups.
-__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
-
 template <int kD>
 struct Tiles {
-  // Two consumer warpgroups (64 query rows each) and a producer warpgroup; kStages K/V buffers.
-  static constexpr int kBM = 128, kBN = 128, kStages = 2, kConsumers = 256, kThreads = kConsumers + 128;
+  static constexpr int kWarpgroups = 2, kBM = 64 * kWarpgroups, kBN = 128, kThreads = 128 * kWarpgroups;
   static constexpr int kQBytes = kBM * kD * 2, kKVBytes = kBN * kD * 2;
-  // Q, the K and V buffers, and slack to align the start to 1024 bytes.
-  static constexpr int kSmem = kQBytes + 2 * kStages * kKVBytes + 1024;
+  // Q, two K and two V buffers, and slack to align the start to 1024 bytes.
+  static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
 };
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s, ForwardArgs a) {
 #ifdef SCALETRAIN_SM90_DEVICE
   using Tl = Tiles<kD>;
-  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kStages = Tl::kStages;
+  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kThreads = Tl::kThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // Per stage: K loaded (Q too, for tile 0), V loaded, K consumed, V consumed.
-  __shared__ __align__(8) uint64_t bars[4 * kStages];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sQ = (raw + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (sQ - raw);  // generic pointer of sQ
-  const uint32_t sK = sQ + Tl::kQBytes, sV = sK + kStages * Tl::kKVBytes;  // stage i at + i * kKVBytes
-  const uint32_t full_k = smem_u32(bars), full_v = full_k + 8 * kStages, empty_k = full_v + 8 * kStages,
-                 empty_v = empty_k + 8 * kStages;
+  const uint32_t sK = sQ + Tl::kQBytes, sV = sK + 2 * Tl::kKVBytes;  // buffer i at + i * kKVBytes
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest causal rows first
   const int h = blockIdx.y, b = blockIdx.z;
@@ -93,186 +67,106 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
   const int m0 = m_block * kBM;
   if (m0 >= seq.lq) return;
   const int kvh = h / (s.heads / s.kv_heads);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int first = wg * 64 + warp * 16;  // the warp's first row in the tile
+  const T* q = at_row<T>(a.q, a.sq, b, seq.q_start + m0, h);
+  const T* k = at_row<T>(a.k, a.sk, b, seq.k_start, kvh);
+  const T* v = at_row<T>(a.v, a.sv, b, seq.k_start, kvh);
+  const T* safe = static_cast<const T*>(a.q);
   const int shift = seq.lk - seq.lq;  // query i sees keys j <= i + shift (causal)
   const int n_end = s.causal ? min(seq.lk, max(0, m0 + kBM + shift)) : seq.lk;
   const int n_tiles = (n_end + kBN - 1) / kBN;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      mbar_init(full_k + 8 * i, 128);
-      mbar_init(full_v + 8 * i, 128);
-      mbar_init(empty_k + 8 * i, 8);
-      mbar_init(empty_v + 8 * i, 8);
-    }
-  }
-  __syncthreads();  // the last block-wide barrier: the producer leaves early
-
-  // The warpgroup index through a shuffle: ptxas then knows it is uniform in each warp and keeps the
-  // wgmma of the consumer branch asynchronous (else it serialises them, warning C7520).
-  const int warpgroup = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
-  if (warpgroup == Tl::kConsumers / 128) {
-    // Producer warpgroup: cp.async into the stages; each thread fences its own copies for the async
-    // proxy and arrives on the stage's barrier once they have landed. It gives registers to the
-    // consumers (setmaxnreg).
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    const T* k = at_row<T>(a.k, a.sk, b, seq.k_start, kvh);
-    const T* v = at_row<T>(a.v, a.sv, b, seq.k_start, kvh);
-    const T* safe = static_cast<const T*>(a.q);
-    const int thread = threadIdx.x - Tl::kConsumers;
-    // Tile t's K (with Q for tile 0) once the consumers are done with the stage's previous K, and
-    // its V likewise: one cp.async group each.
-    auto issue_k = [&](int t) {
-      const int st = t % kStages, n0 = t * kBN;
-      if (t >= kStages) mbar_wait(empty_k + 8 * st, (t / kStages - 1) & 1);
-      if (t == 0)
-        load_tile<kBM, kD, 128>(sQ, at_row<T>(a.q, a.sq, b, seq.q_start + m0, h), a.sq.row, seq.lq - m0, safe, thread);
-      load_tile<kBN, kD, 128>(sK + st * Tl::kKVBytes, k + n0 * a.sk.row, a.sk.row, seq.lk - n0, safe, thread);
-      cp_async_commit();
-    };
-    auto issue_v = [&](int t) {
-      const int st = t % kStages, n0 = t * kBN;
-      if (t >= kStages) mbar_wait(empty_v + 8 * st, (t / kStages - 1) & 1);
-      load_tile<kBN, kD, 128>(sV + st * Tl::kKVBytes, v + n0 * a.sv.row, a.sv.row, seq.lk - n0, safe, thread);
-      cp_async_commit();
-    };
-    // In flight at the top of step t: tile t's K and V groups. The next K is issued before they are
-    // signalled (its stage frees early, after S), the next V after (its stage frees after P V).
-    if (n_tiles > 0) issue_k(0), issue_v(0);
-    for (int t = 0; t < n_tiles; ++t) {
-      const int st = t % kStages;
-      if (t + 1 < n_tiles) {
-        issue_k(t + 1);
-        cp_async_wait<2>();
-      } else {
-        cp_async_wait<1>();
-      }
-      fence_proxy_async();
-      mbar_arrive(full_k + 8 * st);
-      if (t + 1 < n_tiles)
-        cp_async_wait<1>();
-      else
-        cp_async_wait<0>();
-      fence_proxy_async();
-      mbar_arrive(full_v + 8 * st);
-      if (t + 1 < n_tiles) issue_v(t + 1);
-    }
-  } else {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  const int wg = warpgroup, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int first = wg * 64 + warp * 16;  // the warp's first row in the tile
   const float scale_log2 = s.scale * kLog2e;
+
   float acc_o[kD / 2], acc_s[kBN / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) acc_s[i] = 0.f;
-  uint32_t pf[kBN / 16][4];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int row_a = m0 + first + (lane >> 2);  // rows row_a and row_a + 8
 
-  // O += P V of tile t (stage st), P in pf: V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
-  // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
-  auto issue_pv = [&](int st) {
-    const uint32_t v_tile = sV + st * Tl::kKVBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
-    wgmma_commit();
-  };
-  // The two warpgroups take turns issuing their products (named barrier 1 + wg: my turn), so that
-  // one's softmax runs while the other's products do; warpgroup 0 goes first. Step t issues S of
-  // tile t and O += P V of tile t - 1, then runs the softmax of tile t while that P V runs. The
-  // first step has no P V (a separate instantiation: ptxas serialises wgmma whose waits sit in
-  // data-dependent branches).
-  auto step = [&](int t, auto first_step) {
-    constexpr bool kFirst = decltype(first_step)::value;
-    const int st = t % kStages, n0 = t * kBN, prev = (t + kStages - 1) % kStages;
-    mbar_wait(full_k + 8 * st, (t / kStages) & 1);
-    named_sync(1 + wg);
-    fence_operands(acc_o);
-    fence_operands(pf);
-    wgmma_fence();
-    // S = Q K^T: kD / 16 steps of k16; within a 64-column slab a step advances 32 bytes.
-    const uint32_t k_tile = sK + st * Tl::kKVBytes;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const int col = kk * 16;
-      const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
-      const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
-      Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
-    }
-    wgmma_commit();
-    if constexpr (!kFirst) {  // the previous tile's O += P V
-      mbar_wait(full_v + 8 * prev, ((t - 1) / kStages) & 1);
-      issue_pv(prev);
-    }
-    if (wg == 0 || t + 1 < n_tiles) named_arrive(2 - wg);
-    wgmma_wait<kFirst ? 0 : 1>();
-    fence_operands(acc_s);
-    if (lane == 0) mbar_arrive(empty_k + 8 * st);  // S is done: the stage's K may be overwritten
-
-    const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
-    if (need_mask) {
-#pragma unroll
-      for (int i = 0; i < kBN / 2; ++i) {
-        const int col = n0 + (i / 4) * 8 + (lane & 3) * 2 + (i & 1), row = row_a + ((i >> 1) & 1) * 8;
-        if (col >= seq.lk || (s.causal && col > row + shift)) acc_s[i] = -INFINITY;
-      }
-    }
-    // Online softmax (exp2 domain), as forward_kernel of flash_attention.cu.
-    float correction[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-      correction[r] = fast_exp2(row_max[r] * scale_log2 - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        float& x0 = acc_s[4 * j + 2 * r];
-        float& x1 = acc_s[4 * j + 2 * r + 1];
-        x0 = fast_exp2(fmaf(x0, scale_log2, -base));
-        x1 = fast_exp2(fmaf(x1, scale_log2, -base));
-        sum += x0 + x1;
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
-    }
-    if constexpr (!kFirst) {
-      wgmma_wait<0>();  // the previous P V is done: its stage is free, O and pf may change
-      fence_operands(acc_o);
-      fence_operands(pf);
-      if (lane == 0) mbar_arrive(empty_v + 8 * prev);
-    }
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      acc_o[4 * j] *= correction[0], acc_o[4 * j + 1] *= correction[0];
-      acc_o[4 * j + 2] *= correction[1], acc_o[4 * j + 3] *= correction[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pf[kk][0] = Mma<T>::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-      pf[kk][1] = Mma<T>::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-      pf[kk][2] = Mma<T>::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-      pf[kk][3] = Mma<T>::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-    }
-  };
   if (n_tiles > 0) {
-    if (wg == 1) named_arrive(1);
-    step(0, std::true_type{});
-    for (int t = 1; t < n_tiles; ++t) step(t, std::false_type{});
-    // The last tile's O += P V.
-    const int last = (n_tiles - 1) % kStages;
-    mbar_wait(full_v + 8 * last, ((n_tiles - 1) / kStages) & 1);
-    fence_operands(acc_o);
-    fence_operands(pf);
-    issue_pv(last);
-    wgmma_wait<0>();
-    fence_operands(acc_o);
+    load_tile<kBM, kD, kThreads>(sQ, q, a.sq.row, seq.lq - m0, safe);
+    load_tile<kBN, kD, kThreads>(sK, k, a.sk.row, seq.lk, safe);
+    load_tile<kBN, kD, kThreads>(sV, v, a.sv.row, seq.lk, safe);
+    cp_async_commit();
+    for (int t = 0; t < n_tiles; ++t) {
+      const int n0 = t * kBN, buf = t & 1;
+      cp_async_wait<0>();
+      fence_proxy_async();  // the tiles written by cp.async are read by wgmma (the async proxy)
+      __syncthreads();      // tile t is in; every warpgroup is done with buffer buf ^ 1
+      if (t + 1 < n_tiles) {
+        const int n1 = n0 + kBN;
+        load_tile<kBN, kD, kThreads>(sK + (buf ^ 1) * Tl::kKVBytes, k + n1 * a.sk.row, a.sk.row, seq.lk - n1, safe);
+        load_tile<kBN, kD, kThreads>(sV + (buf ^ 1) * Tl::kKVBytes, v + n1 * a.sv.row, a.sv.row, seq.lk - n1, safe);
+        cp_async_commit();
+      }
+      // S = Q K^T: kD / 16 steps of k16; within a 64-column slab a step advances 32 bytes.
+      const uint32_t k_tile = sK + buf * Tl::kKVBytes, v_tile = sV + buf * Tl::kKVBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const int col = kk * 16;
+        const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
+        const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
+        Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_s);
+
+      const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+      if (need_mask) {
+#pragma unroll
+        for (int i = 0; i < kBN / 2; ++i) {
+          const int col = n0 + (i / 4) * 8 + (lane & 3) * 2 + (i & 1), row = row_a + ((i >> 1) & 1) * 8;
+          if (col >= seq.lk || (s.causal && col > row + shift)) acc_s[i] = -INFINITY;
+        }
+      }
+      // Online softmax (exp2 domain), as forward_kernel of flash_attention.cu.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+        const float correction = fast_exp2(row_max[r] * scale_log2 - base);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+          float& x0 = acc_s[4 * j + 2 * r];
+          float& x1 = acc_s[4 * j + 2 * r + 1];
+          x0 = fast_exp2(fmaf(x0, scale_log2, -base));
+          x1 = fast_exp2(fmaf(x1, scale_log2, -base));
+          sum += x0 + x1;
+        }
+        row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j) acc_o[4 * j + 2 * r] *= correction, acc_o[4 * j + 2 * r + 1] *= correction;
+      }
+      uint32_t pf[kBN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        pf[kk][0] = Mma<T>::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+        pf[kk][1] = Mma<T>::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+        pf[kk][2] = Mma<T>::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+        pf[kk][3] = Mma<T>::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+      }
+      // O += P V: k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
+      // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
+      fence_operands(acc_o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+    }
   }
   // Epilogue: each warp stages its 16 rows in its own rows of sQ (its warpgroup's products are done).
   float inv[2], lse[2];
@@ -306,7 +200,6 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
     float* l = a.lse + b * a.sl.batch + h * a.sl.head + seq.q_start;
     if (row_a < seq.lq) l[row_a] = lse[0];
     if (row_a + 8 < seq.lq) l[row_a + 8] = lse[1];
-  }
   }
 #endif
 }
