@@ -1,0 +1,122 @@
+// The Hopper flash attention forward (flash_attention_sm90.cu) against the portable one
+// (flash_attention.cu) without torch: outputs and log-sum-exps on odd shapes (GQA, q_len != k_len,
+// causal), every output written (poisoned first), then TFLOP/s of both on the benchmark's cases.
+// With an argument, only three small cases (for compute-sanitizer). Built and run on a Hopper GPU
+// by tools/gpu/flash_sm90_check.sh.
+#include <cstdio>
+#include <cstdlib>
+#include <cmath>
+#include <vector>
+#include <algorithm>
+#include <cuda_bf16.h>
+#include "attention/flash_attention_cuda.h"
+#include "attention/flash_attention_sm90.h"
+using namespace scaletrain::attention::cuda;
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1);} } while (0)
+
+struct Case { int B, H, KVH, Lq, Lk, D; bool causal; };
+
+static float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+int run(const Case& c, bool time_it, bool check) {
+  size_t nq = (size_t)c.B * c.Lq * c.H * c.D, nk = (size_t)c.B * c.Lk * c.KVH * c.D;
+  std::vector<__nv_bfloat16> hq(nq), hk(nk), hv(nk);
+  srand(c.Lq * 7 + c.D + c.causal);
+  auto rnd = [] { return (rand() / (float)RAND_MAX - 0.5f) * 3.f; };
+  for (auto& x : hq) x = __float2bfloat16(rnd());
+  for (auto& x : hk) x = __float2bfloat16(rnd());
+  for (auto& x : hv) x = __float2bfloat16(rnd());
+  __nv_bfloat16 *q, *k, *v, *o1, *o2; float *l1, *l2;
+  CK(cudaMalloc(&q, nq * 2)); CK(cudaMalloc(&k, nk * 2)); CK(cudaMalloc(&v, nk * 2));
+  CK(cudaMalloc(&o1, nq * 2)); CK(cudaMalloc(&o2, nq * 2));
+  size_t nl = (size_t)c.B * c.H * c.Lq;
+  CK(cudaMalloc(&l1, nl * 4)); CK(cudaMalloc(&l2, nl * 4));
+  CK(cudaMemcpy(q, hq.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(k, hk.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(v, hv.data(), nk * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemset(o1, 0xff, nq * 2)); CK(cudaMemset(o2, 0xff, nq * 2));
+  CK(cudaMemset(l1, 0xff, nl * 4)); CK(cudaMemset(l2, 0xff, nl * 4));
+  Shape s; s.batch = c.B; s.heads = c.H; s.kv_heads = c.KVH; s.dim = c.D; s.q_len = c.Lq; s.k_len = c.Lk;
+  s.causal = c.causal; s.scale = 1.f / std::sqrt((float)c.D);
+  ForwardArgs a1{};
+  a1.q = q; a1.k = k; a1.v = v;
+  a1.sq = {(int64_t)c.Lq * c.H * c.D, (int64_t)c.H * c.D, c.D};
+  a1.sk = {(int64_t)c.Lk * c.KVH * c.D, (int64_t)c.KVH * c.D, c.D};
+  a1.sv = a1.sk; a1.so = a1.sq;
+  a1.sl = {(int64_t)c.H * c.Lq, 1, c.Lq};
+  ForwardArgs a2 = a1;
+  a1.out = o1; a1.lse = l1; a2.out = o2; a2.lse = l2;
+  setenv("SCALETRAIN_FLASH_SM90", "0", 1);
+  CK(launch_forward(DType::bf16, s, a1, 0));
+  CK(sm90::launch_forward(DType::bf16, s, a2, 0));
+  CK(cudaDeviceSynchronize());
+  int bad = 0;
+  if (check) {
+    std::vector<__nv_bfloat16> r1(nq), r2(nq); std::vector<float> m1(nl), m2(nl);
+    CK(cudaMemcpy(r1.data(), o1, nq * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(r2.data(), o2, nq * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(m1.data(), l1, nl * 4, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(m2.data(), l2, nl * 4, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0, maxd = 0; size_t nan = 0, firstbad = (size_t)-1;
+    for (size_t i = 0; i < nq; ++i) {
+      float x = bf2f(r1[i]), y = bf2f(r2[i]);
+      if (!std::isfinite(y)) { ++nan; if (firstbad == (size_t)-1) firstbad = i; continue; }
+      num += (x - y) * (x - y); den += x * x; maxd = std::max(maxd, (double)std::fabs(x - y));
+      if (std::fabs(x - y) > 0.1 && firstbad == (size_t)-1) firstbad = i;
+    }
+    double lmax = 0; size_t lnan = 0;
+    for (size_t i = 0; i < nl; ++i) {
+      if (std::isinf(m1[i]) && std::isinf(m2[i])) continue;
+      if (!std::isfinite(m2[i])) { ++lnan; continue; }
+      lmax = std::max(lmax, (double)std::fabs(m1[i] - m2[i]));
+    }
+    double rel = std::sqrt(num / std::max(den, 1e-30));
+    bad = nan || lnan || rel > 5e-3 || lmax > 1e-3;
+    printf("check B%d H%d/%d q%d k%d d%d %s: rel %.2e max %.3e lse %.2e nonfinite %zu/%zu %s", c.B, c.H, c.KVH, c.Lq, c.Lk, c.D,
+           c.causal ? "causal" : "", rel, maxd, lmax, nan, lnan, bad ? "BAD" : "ok");
+    if (firstbad != (size_t)-1) {
+      size_t i = firstbad; int d = i % c.D, h = (i / c.D) % c.H, row = (i / c.D / c.H) % c.Lq;
+      printf(" first bad row %d head %d col %d: %f vs %f", row, h, d, bf2f(r1[i]), bf2f(r2[i]));
+    }
+    printf("\n");
+  }
+  if (time_it) {
+    cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    double flops = 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
+    float best[2];
+    for (int which = 0; which < 2; ++which) {
+      std::vector<float> ts;
+      for (int it = 0; it < 30; ++it) {
+        CK(cudaEventRecord(e0));
+        if (which == 0) CK(launch_forward(DType::bf16, s, a1, 0)); else CK(sm90::launch_forward(DType::bf16, s, a2, 0));
+        CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
+        float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); if (it >= 5) ts.push_back(ms);
+      }
+      std::sort(ts.begin(), ts.end()); best[which] = ts[ts.size() / 2];
+    }
+    printf("time hd%d s%d %s: mma.sync %.1f TFLOP/s, wgmma %.1f TFLOP/s, %.2fx\n", c.D, c.Lq, c.causal ? "causal" : "nc",
+           flops / best[0] / 1e9, flops / best[1] / 1e9, best[0] / best[1]);
+  }
+  cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o1); cudaFree(o2); cudaFree(l1); cudaFree(l2);
+  return bad;
+}
+
+int main(int argc, char** argv) {
+  int bad = 0;
+  if (argc > 1) {  // small: a few cases for compute-sanitizer
+    Case small[] = {{1, 2, 2, 127, 127, 64, true}, {1, 2, 1, 300, 77, 128, true}, {2, 2, 2, 129, 300, 128, false}};
+    for (auto& c : small) bad += run(c, false, true);
+    printf("%s\n", bad ? "SOME BAD" : "ALL OK");
+    return bad;
+  }
+  Case checks[] = {{1, 2, 2, 127, 127, 64, true}, {2, 4, 1, 1000, 1000, 128, false}, {1, 2, 2, 17, 1000, 64, true},
+                   {1, 2, 1, 4097, 4097, 128, true}, {2, 2, 2, 1, 129, 64, false}, {1, 3, 3, 300, 77, 128, true},
+                   {2, 4, 2, 513, 1030, 64, false}, {1, 2, 2, 1000, 300, 64, true}};
+  for (auto& c : checks) bad += run(c, false, true);
+  for (int D : {64, 128})
+    for (bool causal : {false, true})
+      for (int S : {512, 4096, 16384}) {
+        Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, causal};
+        bad += run(c, true, true);
+      }
+  printf("%s\n", bad ? "SOME BAD" : "ALL OK");
+  return bad ? 1 : 0;
+}
