@@ -835,32 +835,23 @@ __global__ void __launch_bounds__(DqTiles<kD>::kThreads, 1) dq_kernel(Shape s, B
 template <typename T, int kD>
 cudaError_t forward_for(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
   using Tiles = ForwardTiles<kD>;
-  const auto kernel = forward_kernel<T, kD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch);
-  kernel<<<grid, Tiles::kThreads, Tiles::kSmem, stream>>>(s, a);
-  return cudaGetLastError();
+  return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
+                          Tiles::kThreads, Tiles::kSmem, stream, s, a);
 }
 
 template <typename T, int kD, bool kDq>
 cudaError_t launch_dk_dv(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
   if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
     using Tiles = SplitBackwardTiles<kD>;
-    const auto kernel = split_backward_kernel<T, kD, kDq>;
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
-    if (err != cudaSuccess) return err;
-    kernel<<<dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads, Tiles::kSmem,
-             stream>>>(s, a);
+    return launch_with_smem(split_backward_kernel<T, kD, kDq>,
+                            dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
+                            Tiles::kSmem, stream, s, a);
   } else {
     using Tiles = BackwardTiles<kD>;
-    const auto kernel = backward_kernel<T, kD, kDq>;
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
-    if (err != cudaSuccess) return err;
-    kernel<<<dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads, Tiles::kSmem,
-             stream>>>(s, a);
+    return launch_with_smem(backward_kernel<T, kD, kDq>,
+                            dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
+                            Tiles::kSmem, stream, s, a);
   }
-  return cudaGetLastError();
 }
 
 template <typename T, int kD>
@@ -872,24 +863,8 @@ cudaError_t backward_for(const Shape& s, const BackwardArgs& a, bool determinist
   err = launch_dk_dv<T, kD, false>(s, a, stream);
   if (err != cudaSuccess) return err;
   using Tiles = DqTiles<kD>;
-  const auto kernel = dq_kernel<T, kD>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tiles::kSmem);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch), Tiles::kThreads, Tiles::kSmem, stream>>>(
-      s, a);
-  return cudaGetLastError();
-}
-
-template <template <typename, int> class F, typename... Args>
-cudaError_t dispatch(DType type, int dim, Args&&... args) {
-  if (type == DType::bf16) {
-    if (dim == 64) return F<__nv_bfloat16, 64>::run(args...);
-    if (dim == 128) return F<__nv_bfloat16, 128>::run(args...);
-  } else if (type == DType::f16) {
-    if (dim == 64) return F<__half, 64>::run(args...);
-    if (dim == 128) return F<__half, 128>::run(args...);
-  }
-  return cudaErrorInvalidValue;
+  return launch_with_smem(dq_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
+                          Tiles::kThreads, Tiles::kSmem, stream, s, a);
 }
 
 template <typename T, int kD>

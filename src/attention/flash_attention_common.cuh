@@ -109,4 +109,27 @@ __device__ __forceinline__ T* at_row(void* base, const Strides& st, int b, int r
   return static_cast<T*>(base) + b * st.batch + static_cast<int64_t>(row) * st.row + h * st.head;
 }
 
+// Launches `kernel` with `smem` bytes of dynamic shared memory (its limit raised first).
+template <typename... Params, typename... Args>
+cudaError_t launch_with_smem(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
+                             const Args&... args) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// F<T, head_dim>::run(args...) for the element type and head_dim the kernels are built for.
+template <template <typename, int> class F, typename... Args>
+cudaError_t dispatch(DType type, int dim, Args&&... args) {
+  if (type == DType::bf16) {
+    if (dim == 64) return F<__nv_bfloat16, 64>::run(args...);
+    if (dim == 128) return F<__nv_bfloat16, 128>::run(args...);
+  } else if (type == DType::f16) {
+    if (dim == 64) return F<__half, 64>::run(args...);
+    if (dim == 128) return F<__half, 128>::run(args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace scaletrain::attention::cuda

@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
 #pragma unroll
   for (int j = 0; j < kD / 8; ++j) {
     const int col = j * 8 + (lane & 3) * 2, row = first + (lane >> 2);
-    *reinterpret_cast<uint32_t*>(smem + sw128<kBM>(row, col)) = Mma<T>::pack(acc_o[4 * j] * inv[0], acc_o[4 * j + 1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(smem + sw128<kBM>(row, col)) =
+        Mma<T>::pack(acc_o[4 * j] * inv[0], acc_o[4 * j + 1] * inv[0]);
     *reinterpret_cast<uint32_t*>(smem + sw128<kBM>(row + 8, col)) =
         Mma<T>::pack(acc_o[4 * j + 2] * inv[1], acc_o[4 * j + 3] * inv[1]);
   }
@@ -205,27 +206,18 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
 }
 
 template <typename T, int kD>
-cudaError_t forward_for(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
-  using Tl = Tiles<kD>;
-  const auto kernel = forward_kernel<T, kD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tl::kSmem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((s.q_len + Tl::kBM - 1) / Tl::kBM, s.heads, s.batch);
-  kernel<<<grid, Tl::kThreads, Tl::kSmem, stream>>>(s, a);
-  return cudaGetLastError();
-}
+struct Forward {
+  static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
+    using Tl = Tiles<kD>;
+    return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tl::kBM - 1) / Tl::kBM, s.heads, s.batch),
+                            Tl::kThreads, Tl::kSmem, stream, s, a);
+  }
+};
 
 }  // namespace
 
 cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream) {
-  if (type == DType::bf16) {
-    if (shape.dim == 64) return forward_for<__nv_bfloat16, 64>(shape, args, stream);
-    if (shape.dim == 128) return forward_for<__nv_bfloat16, 128>(shape, args, stream);
-  } else if (type == DType::f16) {
-    if (shape.dim == 64) return forward_for<__half, 64>(shape, args, stream);
-    if (shape.dim == 128) return forward_for<__half, 128>(shape, args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch<Forward>(type, shape.dim, shape, args, stream);
 }
 
 }  // namespace scaletrain::attention::cuda::sm90
