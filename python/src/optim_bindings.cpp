@@ -52,7 +52,11 @@ void bind_optim(py::module_& parent) {
 
   // Per param group: (params, lr, beta1, beta2, eps, weight_decay).
   using Group = std::tuple<std::vector<at::Tensor>, double, double, double, double, double>;
-  py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW")
+  // The destructor runs without the GIL: when it drops the last reference of a Gloo group (the script
+  // destroyed the process group first), the group joins its threads, which may need the GIL to free
+  // a finished collective's Python tensors.
+  py::class_<optim::ZeroAdamW>(m, "ZeroAdamWCore", "the C++ ZeroAdamW behind scaletrain.optim.ZeroAdamW",
+                               py::release_gil_before_calling_cpp_dtor())
       .def(py::init([](const std::vector<Group>& groups, int64_t stage, bool cpu_offload, bool overlap_forward,
                        double offload_fraction, double bucket_mb, double max_grad_norm, bool average_gradients, const py::object& process_group,
                        const std::string& device_type, const std::vector<int64_t>& units) {

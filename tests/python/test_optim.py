@@ -187,6 +187,46 @@ def run_ranks(world, stage, accum, clip, run=None):
     return results
 
 
+def teardown_main(rank, world, folder, rounds, queue):
+    torch.set_num_threads(1)
+    for r in range(rounds):
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store{r}", rank=rank, world_size=world)
+        model = make_model()
+        opt = ZeroAdamW(groups(model), lr=LR, stage=1 + r % 3, bucket_mb=0.001, max_grad_norm=1.0,
+                        **({"model": model} if r % 3 == 2 else {}))
+        for step in range(2):
+            x, y = batches(step, 1)[0]
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        logged = torch.ones(1)
+        dist.all_reduce(logged)  # a logged loss: gloo's thread frees this work (and this tensor) when it likes
+        del logged
+        dist.destroy_process_group()  # a script's usual last line, while the optimizer still holds the group
+        del opt, model  # the group's last reference goes with the optimizer: gloo's threads stop then
+    queue.put(rank)
+
+
+def test_optimizer_outliving_destroy_process_group_does_not_hang(tmp_path):
+    """Destroying ZeroAdamW after dist.destroy_process_group() releases the group's last reference:
+    ProcessGroupGloo's destructor joins its threads, one of which may be freeing a finished work's
+    tensors and need the GIL (a deadlock when the optimizer's destructor held it; seen in about a
+    third of 2-rank runs under load). Rounds of two steps at stages 1, 2 and 3 each end that way."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    procs = [context.Process(target=teardown_main, args=(r, 2, str(tmp_path), 12, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        assert sorted(queue.get(timeout=60) for _ in procs) == [0, 1]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
 @pytest.mark.parametrize("world,stage,accum,clip,offload,overlap",
                          [(2, 1, 1, 0.0, False, False), (2, 2, 3, 0.2, False, False), (3, 2, 2, 0.2, False, False),
                           (2, 2, 2, 0.2, True, False), (3, 1, 1, 0.2, True, True), (2, 3, 2, 0.2, False, False),
