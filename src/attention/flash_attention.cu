@@ -190,40 +190,13 @@ __global__ void __launch_bounds__(ForwardTiles<kD>::kThreads, 2) forward_kernel(
       const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
       if (need_mask) {
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1), row = row_a + mt * 16 + (e >> 1) * 8;
-              if (col >= seq.lk || (s.causal && col > row + shift)) acc_s[mt][j][e] = -INFINITY;
-            }
+        for (int mt = 0; mt < kMT; ++mt) mask_scores(acc_s[mt], n0, row_a + mt * 16, lane, seq.lk, s.causal, shift);
       }
       // Online softmax: new maxima, rescale what was accumulated, exponentiate.
       uint32_t pf[kMT][kBN / 16][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = row_max[mt][r];
-#pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[mt][j][2 * r], acc_s[mt][j][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-          const float correction = fast_exp2(row_max[mt][r] * scale_log2 - base);
-          row_max[mt][r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < kBN / 8; ++j) {
-            acc_s[mt][j][2 * r] = fast_exp2(fmaf(acc_s[mt][j][2 * r], scale_log2, -base));
-            acc_s[mt][j][2 * r + 1] = fast_exp2(fmaf(acc_s[mt][j][2 * r + 1], scale_log2, -base));
-            sum += acc_s[mt][j][2 * r] + acc_s[mt][j][2 * r + 1];
-          }
-          row_sum[mt][r] = row_sum[mt][r] * correction + sum;
-#pragma unroll
-          for (int j = 0; j < kD / 8; ++j) acc_o[mt][j][2 * r] *= correction, acc_o[mt][j][2 * r + 1] *= correction;
-        }
+        online_softmax(acc_s[mt], acc_o[mt], row_max[mt], row_sum[mt], scale_log2);
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[mt][kk], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
       }
@@ -252,14 +225,7 @@ __global__ void __launch_bounds__(ForwardTiles<kD>::kThreads, 2) forward_kernel(
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
     float inv[2], lse[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[mt][r];
-      sum += __shfl_xor_sync(0xffffffff, sum, 1);
-      sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-      lse[r] = sum > 0.f ? row_max[mt][r] * s.scale + logf(sum) : -INFINITY;
-    }
+    finish_rows(row_max[mt], row_sum[mt], s.scale, inv, lse);
     const int first = warp_row + mt * 16;  // within the tile
     store_rows<T, kD>(acc_o[mt], inv[0], inv[1], sQ, first, 0, at_row<T>(a.out, a.so, b, seq.q_start + m0 + first, h),
                       a.so.row, seq.lq - m0 - first, lane);

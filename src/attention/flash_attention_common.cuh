@@ -2,6 +2,7 @@
 // Device helpers shared by the flash attention kernels (flash_attention.cu, sm_80 and later;
 // flash_attention_sm90.cu, sm_90a): PTX wrappers, the mma.sync m16n8k16 operations and fragment
 // packing, and where a sequence's rows are.
+#include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -107,6 +108,67 @@ __device__ __forceinline__ const T* at_row(const void* base, const Strides& st, 
 template <typename T>
 __device__ __forceinline__ T* at_row(void* base, const Strides& st, int b, int row, int h) {
   return static_cast<T*>(base) + b * st.batch + static_cast<int64_t>(row) * st.row + h * st.head;
+}
+
+// ---- the forward's softmax, shared by both forward kernels. A thread holds, for one m16 tile, two
+// rows (half r = 0, 1: rows lane / 4 and lane / 4 + 8) of kN m16n8 accumulator blocks: s[j][2r] and
+// s[j][2r + 1] are row half r, columns 8j + 2 (lane % 4) + {0, 1}.
+
+// Scores of columns (keys) >= lk, or beyond the causal diagonal, to -inf; `row` is the thread's
+// first query row (half 0), n0 the first key of the blocks.
+template <int kN>
+__device__ __forceinline__ void mask_scores(float (&s)[kN][4], int n0, int row, int lane, int lk, bool causal,
+                                            int shift) {
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1), r = row + (e >> 1) * 8;
+      if (col >= lk || (causal && col > r + shift)) s[j][e] = -INFINITY;
+    }
+}
+
+// One online-softmax step in the exp2 domain: new row maxima (of raw scores), the scores replaced by
+// exp2(score * scale_log2 - max * scale_log2) (one FFMA and one MUFU op each), the row sums and the
+// output accumulators o (kM blocks) rescaled by the change of maximum.
+template <int kN, int kM>
+__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&o)[kM][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    const float correction = fast_exp2(row_max[r] * scale_log2 - base);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      s[j][2 * r] = fast_exp2(fmaf(s[j][2 * r], scale_log2, -base));
+      s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, -base));
+      sum += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+    for (int j = 0; j < kM; ++j) o[j][2 * r] *= correction, o[j][2 * r + 1] *= correction;
+  }
+}
+
+// After the last step: each row's 1 / sum (0 for a row that saw no key) and natural log-sum-exp
+// (-inf for such a row), from this thread's share of the sums.
+__device__ __forceinline__ void finish_rows(const float (&row_max)[2], const float (&row_sum)[2], float scale,
+                                            float (&inv)[2], float (&lse)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    lse[r] = sum > 0.f ? row_max[r] * scale + logf(sum) : -INFINITY;
+  }
 }
 
 // Launches `kernel` with `smem` bytes of dynamic shared memory (its limit raised first).

@@ -29,6 +29,13 @@ __device__ __forceinline__ uint32_t sw128(int row, int col) {
   return (col >> 6) * (kRows * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
 
+// The accumulators of m64nNk16 (N / 2 floats per thread) as N / 8 m16n8 blocks of 4, the layout the
+// shared softmax of flash_attention_common.cuh takes: the same registers.
+template <int N>
+__device__ __forceinline__ float (&blocks(float (&d)[N]))[N / 4][4] {
+  return *reinterpret_cast<float(*)[N / 4][4]>(&d);
+}
+
 // kRows x kD elements from global rows `row_stride` apart into a sw128 tile at `dst`; rows >= valid
 // are zero-filled.
 template <int kRows, int kD, int kThreads, typename T>
@@ -117,45 +124,11 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
       fence_operands(acc_s);
 
       const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
-      if (need_mask) {
-#pragma unroll
-        for (int i = 0; i < kBN / 2; ++i) {
-          const int col = n0 + (i / 4) * 8 + (lane & 3) * 2 + (i & 1), row = row_a + ((i >> 1) & 1) * 8;
-          if (col >= seq.lk || (s.causal && col > row + shift)) acc_s[i] = -INFINITY;
-        }
-      }
-      // Online softmax (exp2 domain), as forward_kernel of flash_attention.cu.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float correction = fast_exp2(row_max[r] * scale_log2 - base);
-        row_max[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-          float& x0 = acc_s[4 * j + 2 * r];
-          float& x1 = acc_s[4 * j + 2 * r + 1];
-          x0 = fast_exp2(fmaf(x0, scale_log2, -base));
-          x1 = fast_exp2(fmaf(x1, scale_log2, -base));
-          sum += x0 + x1;
-        }
-        row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-        for (int j = 0; j < kD / 8; ++j) acc_o[4 * j + 2 * r] *= correction, acc_o[4 * j + 2 * r + 1] *= correction;
-      }
+      if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, seq.lk, s.causal, shift);
+      online_softmax(blocks(acc_s), blocks(acc_o), row_max, row_sum, scale_log2);
       uint32_t pf[kBN / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        pf[kk][0] = Mma<T>::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-        pf[kk][1] = Mma<T>::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-        pf[kk][2] = Mma<T>::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-        pf[kk][3] = Mma<T>::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-      }
+      for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
       // O += P V: k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
       // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
       fence_operands(acc_o);
@@ -170,14 +143,7 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
   }
   // Epilogue: each warp stages its 16 rows in its own rows of sQ (its warpgroup's products are done).
   float inv[2], lse[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-    lse[r] = sum > 0.f ? row_max[r] * s.scale + logf(sum) : -INFINITY;
-  }
+  finish_rows(row_max, row_sum, s.scale, inv, lse);
 #pragma unroll
   for (int j = 0; j < kD / 8; ++j) {
     const int col = j * 8 + (lane & 3) * 2, row = first + (lane >> 2);

@@ -34,7 +34,7 @@ namespace scaletrain::attention {
 // Whether this build's CUDA kernels take `head_dim` (64 and 128; none in a build without CUDA).
 bool cuda_supports_head_dim(int64_t head_dim);
 
-// Whether a forward on the current CUDA device runs the Hopper kernel (wgmma, warp-specialised):
+// Whether a forward on the current CUDA device runs the Hopper kernel (wgmma, sm_90a):
 // a build for sm_90, a device of compute capability 9.0, and SCALETRAIN_FLASH_SM90 not "0" in the
 // environment (read at each call; "0" selects the portable mma.sync kernel). The backward and
 // other devices use the portable kernels.
