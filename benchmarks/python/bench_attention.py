@@ -10,8 +10,8 @@ heads * s^2 * head_dim (halved when causal); the backward counts 2.5x the forwar
 of per-iteration CUDA events over --rep runs after 5 warm-ups; the backward is autograd.grad of the
 forward's output (retain_graph), the same call for every implementation. Before timing, each case
 checks our output and gradients against SDPA's (printed as the max abs difference). On an sm_90
-device the forward runs the Hopper kernel; the portable (mma.sync) forward is timed beside it
-(SCALETRAIN_FLASH_SM90=0) and recorded as a row of its own.
+device ours runs the Hopper kernels; the portable (mma.sync) kernels are timed beside them
+(SCALETRAIN_FLASH_SM90=0) and recorded as rows of their own.
 
 --gpt2-build BUILD adds the end-to-end row: GPT-2 124M bf16 training tok/s (configs/gpt2_124m.yaml,
 B16 x T1024, bench_train_gpt2.py's runner) with model.attention=flash against model.attention=sdpa
@@ -82,7 +82,7 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     dev = torch.device("cuda")
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    # On sm_90 (and a build for it) our forward is the Hopper kernel; the portable one is timed too.
+    # On sm_90 (and a build for it) ours are the Hopper kernels; the portable ones are timed too.
     hopper = torch.cuda.get_device_capability() == (9, 0) and os.environ.get("SCALETRAIN_FLASH_SM90") != "0"
     rows, table = [], []
     for hd in args.hd:
@@ -105,10 +105,10 @@ def main():
                 del o_ours, g_ours, o_ref, g_ref
                 f_ours, b_ours = time_impl(ours_fn, q, k, v, do, args.rep)
                 t = {"ours": (f_ours, b_ours)}
-                if hopper:  # the portable mma.sync forward, which the Hopper kernel replaces on sm_90
+                if hopper:  # the portable mma.sync kernels, which the Hopper ones replace on sm_90
                     os.environ["SCALETRAIN_FLASH_SM90"] = "0"
                     try:
-                        t["ours portable"] = (median_ms(lambda: ours_fn(q, k, v), args.rep), b_ours)
+                        t["ours portable"] = time_impl(ours_fn, q, k, v, do, args.rep)
                     finally:
                         del os.environ["SCALETRAIN_FLASH_SM90"]
                 for name in args.baselines:
@@ -120,24 +120,21 @@ def main():
                 line = f"{words:32s} ours {tf['ours'][0]:6.1f} / {tf['ours'][1]:6.1f}" + "".join(
                     f"  {n} {tf[n][0]:6.1f} / {tf[n][1]:6.1f}" for n in args.baselines if n in tf)
                 if "ours portable" in tf:
-                    line += f"  ours portable fwd {tf['ours portable'][0]:6.1f}"
+                    line += f"  ours portable {tf['ours portable'][0]:6.1f} / {tf['ours portable'][1]:6.1f}"
                 print(line + f"   max|diff| vs flash out {diff[0]:.2e} dq {diff[1]:.2e} dk {diff[2]:.2e} "
                       f"dv {diff[3]:.2e}", flush=True)
                 table.append({"hd": hd, "causal": causal, "s": s, "batch": batch, "heads": heads,
                               "tflops": {n: [round(x, 1) for x in v_] for n, v_ in tf.items()},
                               "max_abs_diff_vs_sdpa_flash": dict(zip(["out", "dq", "dk", "dv"], diff))})
-                if "ours portable" in tf:
-                    rows.append({"name": f"attention fwd {words}", "unit": "TFLOP/s", "ours": round(tf["ours"][0], 1),
-                                 "baseline": round(tf["ours portable"][0], 1),
-                                 "baseline_name": "scaletrain portable forward (mma.sync, SCALETRAIN_FLASH_SM90=0)",
-                                 "higher_is_better": True})
-                for name in args.baselines:
+                for name in args.baselines + ["ours portable"]:
                     if name not in tf:
                         continue
+                    baseline_name = ("scaletrain portable kernels (mma.sync, SCALETRAIN_FLASH_SM90=0)"
+                                     if name == "ours portable" else f"torch SDPA {name}")
                     for i, direction in enumerate(["fwd", "bwd"]):
                         rows.append({"name": f"attention {direction} {words}", "unit": "TFLOP/s",
                                      "ours": round(tf["ours"][i], 1), "baseline": round(tf[name][i], 1),
-                                     "baseline_name": f"torch SDPA {name}", "higher_is_better": True})
+                                     "baseline_name": baseline_name, "higher_is_better": True})
                 del q, k, v, do
                 torch.cuda.empty_cache()
                 write_results(args.out, torch.cuda.get_device_name(), rows=rows, cases=table)  # a cut run keeps these

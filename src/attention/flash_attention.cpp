@@ -560,9 +560,9 @@ bool cuda_supports_head_dim(int64_t head_dim) {
 #endif
 }
 
-bool cuda_hopper_forward() {
+bool cuda_hopper_kernels() {
 #ifdef SCALETRAIN_WITH_CUDA
-  return cuda::hopper_forward_enabled();
+  return cuda::hopper_kernels_enabled();
 #else
   return false;
 #endif

@@ -56,13 +56,6 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t row_str
   }
 }
 
-// kRows floats from src (consecutive); rows >= valid are zero-filled.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void load_row_floats(float* dst, const float* src, int valid, const float* safe) {
-  for (int r = threadIdx.x; r < kRows; r += kThreads)
-    cp_async4(smem_u32(dst + r), r < valid ? src + r : safe, r < valid ? 4 : 0);
-}
-
 // A fragments (16 x 16, row-major in the tile) at (row0, col0).
 template <int kCols, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int col0, int lane) {
@@ -271,42 +264,35 @@ __global__ void delta_kernel(Shape s, BackwardArgs a) {
 // two backward kernels: its steps (one per query head of the group and query tile that sees its
 // keys, in that order) and the double-buffered loads of each step's Q, dO, lse and delta.
 template <typename T, int kD, int kBM, int kBN, int kThreads>
-struct KeyBlock {
+struct KeyBlock : KeySteps<kBM> {
   const Shape& s;
   const BackwardArgs& a;
   T *sK, *sV, *sQ, *sdO;  // sQ, sdO, sLse, sDelta: two buffers each
   float *sLse, *sDelta;
   Sequence seq;
-  int b, kvh, n0, group, shift, m_first, per_head, steps;
+  int b, n0, shift;
 
   __device__ KeyBlock(const Shape& shape, const BackwardArgs& args, unsigned char* smem, int extra_elements)
-      : s(shape), a(args) {
+      : KeySteps<kBM>(shape, sequence_of(shape, blockIdx.z), blockIdx.y, blockIdx.x * kBN), s(shape), a(args) {
     sK = reinterpret_cast<T*>(smem);
     sV = sK + kBN * kD;
     sQ = sV + kBN * kD;
     sdO = sQ + 2 * kBM * kD;
     sLse = reinterpret_cast<float*>(sdO + 2 * kBM * kD + extra_elements);
     sDelta = sLse + 2 * kBM;
-    kvh = blockIdx.y, b = blockIdx.z;
+    b = blockIdx.z;
     seq = sequence_of(s, b);
     n0 = blockIdx.x * kBN;
-    group = s.heads / s.kv_heads;
     shift = seq.lk - seq.lq;
-    // Query tiles that see a key of this tile: causal query i sees key j when i >= j - shift.
-    m_first = s.causal ? max(0, n0 - shift) / kBM : 0;
-    per_head = max(0, (seq.lq + kBM - 1) / kBM - m_first);
-    steps = n0 < seq.lk ? per_head * group : 0;
   }
   // The shared memory a kernel asks for: the common tiles + `extra_elements` of T.
   static constexpr int smem_bytes(int extra_elements) {
     return (2 * kBN * kD + 4 * kBM * kD + extra_elements) * 2 + 4 * kBM * 4;
   }
-  __device__ int head(int step) const { return kvh * group + step / per_head; }
-  __device__ int m0(int step) const { return (m_first + step % per_head) * kBM; }
   __device__ T* extra() const { return sdO + 2 * kBM * kD; }
 
   __device__ void load_step(int step, int buf) const {
-    const int h = head(step), m = m0(step), valid = seq.lq - m;
+    const int h = this->head(step), m = this->m0(step), valid = seq.lq - m;
     const T* safe = static_cast<const T*>(a.q);
     load_tile<kBM, kD, kThreads>(sQ + buf * kBM * kD, at_row<T>(a.q, a.sq, b, seq.q_start + m, h), a.sq.row, valid,
                                  safe);
@@ -319,8 +305,8 @@ struct KeyBlock {
   // The K and V tiles and the first step's tiles, as one cp.async group.
   __device__ void load_first() const {
     const T* safe = static_cast<const T*>(a.q);
-    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
-    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, this->kvh), a.sk.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, this->kvh), a.sv.row, seq.lk - n0, safe);
     load_step(0, 0);
     cp_async_commit();
   }
@@ -328,7 +314,7 @@ struct KeyBlock {
   __device__ void begin_step(int step) const {
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < steps) {
+    if (step + 1 < this->steps) {
       load_step(step + 1, (step & 1) ^ 1);
       cp_async_commit();
     }
@@ -340,8 +326,8 @@ struct KeyBlock {
                               int lane) const {
     const int valid = seq.lk - n0 - first;
     store_rows<T, kD, kCols>(dk, s.scale, s.scale, sK, first, col0,
-                             at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh), a.sdk.row, valid, lane);
-    store_rows<T, kD, kCols>(dv, 1.f, 1.f, sV, first, col0, at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh),
+                             at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, this->kvh), a.sdk.row, valid, lane);
+    store_rows<T, kD, kCols>(dv, 1.f, 1.f, sV, first, col0, at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, this->kvh),
                              a.sdv.row, valid, lane);
   }
   // Adds a warp's 16 x kCols dQ accumulators (rows row_a and row_a + 8 of the step's query tile
@@ -799,48 +785,47 @@ __global__ void __launch_bounds__(DqTiles<kD>::kThreads, 1) dq_kernel(Shape s, B
 // ---------------------------------------------------------------- launchers
 
 template <typename T, int kD>
-cudaError_t forward_for(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
-  using Tiles = ForwardTiles<kD>;
-  return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
-                          Tiles::kThreads, Tiles::kSmem, stream, s, a);
-}
-
-template <typename T, int kD, bool kDq>
-cudaError_t launch_dk_dv(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
-  if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
-    using Tiles = SplitBackwardTiles<kD>;
-    return launch_with_smem(split_backward_kernel<T, kD, kDq>,
-                            dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
-                            Tiles::kSmem, stream, s, a);
-  } else {
-    using Tiles = BackwardTiles<kD>;
-    return launch_with_smem(backward_kernel<T, kD, kDq>,
-                            dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
-                            Tiles::kSmem, stream, s, a);
+struct Delta {
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+    delta_kernel<T, kD><<<dim3((s.q_len + 31) / 32, s.heads, s.batch), 256, 0, stream>>>(s, a);
+    return cudaGetLastError();
   }
-}
-
+};
 template <typename T, int kD>
-cudaError_t backward_for(const Shape& s, const BackwardArgs& a, bool deterministic, cudaStream_t stream) {
-  delta_kernel<T, kD><<<dim3((s.q_len + 31) / 32, s.heads, s.batch), 256, 0, stream>>>(s, a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (!deterministic) return launch_dk_dv<T, kD, true>(s, a, stream);
-  err = launch_dk_dv<T, kD, false>(s, a, stream);
-  if (err != cudaSuccess) return err;
-  using Tiles = DqTiles<kD>;
-  return launch_with_smem(dq_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
-                          Tiles::kThreads, Tiles::kSmem, stream, s, a);
-}
+struct DkDv {
+  template <bool kDq>
+  static cudaError_t launch(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+    if constexpr (kD > 64) {  // dK and dV of 128 columns do not fit one warp's registers: split them
+      using Tiles = SplitBackwardTiles<kD>;
+      return launch_with_smem(split_backward_kernel<T, kD, kDq>,
+                              dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
+                              Tiles::kSmem, stream, s, a);
+    } else {
+      using Tiles = BackwardTiles<kD>;
+      return launch_with_smem(backward_kernel<T, kD, kDq>,
+                              dim3((s.k_len + Tiles::kBN - 1) / Tiles::kBN, s.kv_heads, s.batch), Tiles::kThreads,
+                              Tiles::kSmem, stream, s, a);
+    }
+  }
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, bool with_dq, cudaStream_t stream) {
+    return with_dq ? launch<true>(s, a, stream) : launch<false>(s, a, stream);
+  }
+};
+template <typename T, int kD>
+struct Dq {
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, cudaStream_t stream) {
+    using Tiles = DqTiles<kD>;
+    return launch_with_smem(dq_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
+                            Tiles::kThreads, Tiles::kSmem, stream, s, a);
+  }
+};
 
 template <typename T, int kD>
 struct Forward {
-  static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t st) { return forward_for<T, kD>(s, a, st); }
-};
-template <typename T, int kD>
-struct Backward {
-  static cudaError_t run(const Shape& s, const BackwardArgs& a, bool deterministic, cudaStream_t st) {
-    return backward_for<T, kD>(s, a, deterministic, st);
+  static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
+    using Tiles = ForwardTiles<kD>;
+    return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tiles::kBM - 1) / Tiles::kBM, s.heads, s.batch),
+                            Tiles::kThreads, Tiles::kSmem, stream, s, a);
   }
 };
 
@@ -848,7 +833,7 @@ struct Backward {
 
 bool supports_head_dim(int dim) { return dim == 64 || dim == 128; }
 
-bool hopper_forward_enabled() {
+bool hopper_kernels_enabled() {
 #ifdef SCALETRAIN_WITH_SM90
   const char* env = std::getenv("SCALETRAIN_FLASH_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
@@ -865,14 +850,23 @@ bool hopper_forward_enabled() {
 
 cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream) {
 #ifdef SCALETRAIN_WITH_SM90
-  if (hopper_forward_enabled()) return sm90::launch_forward(type, shape, args, stream);
+  if (hopper_kernels_enabled()) return sm90::launch_forward(type, shape, args, stream);
 #endif
   return dispatch<Forward>(type, shape.dim, shape, args, stream);
 }
 
 cudaError_t launch_backward(DType type, const Shape& shape, const BackwardArgs& args, bool deterministic,
                             cudaStream_t stream) {
-  return dispatch<Backward>(type, shape.dim, shape, args, deterministic, stream);
+  cudaError_t err = dispatch<Delta>(type, shape.dim, shape, args, stream);
+  if (err != cudaSuccess) return err;
+#ifdef SCALETRAIN_WITH_SM90
+  if (hopper_kernels_enabled())
+    err = sm90::launch_dk_dv(type, shape, args, !deterministic, stream);
+  else
+#endif
+    err = dispatch<DkDv>(type, shape.dim, shape, args, !deterministic, stream);
+  if (err != cudaSuccess || !deterministic) return err;
+  return dispatch<Dq>(type, shape.dim, shape, args, stream);
 }
 
 }  // namespace scaletrain::attention::cuda

@@ -110,6 +110,29 @@ __device__ __forceinline__ T* at_row(void* base, const Strides& st, int b, int r
   return static_cast<T*>(base) + b * st.batch + static_cast<int64_t>(row) * st.row + h * st.head;
 }
 
+// kRows floats from src (consecutive) to shared memory; rows >= valid are zero-filled.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_row_floats(float* dst, const float* src, int valid, const float* safe) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads)
+    cp_async4(smem_u32(dst + r), r < valid ? src + r : safe, r < valid ? 4 : 0);
+}
+
+// The steps of a backward block (kBN keys from n0 of one key/value head and sequence): one per query
+// head of the group and query tile of kBM rows that sees a key of the block, heads outer.
+template <int kBM>
+struct KeySteps {
+  int kvh, group, m_first, per_head, steps;
+  __device__ KeySteps(const Shape& s, const Sequence& seq, int kv_head, int n0)
+      : kvh(kv_head), group(s.heads / s.kv_heads) {
+    // Causal query i sees key j when i >= j - (lk - lq).
+    m_first = s.causal ? max(0, n0 - (seq.lk - seq.lq)) / kBM : 0;
+    per_head = max(0, (seq.lq + kBM - 1) / kBM - m_first);
+    steps = n0 < seq.lk ? per_head * group : 0;
+  }
+  __device__ int head(int step) const { return kvh * group + step / per_head; }
+  __device__ int m0(int step) const { return (m_first + step % per_head) * kBM; }
+};
+
 // ---- the forward's softmax, shared by both forward kernels. A thread holds, for one m16 tile, two
 // rows (half r = 0, 1: rows lane / 4 and lane / 4 + 8) of kN m16n8 accumulator blocks: s[j][2r] and
 // s[j][2r + 1] are row half r, columns 8j + 2 (lane % 4) + {0, 1}.
@@ -129,11 +152,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], int n0, int row, 
 }
 
 // One online-softmax step in the exp2 domain: new row maxima (of raw scores), the scores replaced by
-// exp2(score * scale_log2 - max * scale_log2) (one FFMA and one MUFU op each), the row sums and the
-// output accumulators o (kM blocks) rescaled by the change of maximum.
-template <int kN, int kM>
-__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&o)[kM][4], float (&row_max)[2],
-                                               float (&row_sum)[2], float scale_log2) {
+// exp2(score * scale_log2 - max * scale_log2) (one FFMA and one MUFU op each), the row sums, and the
+// factors by which the output accumulators must be rescaled (the change of maximum).
+template <int kN>
+__device__ __forceinline__ void softmax_step(float (&s)[kN][4], float (&row_max)[2], float (&row_sum)[2],
+                                             float scale_log2, float (&correction)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = row_max[r];
@@ -142,7 +165,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&o)[kM]
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
     const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-    const float correction = fast_exp2(row_max[r] * scale_log2 - base);
+    correction[r] = fast_exp2(row_max[r] * scale_log2 - base);
     row_max[r] = mx;
     float sum = 0.f;
 #pragma unroll
@@ -151,10 +174,25 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&o)[kM]
       s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, -base));
       sum += s[j][2 * r] + s[j][2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-    for (int j = 0; j < kM; ++j) o[j][2 * r] *= correction, o[j][2 * r + 1] *= correction;
+    row_sum[r] = row_sum[r] * correction[r] + sum;
   }
+}
+
+template <int kM>
+__device__ __forceinline__ void rescale_rows(float (&o)[kM][4], const float (&correction)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < kM; ++j) o[j][2 * r] *= correction[r], o[j][2 * r + 1] *= correction[r];
+}
+
+// softmax_step with the output accumulators o (kM blocks) rescaled at once.
+template <int kN, int kM>
+__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&o)[kM][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float scale_log2) {
+  float correction[2];
+  softmax_step(s, row_max, row_sum, scale_log2, correction);
+  rescale_rows(o, correction);
 }
 
 // After the last step: each row's 1 / sum (0 for a row that saw no key) and natural log-sum-exp
@@ -169,6 +207,27 @@ __device__ __forceinline__ void finish_rows(const float (&row_max)[2], const flo
     inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     lse[r] = sum > 0.f ? row_max[r] * scale + logf(sum) : -INFINITY;
   }
+}
+
+// ---- the backward's probabilities. A thread holds, for one m16 tile of keys (its rows key_a and
+// key_a + 8), kN m16n8 blocks of a query tile from m0 (columns 8j + 2 (lane % 4) + {0, 1}; lse and
+// delta: the tile's rows). The S^T and dP^T accumulators become P^T = exp(S^T scale - lse) (0 where
+// masked or past a sequence) and dS^T = P^T (dP^T - delta).
+template <int kN>
+__device__ __forceinline__ void backward_probs(float (&s)[kN][4], float (&dp)[kN][4], const float* lse,
+                                               const float* delta, int key_a, int m0, int lane, const Sequence& seq,
+                                               bool causal, bool need_mask, float scale_log2) {
+  const int shift = seq.lk - seq.lq;
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = j * 8 + (lane & 3) * 2 + (e & 1), key = key_a + (e >> 1) * 8;
+      float p = fast_exp2(fmaf(s[j][e], scale_log2, -lse[c] * kLog2e));
+      if (need_mask && (m0 + c >= seq.lq || key >= seq.lk || (causal && key > m0 + c + shift))) p = 0.f;
+      s[j][e] = p;
+      dp[j][e] = p * (dp[j][e] - delta[c]);
+    }
 }
 
 // Launches `kernel` with `smem` bytes of dynamic shared memory (its limit raised first).

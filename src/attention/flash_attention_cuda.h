@@ -44,10 +44,11 @@ struct ForwardArgs {
 
 // out = softmax(q k^T * scale) v per (sequence, head); lse = the rows' natural log-sum-exp (-inf
 // and a zero row for a query that sees no key). q, k, v, out: 16-byte aligned rows.
-// On a device of compute capability 9.0 in a build for sm_90 this runs the Hopper kernel of
-// flash_attention_sm90.cu unless SCALETRAIN_FLASH_SM90=0 is set (hopper_forward_enabled()).
+// On a device of compute capability 9.0 in a build for sm_90 this and launch_backward run the
+// Hopper kernels of flash_attention_sm90.cu unless SCALETRAIN_FLASH_SM90=0 is set
+// (hopper_kernels_enabled(), read at each call).
 cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream);
-bool hopper_forward_enabled();
+bool hopper_kernels_enabled();
 
 struct BackwardArgs {
   const void *q, *k, *v, *out, *dout;

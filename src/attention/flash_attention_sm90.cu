@@ -7,7 +7,9 @@
 // bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8) (sw128). S = Q K^T takes both
 // operands from shared memory (K-major); the online softmax runs on the fp32 accumulators in
 // registers; O += P V takes P from registers (the accumulator layout is the A layout) and V
-// MN-major. K and V tiles are double-buffered with cp.async: tile t + 1 loads while tile t is used.
+// MN-major. The products of consecutive tiles overlap: step t issues S(t) = Q K(t)^T and O += P(t -
+// 1) V(t - 1) together and runs the softmax of tile t while the second is in flight. K and V tiles
+// are double-buffered with cp.async, one tile ahead.
 #include <cmath>
 #include <cstdint>
 
@@ -49,16 +51,44 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64_t ro
   }
 }
 
+// Writes a warp's 16 x kD accumulators of an m64nkD product (rows `first`.. of a sw128 staging
+// tile of kRows rows at `stage`; row half r times mul_r) as T to global rows `row_stride` apart from
+// dst; rows >= valid are skipped. The warp must own those staging rows.
+template <int kRows, int kD, typename T>
+__device__ __forceinline__ void store_rows(const float (&acc)[kD / 2], float mul0, float mul1, unsigned char* stage,
+                                           int first, T* dst, int64_t row_stride, int valid, int lane) {
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j) {
+    const int col = j * 8 + (lane & 3) * 2, row = first + (lane >> 2);
+    *reinterpret_cast<uint32_t*>(stage + sw128<kRows>(row, col)) = Mma<T>::pack(acc[4 * j] * mul0, acc[4 * j + 1] * mul0);
+    *reinterpret_cast<uint32_t*>(stage + sw128<kRows>(row + 8, col)) =
+        Mma<T>::pack(acc[4 * j + 2] * mul1, acc[4 * j + 3] * mul1);
+  }
+  __syncwarp();
+  constexpr int kChunks = kD / 8;
+#pragma unroll
+  for (int c = lane; c < 16 * kChunks; c += 32) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    if (r < valid)
+      *reinterpret_cast<uint4*>(dst + r * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + sw128<kRows>(first + r, col));
+  }
+}
+
 template <int kD>
 struct Tiles {
-  static constexpr int kWarpgroups = 2, kBM = 64 * kWarpgroups, kBN = 128, kThreads = 128 * kWarpgroups;
+#ifndef SCALETRAIN_SM90_FWD_HD64_BN
+#define SCALETRAIN_SM90_FWD_HD64_BN 128
+#endif
+  static constexpr int kWarpgroups = 2, kBM = 64 * kWarpgroups, kBN = kD <= 64 ? SCALETRAIN_SM90_FWD_HD64_BN : 128, kThreads = 128 * kWarpgroups;
+  static constexpr int kMinBlocks = kBN == 64 ? 2 : 1;
   static constexpr int kQBytes = kBM * kD * 2, kKVBytes = kBN * kD * 2;
   // Q, two K and two V buffers, and slack to align the start to 1024 bytes.
   static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
 };
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s, ForwardArgs a) {
+__global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) forward_kernel(Shape s, ForwardArgs a) {
 #ifdef SCALETRAIN_SM90_DEVICE
   using Tl = Tiles<kD>;
   constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kThreads = Tl::kThreads;
@@ -90,79 +120,97 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, 1) forward_kernel(Shape s
   for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) acc_s[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, correction[2];
   const int row_a = m0 + first + (lane >> 2);  // rows row_a and row_a + 8
+  uint32_t pf[kBN / 16][4];                    // P of the last tile, the A operand of O += P V
 
+  // At the top of step t (every warpgroup done with step t - 1): K of tile t and V of tile t - 1
+  // are in; K of tile t + 1 starts loading into the buffer of K(t - 1) and V of tile t into that
+  // of V(t - 2).
+  auto top = [&](int t) {
+    cp_async_wait<0>();
+    fence_proxy_async();  // the tiles written by cp.async are read by wgmma (the async proxy)
+    __syncthreads();
+    if (t + 1 < n_tiles) {
+      const int n1 = (t + 1) * kBN;
+      load_tile<kBN, kD, kThreads>(sK + ((t + 1) & 1) * Tl::kKVBytes, k + n1 * a.sk.row, a.sk.row, seq.lk - n1, safe);
+    }
+    if (t < n_tiles)
+      load_tile<kBN, kD, kThreads>(sV + (t & 1) * Tl::kKVBytes, v + t * kBN * a.sv.row, a.sv.row, seq.lk - t * kBN,
+                                   safe);
+    cp_async_commit();
+  };
+  // S = Q K(t)^T: kD / 16 steps of k16; within a 64-column slab a step advances 32 bytes.
+  auto issue_s = [&](int t) {
+    const uint32_t k_tile = sK + (t & 1) * Tl::kKVBytes;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int col = kk * 16;
+      const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
+      const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
+      Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
+    }
+    wgmma_commit();
+  };
+  // O += P V(t): k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
+  // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
+  auto issue_pv = [&](int t) {
+    const uint32_t v_tile = sV + (t & 1) * Tl::kKVBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
+    wgmma_commit();
+  };
+  // The online softmax of tile t's scores; P to pf is left to the caller.
+  auto softmax = [&](int t) {
+    const int n0 = t * kBN;
+    const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+    if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, seq.lk, s.causal, shift);
+    softmax_step(blocks(acc_s), row_max, row_sum, scale_log2, correction);
+  };
+  auto make_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
+  };
+
+  // Step t issues S(t) and then O += P(t - 1) V(t - 1): the softmax of tile t runs while the tensor
+  // cores work on the P V product of tile t - 1. Step 0 (no P yet) is peeled off the loop, and the
+  // last P V product follows it.
   if (n_tiles > 0) {
     load_tile<kBM, kD, kThreads>(sQ, q, a.sq.row, seq.lq - m0, safe);
     load_tile<kBN, kD, kThreads>(sK, k, a.sk.row, seq.lk, safe);
-    load_tile<kBN, kD, kThreads>(sV, v, a.sv.row, seq.lk, safe);
     cp_async_commit();
-    for (int t = 0; t < n_tiles; ++t) {
-      const int n0 = t * kBN, buf = t & 1;
-      cp_async_wait<0>();
-      fence_proxy_async();  // the tiles written by cp.async are read by wgmma (the async proxy)
-      __syncthreads();      // tile t is in; every warpgroup is done with buffer buf ^ 1
-      if (t + 1 < n_tiles) {
-        const int n1 = n0 + kBN;
-        load_tile<kBN, kD, kThreads>(sK + (buf ^ 1) * Tl::kKVBytes, k + n1 * a.sk.row, a.sk.row, seq.lk - n1, safe);
-        load_tile<kBN, kD, kThreads>(sV + (buf ^ 1) * Tl::kKVBytes, v + n1 * a.sv.row, a.sv.row, seq.lk - n1, safe);
-        cp_async_commit();
-      }
-      // S = Q K^T: kD / 16 steps of k16; within a 64-column slab a step advances 32 bytes.
-      const uint32_t k_tile = sK + buf * Tl::kKVBytes, v_tile = sV + buf * Tl::kKVBytes;
+    top(0);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait<0>();
+    fence_operands(acc_s);
+    softmax(0);
+    make_p();
+    for (int t = 1; t < n_tiles; ++t) {
+      top(t);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const int col = kk * 16;
-        const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
-        const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
-        Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
+      issue_s(t);
+      issue_pv(t - 1);
+      wgmma_wait<1>();  // S(t) is done (P(t - 1) V(t - 1) may not be)
       fence_operands(acc_s);
-
-      const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
-      if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, seq.lk, s.causal, shift);
-      online_softmax(blocks(acc_s), blocks(acc_o), row_max, row_sum, scale_log2);
-      uint32_t pf[kBN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
-      // O += P V: k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
-      // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
-      fence_operands(acc_o);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
-      wgmma_commit();
+      softmax(t);
       wgmma_wait<0>();
       fence_operands(acc_o);
+      rescale_rows(blocks(acc_o), correction);
+      make_p();
     }
+    top(n_tiles);  // V of the last tile is in
+    wgmma_fence();
+    issue_pv(n_tiles - 1);
+    wgmma_wait<0>();
+    fence_operands(acc_o);
   }
   // Epilogue: each warp stages its 16 rows in its own rows of sQ (its warpgroup's products are done).
   float inv[2], lse[2];
   finish_rows(row_max, row_sum, s.scale, inv, lse);
-#pragma unroll
-  for (int j = 0; j < kD / 8; ++j) {
-    const int col = j * 8 + (lane & 3) * 2, row = first + (lane >> 2);
-    *reinterpret_cast<uint32_t*>(smem + sw128<kBM>(row, col)) =
-        Mma<T>::pack(acc_o[4 * j] * inv[0], acc_o[4 * j + 1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(smem + sw128<kBM>(row + 8, col)) =
-        Mma<T>::pack(acc_o[4 * j + 2] * inv[1], acc_o[4 * j + 3] * inv[1]);
-  }
-  __syncwarp();
-  T* out = at_row<T>(a.out, a.so, b, seq.q_start + m0 + first, h);
-  const int valid = seq.lq - m0 - first;
-  constexpr int kChunks = kD / 8;
-#pragma unroll
-  for (int c = lane; c < 16 * kChunks; c += 32) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    if (r < valid)
-      *reinterpret_cast<uint4*>(out + r * a.so.row + col) =
-          *reinterpret_cast<const uint4*>(smem + sw128<kBM>(first + r, col));
-  }
+  store_rows<kBM, kD>(acc_o, inv[0], inv[1], smem, first, at_row<T>(a.out, a.so, b, seq.q_start + m0 + first, h),
+                      a.so.row, seq.lq - m0 - first, lane);
   if ((lane & 3) == 0) {
     float* l = a.lse + b * a.sl.batch + h * a.sl.head + seq.q_start;
     if (row_a < seq.lq) l[row_a] = lse[0];
@@ -180,10 +228,195 @@ struct Forward {
   }
 };
 
+// ---------------------------------------------------------------- backward
+
+// dK and dV (and with kDq dQ, added to dq_accum with atomics): one block of two warpgroups per (kBN
+// = 128 keys, key/value head, sequence), warpgroup w owning keys 64w.. and their dK and dV in fp32
+// registers, over the steps of KeySteps (a query tile of kBM rows of one query head each; Q, dO,
+// lse and delta double-buffered with cp.async). Per step:
+//   S^T = K Q^T and dP^T = V dO^T: ss, both K-major (M = the warpgroup's 64 keys, N = kBM queries);
+//   P^T = exp(S^T scale - lse) and dS^T = P^T (dP^T - delta) on the accumulators;
+//   dV += P^T dO and dK += dS^T Q: rs (P^T, dS^T from registers; dO and Q MN-major);
+//   dQ += dS K: ss, both MN-major (dS^T as the warpgroups store it, keys x queries; K), N = 64:
+//   head_dim 64 (kBM = 128) splits the queries between the warpgroups, 128 (kBM = 64) head_dim.
+template <int kD>
+struct BackwardTiles {
+  static constexpr int kBN = 128, kBM = kD <= 64 ? 128 : 64, kThreads = 256;
+  static constexpr int kKVBytes = kBN * kD * 2, kQBytes = kBM * kD * 2, kSBytes = kBN * kBM * 2;
+  // dQ of a warpgroup: query rows dq_row(wg).., head_dim columns dq_col(wg)..; 64 x 64.
+  static_assert(kBM * kD == 2 * 64 * 64, "dQ: 64 x 64 per warpgroup");
+  // K, V, two Q and two dO buffers, dS^T, two lse and two delta rows, slack to align to 1024 bytes.
+  static constexpr int kSmem = 2 * kKVBytes + 4 * kQBytes + kSBytes + 4 * kBM * 4 + 1024;
+};
+
+template <typename T, int kD, bool kDq>
+__global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kernel(Shape s, BackwardArgs a) {
+#ifdef SCALETRAIN_SM90_DEVICE
+  using Tl = BackwardTiles<kD>;
+  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kThreads = Tl::kThreads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sK = (raw + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (sK - raw);  // generic pointer of sK
+  const uint32_t sV = sK + Tl::kKVBytes, sQ = sV + Tl::kKVBytes;  // Q and dO buffer i at + i * kQBytes
+  const uint32_t sdO = sQ + 2 * Tl::kQBytes, sdS = sdO + 2 * Tl::kQBytes;
+  float* sLse = reinterpret_cast<float*>(smem + (sdS + Tl::kSBytes - sK));  // buffer i at + i * kBM
+  float* sDelta = sLse + 2 * kBM;
+
+  const int kvh = blockIdx.y, b = blockIdx.z, n0 = blockIdx.x * kBN;
+  const Sequence seq = sequence_of(s, b);
+  if (n0 >= seq.lk) return;
+  const KeySteps<kBM> st(s, seq, kvh, n0);
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int first = wg * 64 + warp * 16;  // the warp's first key in the tile
+  const int shift = seq.lk - seq.lq;
+  const float scale_log2 = s.scale * kLog2e;
+  const T* safe = static_cast<const T*>(a.q);
+
+  auto load_step = [&](int step, int buf) {
+    const int h = st.head(step), m = st.m0(step), valid = seq.lq - m;
+    load_tile<kBM, kD, kThreads>(sQ + buf * Tl::kQBytes, at_row<T>(a.q, a.sq, b, seq.q_start + m, h), a.sq.row,
+                                 valid, safe);
+    load_tile<kBM, kD, kThreads>(sdO + buf * Tl::kQBytes, at_row<T>(a.dout, a.sdo, b, seq.q_start + m, h),
+                                 a.sdo.row, valid, safe);
+    const int64_t l = b * a.sl.batch + h * a.sl.head + seq.q_start + m;
+    load_row_floats<kBM, kThreads>(sLse + buf * kBM, a.lse + l, valid, a.lse);
+    load_row_floats<kBM, kThreads>(sDelta + buf * kBM, a.delta + l, valid, a.lse);
+  };
+
+  float acc_dk[kD / 2], acc_dv[kD / 2], acc_s[kBM / 2], acc_dp[kBM / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kBM / 2; ++i) acc_s[i] = acc_dp[i] = 0.f;
+  if (st.steps > 0) {
+    load_tile<kBN, kD, kThreads>(sK, at_row<T>(a.k, a.sk, b, seq.k_start + n0, kvh), a.sk.row, seq.lk - n0, safe);
+    load_tile<kBN, kD, kThreads>(sV, at_row<T>(a.v, a.sv, b, seq.k_start + n0, kvh), a.sv.row, seq.lk - n0, safe);
+    load_step(0, 0);
+    cp_async_commit();
+  }
+  const int key_a = n0 + first + (lane >> 2);  // this thread's keys: key_a and key_a + 8
+  for (int step = 0; step < st.steps; ++step) {
+    const int buf = step & 1, h = st.head(step), m0 = st.m0(step);
+    cp_async_wait<0>();
+    fence_proxy_async();  // the tiles written by cp.async are read by wgmma (the async proxy)
+    __syncthreads();      // step's tiles are in; every warpgroup is done with the other buffers and dS^T
+    if (step + 1 < st.steps) {
+      load_step(step + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t q_tile = sQ + buf * Tl::kQBytes, do_tile = sdO + buf * Tl::kQBytes;
+    // S^T = K Q^T, dP^T = V dO^T: kD / 16 steps of k16 each.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int col = kk * 16;
+      const uint32_t a_off = (col >> 6) * (kBN * 128) + wg * 64 * 128 + (col & 63) * 2;
+      const uint32_t b_off = (col >> 6) * (kBM * 128) + (col & 63) * 2;
+      Wgmma<T, kBM>::ss(acc_s, matrix_desc(sK + a_off, 16, 1024), matrix_desc(q_tile + b_off, 16, 1024), kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int col = kk * 16;
+      const uint32_t a_off = (col >> 6) * (kBN * 128) + wg * 64 * 128 + (col & 63) * 2;
+      const uint32_t b_off = (col >> 6) * (kBM * 128) + (col & 63) * 2;
+      Wgmma<T, kBM>::ss(acc_dp, matrix_desc(sV + a_off, 16, 1024), matrix_desc(do_tile + b_off, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_s);
+    fence_operands(acc_dp);
+
+    const bool need_mask = m0 + kBM > seq.lq || n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
+    backward_probs(blocks(acc_s), blocks(acc_dp), sLse + buf * kBM, sDelta + buf * kBM, key_a, m0, lane, seq,
+                   s.causal, need_mask, scale_log2);
+    uint32_t pf[kBM / 16][4], df[kBM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
+      to_a<T>(df[kk], blocks(acc_dp)[2 * kk], blocks(acc_dp)[2 * kk + 1]);
+      if constexpr (kDq) {  // dS^T to shared memory: rows keys, columns queries
+        const int r = first + (lane >> 2), c = kk * 16 + (lane & 3) * 2;
+        unsigned char* ds = smem + (sdS - sK);
+        *reinterpret_cast<uint32_t*>(ds + sw128<kBN>(r, c)) = df[kk][0];
+        *reinterpret_cast<uint32_t*>(ds + sw128<kBN>(r + 8, c)) = df[kk][1];
+        *reinterpret_cast<uint32_t*>(ds + sw128<kBN>(r, c + 8)) = df[kk][2];
+        *reinterpret_cast<uint32_t*>(ds + sw128<kBN>(r + 8, c + 8)) = df[kk][3];
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q: k16 steps over the queries; dO and Q MN-major (kD / 64 slabs).
+    fence_operands(acc_dv);
+    fence_operands(acc_dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+      Wgmma<T, kD>::rs(acc_dv, pf[kk], matrix_desc(do_tile + kk * 16 * 128, kBM * 128, 1024), 1);
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk)
+      Wgmma<T, kD>::rs(acc_dk, df[kk], matrix_desc(q_tile + kk * 16 * 128, kBM * 128, 1024), 1);
+    wgmma_commit();
+    if constexpr (kDq) {
+      // dQ (64 x 64 of this warpgroup) = dS K: k16 steps over the keys; dS^T and K MN-major.
+      constexpr bool kSplitRows = kBM == 128;
+      const int q_slab = kSplitRows ? wg : 0, d_slab = kSplitRows ? 0 : wg;
+      float acc_dq[32];
+      fence_proxy_async();  // dS^T written by this thread is read by wgmma
+      __syncthreads();      // every warpgroup's dS^T is in
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        Wgmma<T, 64>::template ss<1, 1>(acc_dq, matrix_desc(sdS + q_slab * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
+                                        matrix_desc(sK + d_slab * (kBN * 128) + kk * 16 * 128, kBN * 128, 1024),
+                                        kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_dq);
+      float* dq = a.dq_accum + b * a.sdq.batch + static_cast<int64_t>(seq.q_start) * a.sdq.row + h * a.sdq.head;
+      const int row_a = m0 + q_slab * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int col = d_slab * 64 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = row_a + half * 8;
+          if (row < seq.lq)
+            atomicAdd(reinterpret_cast<float2*>(dq + static_cast<int64_t>(row) * a.sdq.row + col),
+                      make_float2(acc_dq[4 * j + 2 * half], acc_dq[4 * j + 2 * half + 1]));
+        }
+      }
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_operands(acc_dv);
+    fence_operands(acc_dk);
+  }
+  __syncthreads();  // every warpgroup is done with the K and V tiles: stage dK and dV there
+  const int valid = seq.lk - n0 - first;
+  store_rows<kBN, kD>(acc_dk, s.scale, s.scale, smem, first,
+                      at_row<T>(a.dk, a.sdk, b, seq.k_start + n0 + first, kvh), a.sdk.row, valid, lane);
+  store_rows<kBN, kD>(acc_dv, 1.f, 1.f, smem + Tl::kKVBytes, first,
+                      at_row<T>(a.dv, a.sdv, b, seq.k_start + n0 + first, kvh), a.sdv.row, valid, lane);
+#endif
+}
+
+template <typename T, int kD>
+struct DkDv {
+  static cudaError_t run(const Shape& s, const BackwardArgs& a, bool with_dq, cudaStream_t stream) {
+    using Tl = BackwardTiles<kD>;
+    const dim3 grid((s.k_len + Tl::kBN - 1) / Tl::kBN, s.kv_heads, s.batch);
+    return with_dq ? launch_with_smem(backward_kernel<T, kD, true>, grid, Tl::kThreads, Tl::kSmem, stream, s, a)
+                   : launch_with_smem(backward_kernel<T, kD, false>, grid, Tl::kThreads, Tl::kSmem, stream, s, a);
+  }
+};
+
 }  // namespace
 
 cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream) {
   return dispatch<Forward>(type, shape.dim, shape, args, stream);
+}
+
+cudaError_t launch_dk_dv(DType type, const Shape& shape, const BackwardArgs& args, bool with_dq, cudaStream_t stream) {
+  return dispatch<DkDv>(type, shape.dim, shape, args, with_dq, stream);
 }
 
 }  // namespace scaletrain::attention::cuda::sm90

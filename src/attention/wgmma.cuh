@@ -70,18 +70,20 @@ struct Wgmma;
   "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
   "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
 
-// Wgmma<T, N> for the PTX type TY: ss (A and B from shared memory, both K-major) and rs (A from
-// registers, B from shared memory MN-major, stored [k][n]). A, B, ACC (ss) and RA, RB, RACC (rs):
-// the operand numbers of A, B and the accumulate flag after the N / 2 accumulators.
-#define SCALETRAIN_WGMMA(T, TY, N, DREGS, DOPS, A, B, ACC, RA, RB, RACC)                                      \
+// Wgmma<T, N> for the PTX type TY: ss (A and B from shared memory; K-major unless kTransA / kTransB
+// is 1: MN-major, A stored [k][m], B stored [k][n]) and rs (A from registers, B from shared memory
+// MN-major, stored [k][n]). A, B, ACC, TRANS (ss) and RA, RB, RACC (rs): the operand numbers of A,
+// B, the accumulate flag and the two transpose flags after the N / 2 accumulators.
+#define SCALETRAIN_WGMMA(T, TY, N, DREGS, DOPS, A, B, ACC, TRANS, RA, RB, RACC)                                      \
   template <>                                                                                                  \
   struct Wgmma<T, N> {                                                                                          \
+    template <int kTransA = 0, int kTransB = 0>                                                                \
     __device__ __forceinline__ static void ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {     \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ACC ", 0;\n"                                             \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" DREGS "}, " A ", " B         \
-                   ", p, 1, 1, 0, 0;\n}\n"                                                                      \
+                   ", p, 1, 1, " TRANS ";\n}\n"                                                                 \
                    : DOPS                                                                                      \
-                   : "l"(a), "l"(b), "r"(accumulate));                                                         \
+                   : "l"(a), "l"(b), "r"(accumulate), "n"(kTransA), "n"(kTransB));                             \
     }                                                                                                          \
     __device__ __forceinline__ static void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b,            \
                                               int accumulate) {                                                \
@@ -94,10 +96,11 @@ struct Wgmma;
   };
 
 #define SCALETRAIN_WGMMA_64(T, TY)                                                                           \
-  SCALETRAIN_WGMMA(T, TY, 64, SCALETRAIN_WGMMA_R32, SCALETRAIN_WGMMA_D32, "%32", "%33", "%34", "%32,%33,%34,%35", \
+  SCALETRAIN_WGMMA(T, TY, 64, SCALETRAIN_WGMMA_R32, SCALETRAIN_WGMMA_D32, "%32", "%33", "%34", "%35, %36", \
+                   "%32,%33,%34,%35", \
                    "%36", "%37")
 #define SCALETRAIN_WGMMA_128(T, TY)                                                                          \
-  SCALETRAIN_WGMMA(T, TY, 128, SCALETRAIN_WGMMA_R64, SCALETRAIN_WGMMA_D64, "%64", "%65", "%66",                 \
+  SCALETRAIN_WGMMA(T, TY, 128, SCALETRAIN_WGMMA_R64, SCALETRAIN_WGMMA_D64, "%64", "%65", "%66", "%67, %68", \
                    "%64,%65,%66,%67", "%68", "%69")
 SCALETRAIN_WGMMA_64(__nv_bfloat16, "bf16")
 SCALETRAIN_WGMMA_128(__nv_bfloat16, "bf16")

@@ -1,6 +1,7 @@
-// The Hopper flash attention forward (flash_attention_sm90.cu) against the portable one
-// (flash_attention.cu) without torch: outputs and log-sum-exps on odd shapes (GQA, q_len != k_len,
-// causal), every output written (poisoned first), then TFLOP/s of both on the benchmark's cases.
+// The Hopper flash attention kernels (flash_attention_sm90.cu) against the portable ones
+// (flash_attention.cu) without torch: outputs, log-sum-exps and the three gradients on odd shapes
+// (GQA, q_len != k_len, causal), every output written (poisoned first), then TFLOP/s of both,
+// forward and backward (2.5x the forward's FLOPs), on the benchmark's cases.
 // With an argument, only three small cases (for compute-sanitizer). Built and run on a Hopper GPU
 // by tools/gpu/flash_sm90_check.sh.
 #include <cstdio>
@@ -17,6 +18,97 @@ using namespace scaletrain::attention::cuda;
 struct Case { int B, H, KVH, Lq, Lk, D; bool causal; };
 
 static float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+static void use_hopper(bool on) { setenv("SCALETRAIN_FLASH_SM90", on ? "1" : "0", 1); }
+
+// Relative RMS difference of two device bf16 buffers (y against x), the largest absolute one, and
+// how many of y are not finite.
+static bool compare(const char* what, const __nv_bfloat16* x_dev, const __nv_bfloat16* y_dev, size_t n, double tol) {
+  std::vector<__nv_bfloat16> x(n), y(n);
+  CK(cudaMemcpy(x.data(), x_dev, n * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(y.data(), y_dev, n * 2, cudaMemcpyDeviceToHost));
+  double num = 0, den = 0, maxd = 0;
+  size_t nonfinite = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float a = bf2f(x[i]), b = bf2f(y[i]);
+    if (!std::isfinite(b)) { ++nonfinite; continue; }
+    num += (a - b) * (a - b); den += a * a; maxd = std::max(maxd, (double)std::fabs(a - b));
+  }
+  const double rel = std::sqrt(num / std::max(den, 1e-30));
+  const bool bad = nonfinite || rel > tol;
+  printf(" %s rel %.2e max %.3e%s%s", what, rel, maxd, nonfinite ? " NONFINITE" : "", bad ? " BAD" : "");
+  return bad;
+}
+
+static __global__ void scale_to_bf16(const float* x, __nv_bfloat16* y, size_t n, float scale) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16(x[i] * scale);
+}
+
+template <typename F>
+static float median_ms(F&& fn) {
+  cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+  std::vector<float> ts;
+  for (int it = 0; it < 30; ++it) {
+    CK(cudaEventRecord(e0));
+    fn();
+    CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
+    float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); if (it >= 5) ts.push_back(ms);
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+// Backward of both kernels on the same inputs (the portable forward's out and lse): dq, dk, dv
+// compared; then timed.
+static int run_backward(const Case& c, const Shape& s, const ForwardArgs& f, bool time_it) {
+  const size_t nq = (size_t)c.B * c.Lq * c.H * c.D, nk = (size_t)c.B * c.Lk * c.KVH * c.D, nl = (size_t)c.B * c.H * c.Lq;
+  std::vector<__nv_bfloat16> hdo(nq);
+  for (auto& x : hdo) x = __float2bfloat16((rand() / (float)RAND_MAX - 0.5f) * 2.f);
+  __nv_bfloat16 *dout, *dq[2], *dk[2], *dv[2];
+  float *delta, *acc;
+  CK(cudaMalloc(&dout, nq * 2)); CK(cudaMalloc(&delta, nl * 4)); CK(cudaMalloc(&acc, nq * 4));
+  CK(cudaMemcpy(dout, hdo.data(), nq * 2, cudaMemcpyHostToDevice));
+  for (int i = 0; i < 2; ++i) {
+    CK(cudaMalloc(&dq[i], nq * 2)); CK(cudaMalloc(&dk[i], nk * 2)); CK(cudaMalloc(&dv[i], nk * 2));
+    CK(cudaMemset(dk[i], 0xff, nk * 2)); CK(cudaMemset(dv[i], 0xff, nk * 2));
+  }
+  BackwardArgs a{};
+  a.q = f.q; a.k = f.k; a.v = f.v; a.out = f.out; a.dout = dout;
+  a.sq = f.sq; a.sk = f.sk; a.sv = f.sv; a.so = f.so; a.sdo = f.sq;
+  a.lse = f.lse; a.delta = delta; a.sl = f.sl; a.dq_accum = acc; a.sdq = f.sq;
+  a.sdk = f.sk; a.sdv = f.sk;
+  int bad = 0;
+  printf("  backward:");
+  for (int i = 0; i < 2; ++i) {
+    use_hopper(i == 1);
+    a.dk = dk[i]; a.dv = dv[i];
+    CK(cudaMemset(acc, 0, nq * 4));
+    CK(launch_backward(DType::bf16, s, a, false, 0));
+    scale_to_bf16<<<1024, 256>>>(acc, dq[i], nq, s.scale);
+    CK(cudaDeviceSynchronize());
+  }
+  bad += compare("dq", dq[0], dq[1], nq, 1e-2);
+  bad += compare("dk", dk[0], dk[1], nk, 1e-2);
+  bad += compare("dv", dv[0], dv[1], nk, 1e-2);
+  printf("%s\n", bad ? "  BAD" : "  ok");
+  if (time_it) {
+    const double flops = 2.5 * 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
+    float ms[2];
+    for (int i = 0; i < 2; ++i) {
+      use_hopper(i == 1);
+      ms[i] = median_ms([&] {
+        CK(cudaMemsetAsync(acc, 0, nq * 4));
+        CK(launch_backward(DType::bf16, s, a, false, 0));
+      });
+    }
+    printf("time bwd hd%d s%d %s: mma.sync %.1f TFLOP/s, wgmma %.1f TFLOP/s, %.2fx (dq_accum memset included)\n", c.D,
+           c.Lq, c.causal ? "causal" : "nc", flops / ms[0] / 1e9, flops / ms[1] / 1e9, ms[0] / ms[1]);
+  }
+  cudaFree(dout); cudaFree(delta); cudaFree(acc);
+  for (int i = 0; i < 2; ++i) { cudaFree(dq[i]); cudaFree(dk[i]); cudaFree(dv[i]); }
+  return bad;
+}
 
 int run(const Case& c, bool time_it, bool check) {
   size_t nq = (size_t)c.B * c.Lq * c.H * c.D, nk = (size_t)c.B * c.Lk * c.KVH * c.D;
@@ -46,7 +138,7 @@ int run(const Case& c, bool time_it, bool check) {
   a1.sl = {(int64_t)c.H * c.Lq, 1, c.Lq};
   ForwardArgs a2 = a1;
   a1.out = o1; a1.lse = l1; a2.out = o2; a2.lse = l2;
-  setenv("SCALETRAIN_FLASH_SM90", "0", 1);
+  use_hopper(false);
   CK(launch_forward(DType::bf16, s, a1, 0));
   CK(sm90::launch_forward(DType::bf16, s, a2, 0));
   CK(cudaDeviceSynchronize());
@@ -79,22 +171,14 @@ int run(const Case& c, bool time_it, bool check) {
     printf("\n");
   }
   if (time_it) {
-    cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    use_hopper(false);
     double flops = 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
-    float best[2];
-    for (int which = 0; which < 2; ++which) {
-      std::vector<float> ts;
-      for (int it = 0; it < 30; ++it) {
-        CK(cudaEventRecord(e0));
-        if (which == 0) CK(launch_forward(DType::bf16, s, a1, 0)); else CK(sm90::launch_forward(DType::bf16, s, a2, 0));
-        CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
-        float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); if (it >= 5) ts.push_back(ms);
-      }
-      std::sort(ts.begin(), ts.end()); best[which] = ts[ts.size() / 2];
-    }
+    const float ms0 = median_ms([&] { CK(launch_forward(DType::bf16, s, a1, 0)); });
+    const float ms1 = median_ms([&] { CK(sm90::launch_forward(DType::bf16, s, a2, 0)); });
     printf("time hd%d s%d %s: mma.sync %.1f TFLOP/s, wgmma %.1f TFLOP/s, %.2fx\n", c.D, c.Lq, c.causal ? "causal" : "nc",
-           flops / best[0] / 1e9, flops / best[1] / 1e9, best[0] / best[1]);
+           flops / ms0 / 1e9, flops / ms1 / 1e9, ms0 / ms1);
   }
+  if (check) bad += run_backward(c, s, a1, time_it);
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o1); cudaFree(o2); cudaFree(l1); cudaFree(l2);
   return bad;
 }

@@ -10,8 +10,8 @@
 // CPU tensors: at::parallel_for over sequences and key/value heads; fp32, bf16 and fp16 inputs,
 // fp32 arithmetic, head_dim up to 256. CUDA tensors (builds with CUDA, sm_80 and later): tensor-core
 // kernels for bf16 and fp16 with head_dim 64 or 128, fp32 accumulation, any strides with a dense
-// head_dim (rows not 16-byte aligned are copied first); on Hopper (sm_90) the forward runs on
-// warpgroup MMAs (cuda_hopper_forward()).
+// head_dim (rows not 16-byte aligned are copied first); on Hopper (sm_90) the forward and the
+// backward run on warpgroup MMAs (cuda_hopper_kernels()).
 //
 // Semantics:
 // - Layout of torch's scaled_dot_product_attention: q (batch, heads, q_len, head_dim), k and v
@@ -34,11 +34,11 @@ namespace scaletrain::attention {
 // Whether this build's CUDA kernels take `head_dim` (64 and 128; none in a build without CUDA).
 bool cuda_supports_head_dim(int64_t head_dim);
 
-// Whether a forward on the current CUDA device runs the Hopper kernel (wgmma, sm_90a):
-// a build for sm_90, a device of compute capability 9.0, and SCALETRAIN_FLASH_SM90 not "0" in the
-// environment (read at each call; "0" selects the portable mma.sync kernel). The backward and
-// other devices use the portable kernels.
-bool cuda_hopper_forward();
+// Whether the forward and backward on the current CUDA device run the Hopper kernels (wgmma,
+// sm_90a): a build for sm_90, a device of compute capability 9.0, and SCALETRAIN_FLASH_SM90 not "0"
+// in the environment (read at each call; "0" selects the portable mma.sync kernels, which other
+// devices run). The deterministic backward's dQ kernel is the portable one on every device.
+bool cuda_hopper_kernels();
 
 // Differentiable in q, k and v. Output in q's dtype and layout (batch, heads, q_len, head_dim).
 at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal = false,

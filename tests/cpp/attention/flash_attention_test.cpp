@@ -263,28 +263,28 @@ TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
   EXPECT_TRUE(at::equal(out, dense.out));
 }
 
-// SCALETRAIN_FLASH_SM90 set for a scope (the forward reads it at each call), restored after.
-class ForwardKernelEnv {
+// SCALETRAIN_FLASH_SM90 set for a scope (the kernels read it at each call), restored after.
+class KernelEnv {
  public:
-  explicit ForwardKernelEnv(const char* value) {
+  explicit KernelEnv(const char* value) {
     if (const char* old = std::getenv(kName)) old_ = old;
     ::setenv(kName, value, 1);
   }
-  ~ForwardKernelEnv() { old_ ? (void)::setenv(kName, old_->c_str(), 1) : (void)::unsetenv(kName); }
+  ~KernelEnv() { old_ ? (void)::setenv(kName, old_->c_str(), 1) : (void)::unsetenv(kName); }
 
  private:
   static constexpr const char* kName = "SCALETRAIN_FLASH_SM90";
   std::optional<std::string> old_;
 };
 
-// On a Hopper GPU the forward runs the wgmma kernel (the tests above check it against fp64); the
-// portable mma.sync forward, which other GPUs run, is checked here on the same grid with the
-// Hopper kernel switched off.
-TEST(FlashAttention, CudaPortableForwardOnHopperWithinTwiceTorchSdpaErrorOfFp64) {
+// On a Hopper GPU the forward and backward run the wgmma kernels (the tests above check them
+// against fp64); the portable mma.sync kernels, which other GPUs run, are checked here on the same
+// grid with the Hopper kernels switched off.
+TEST(FlashAttention, CudaPortableKernelsOnHopperWithinTwiceTorchSdpaErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
-  if (!cuda_hopper_forward()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90): the tests above ran it";
-  const ForwardKernelEnv portable("0");
-  ASSERT_FALSE(cuda_hopper_forward());
+  if (!cuda_hopper_kernels()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90): the tests above ran it";
+  const KernelEnv portable("0");
+  ASSERT_FALSE(cuda_hopper_kernels());
   const at::Device gpu(at::kCUDA);
   for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
     for (int64_t dim : {64, 128})
@@ -296,11 +296,12 @@ TEST(FlashAttention, CudaPortableForwardOnHopperWithinTwiceTorchSdpaErrorOfFp64)
           check_against_fp64(c);
 }
 
-// The two forwards on one input (odd lengths, GQA, a query block longer than the keys): outputs
-// within a rounding of each other and log-sum-exps within fp32 noise; rows without keys zero in both.
-TEST(FlashAttention, CudaHopperForwardMatchesPortable) {
+// The two kernel sets on one input (odd lengths, GQA, a query block longer than the keys): outputs
+// and gradients within a rounding of each other, log-sum-exps within fp32 noise; rows without keys
+// zero in both.
+TEST(FlashAttention, CudaHopperKernelsMatchPortable) {
   SCALETRAIN_REQUIRE_CUDA();
-  if (!cuda_hopper_forward()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
+  if (!cuda_hopper_kernels()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
   for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
     for (int64_t dim : {64, 128})
       for (bool causal : {false, true})
@@ -310,11 +311,16 @@ TEST(FlashAttention, CudaHopperForwardMatchesPortable) {
           at::manual_seed(lq + lk + dim);
           const auto o = at::TensorOptions().dtype(dtype).device(at::kCUDA);
           const auto q = at::randn({2, 4, lq, dim}, o), k = at::randn({2, 2, lk, dim}, o), v = at::randn({2, 2, lk, dim}, o);
+          const auto dout = at::randn({2, 4, lq, dim}, o);
+          const auto attend = [&](auto& a, auto& b, auto& d) { return flash_attention(a, b, d, causal); };
           const auto [out, lse] = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+          const Grads hopper = run(q, k, v, dout, attend);
           at::Tensor out0, lse0;
+          Grads portable_grads;
           {
-            const ForwardKernelEnv portable("0");
+            const KernelEnv portable("0");
             std::tie(out0, lse0) = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+            portable_grads = run(q, k, v, dout, attend);
           }
           const double eps = dtype == at::kHalf ? 9.8e-4 : 7.9e-3;
           EXPECT_LE(max_err(out, out0.to(at::kDouble)), 2 * eps * out0.abs().max().item<double>());
@@ -322,6 +328,13 @@ TEST(FlashAttention, CudaHopperForwardMatchesPortable) {
           EXPECT_TRUE(at::equal(seen, lse.isfinite()));
           EXPECT_LE(max_err(lse.masked_fill(seen.logical_not(), 0), lse0.masked_fill(seen.logical_not(), 0).to(at::kDouble)),
                     1e-4);
+          const char* names[3] = {"dq", "dk", "dv"};
+          const at::Tensor Grads::*fields[3] = {&Grads::dq, &Grads::dk, &Grads::dv};
+          for (int i = 0; i < 3; ++i) {
+            const at::Tensor& want = portable_grads.*fields[i];
+            EXPECT_LE(max_err(hopper.*fields[i], want.to(at::kDouble)), 2 * eps * want.abs().max().item<double>())
+                << names[i];
+          }
         }
 }
 
