@@ -1,7 +1,9 @@
-// The Hopper forward of flash attention (sm_90a only: wgmma). Same algorithm, arguments and results
-// as forward_kernel of flash_attention.cu; the matrix products run on warpgroup MMAs.
+// The Hopper kernels of flash attention (sm_90a only: wgmma): the forward and the dK/dV(/dQ)
+// backward. Same algorithms, arguments and results as forward_kernel and the dK/dV kernels of
+// flash_attention.cu; the matrix products run on warpgroup MMAs. (The delta pre-pass and the
+// deterministic dQ kernel are the portable ones.)
 //
-// One block of kWarpgroups warpgroups per (kBM = 64 kWarpgroups query rows, head, sequence); each
+// Forward: one block of kWarpgroups warpgroups per (kBM = 64 kWarpgroups query rows, head, sequence); each
 // warpgroup owns 64 rows. Q, K and V tiles sit in shared memory in the 128-byte swizzle that wgmma
 // reads through matrix descriptors: a tile of R rows and D columns is D / 64 slabs of R rows x 128
 // bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8) (sw128). S = Q K^T takes both
@@ -75,13 +77,15 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kD / 2], float mul
   }
 }
 
+// head_dim 64: tiles of 64 keys and two blocks per multiprocessor (126 registers per thread), so
+// that one block's softmax runs while the other's products do (1.18-1.35x one block with tiles
+// of 128 keys on an H200). head_dim 128, whose output accumulators alone take 64 registers: one block
+// of two warpgroups with tiles of 128 keys (one warpgroup per block, tiles of 64 keys and two
+// blocks per multiprocessor measured 0.80-0.95x of it).
 template <int kD>
 struct Tiles {
-#ifndef SCALETRAIN_SM90_FWD_HD64_BN
-#define SCALETRAIN_SM90_FWD_HD64_BN 128
-#endif
-  static constexpr int kWarpgroups = 2, kBM = 64 * kWarpgroups, kBN = kD <= 64 ? SCALETRAIN_SM90_FWD_HD64_BN : 128, kThreads = 128 * kWarpgroups;
-  static constexpr int kMinBlocks = kBN == 64 ? 2 : 1;
+  static constexpr int kWarpgroups = 2, kBM = 64 * kWarpgroups, kBN = kD <= 64 ? 64 : 128;
+  static constexpr int kThreads = 128 * kWarpgroups, kMinBlocks = kD <= 64 ? 2 : 1;
   static constexpr int kQBytes = kBM * kD * 2, kKVBytes = kBN * kD * 2;
   // Q, two K and two V buffers, and slack to align the start to 1024 bytes.
   static constexpr int kSmem = kQBytes + 4 * kKVBytes + 1024;
