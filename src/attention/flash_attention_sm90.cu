@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
   const int row_a = m0 + first + (lane >> 2);  // rows row_a and row_a + 8
   uint32_t pf[kBN / 16][4];                    // P of the last tile, the A operand of O += P V
 
-  // At the top of step t (every warpgroup done with step t - 1): K of tile t and V of tile t - 1
-  // are in; K of tile t + 1 starts loading into the buffer of K(t - 1) and V of tile t into that
-  // of V(t - 2).
+  // At the top of step t >= 1 (every warpgroup done with step t - 1): K of tile t and V of tile
+  // t - 1 are in; K of tile t + 1 starts loading into the buffer of K(t - 1) and V of tile t into
+  // that of V(t - 2).
   auto top = [&](int t) {
     cp_async_wait<0>();
     fence_proxy_async();  // the tiles written by cp.async are read by wgmma (the async proxy)
@@ -181,10 +181,18 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
   // cores work on the P V product of tile t - 1. Step 0 (no P yet) is peeled off the loop, and the
   // last P V product follows it.
   if (n_tiles > 0) {
+    // Step 0's loads (Q and K(0)) and step 1's (K(1) and V(0)) as two groups, all issued before
+    // the first wait, so that a short sequence's first steps do not wait twice.
     load_tile<kBM, kD, kThreads>(sQ, q, a.sq.row, seq.lq - m0, safe);
     load_tile<kBN, kD, kThreads>(sK, k, a.sk.row, seq.lk, safe);
     cp_async_commit();
-    top(0);
+    if (n_tiles > 1)
+      load_tile<kBN, kD, kThreads>(sK + Tl::kKVBytes, k + kBN * a.sk.row, a.sk.row, seq.lk - kBN, safe);
+    load_tile<kBN, kD, kThreads>(sV, v, a.sv.row, seq.lk, safe);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
     wgmma_fence();
     issue_s(0);
     wgmma_wait<0>();
