@@ -12,8 +12,8 @@ saved log-sum-exp.
   key gets a zero output and zero gradients.
 - scale defaults to 1 / sqrt(head_dim).
 - CPU tensors: float32, bfloat16 or float16, head_dim up to 256. CUDA tensors: bfloat16 or
-  float16, head_dim 64 or 128, tensor-core kernels (sm_80 and later; on sm_90 the forward runs on
-  warpgroup MMAs unless SCALETRAIN_FLASH_SM90=0 is set). fp32 accumulation on both.
+  float16, head_dim 64 or 128, tensor-core kernels (sm_80 and later; on sm_90 the forward and
+  backward run on warpgroup MMAs unless SCALETRAIN_FLASH_SM90=0 is set). fp32 accumulation on both.
 
 Both are built on the dispatcher operators ``torch.ops.scaletrain.flash_attention_forward`` and
 ``flash_attention_backward`` (with fake-tensor kernels and an autograd formula registered here), so
