@@ -33,6 +33,14 @@ __device__ __forceinline__ uint32_t sw128(int row, int col) {
   return (col >> 6) * (kRows * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
 
+// The first 1024-aligned byte of the dynamic shared memory (sw128 tiles need that alignment): its
+// shared-space address, and its generic pointer in `generic`.
+__device__ __forceinline__ uint32_t align_1024(unsigned char* raw, unsigned char*& generic) {
+  const uint32_t address = smem_u32(raw), aligned = (address + 1023) & ~1023u;
+  generic = raw + (aligned - address);
+  return aligned;
+}
+
 // The accumulators of m64nNk16 (N / 2 floats per thread) as N / 8 m16n8 blocks of 4, the layout the
 // shared softmax of flash_attention_common.cuh takes: the same registers.
 template <int N>
@@ -97,9 +105,8 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
   using Tl = Tiles<kD>;
   constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kThreads = Tl::kThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t sQ = (raw + 1023) & ~1023u;
-  unsigned char* smem = smem_raw + (sQ - raw);  // generic pointer of sQ
+  unsigned char* smem;  // generic pointer of sQ
+  const uint32_t sQ = align_1024(smem_raw, smem);
   const uint32_t sK = sQ + Tl::kQBytes, sV = sK + 2 * Tl::kKVBytes;  // buffer i at + i * kKVBytes
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // the longest causal rows first
@@ -267,9 +274,8 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
   using Tl = BackwardTiles<kD>;
   constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kThreads = Tl::kThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t sK = (raw + 1023) & ~1023u;
-  unsigned char* smem = smem_raw + (sK - raw);  // generic pointer of sK
+  unsigned char* smem;  // generic pointer of sK
+  const uint32_t sK = align_1024(smem_raw, smem);
   const uint32_t sV = sK + Tl::kKVBytes, sQ = sV + Tl::kKVBytes;  // Q and dO buffer i at + i * kQBytes
   const uint32_t sdO = sQ + 2 * Tl::kQBytes, sdS = sdO + 2 * Tl::kQBytes;
   float* sLse = reinterpret_cast<float*>(smem + (sdS + Tl::kSBytes - sK));  // buffer i at + i * kBM
