@@ -208,6 +208,8 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
     make_p();
     for (int t = 1; t < n_tiles; ++t) {
       top(t);
+      fence_operands(acc_o);  // the rescaled O and the new P are written before the wgmmas read them
+      fence_operands(pf);
       wgmma_fence();
       issue_s(t);
       issue_pv(t - 1);
@@ -220,6 +222,8 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
       make_p();
     }
     top(n_tiles);  // V of the last tile is in
+    fence_operands(acc_o);
+    fence_operands(pf);
     wgmma_fence();
     issue_pv(n_tiles - 1);
     wgmma_wait<0>();
