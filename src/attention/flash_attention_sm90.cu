@@ -328,22 +328,20 @@ __global__ void __launch_bounds__(BackwardTiles<kD>::kThreads, 1) backward_kerne
       cp_async_commit();
     }
     const uint32_t q_tile = sQ + buf * Tl::kQBytes, do_tile = sdO + buf * Tl::kQBytes;
-    // S^T = K Q^T, dP^T = V dO^T: kD / 16 steps of k16 each.
+    // S^T = K Q^T, dP^T = V dO^T: kD / 16 steps of k16 each (keys: this warpgroup's 64 rows).
+    auto keys_times_queries = [&](float (&acc)[kBM / 2], uint32_t key_tile, uint32_t query_tile) {
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const int col = kk * 16;
+        const uint32_t a_off = (col >> 6) * (kBN * 128) + wg * 64 * 128 + (col & 63) * 2;
+        const uint32_t b_off = (col >> 6) * (kBM * 128) + (col & 63) * 2;
+        Wgmma<T, kBM>::ss(acc, matrix_desc(key_tile + a_off, 16, 1024), matrix_desc(query_tile + b_off, 16, 1024),
+                          kk > 0);
+      }
+    };
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const int col = kk * 16;
-      const uint32_t a_off = (col >> 6) * (kBN * 128) + wg * 64 * 128 + (col & 63) * 2;
-      const uint32_t b_off = (col >> 6) * (kBM * 128) + (col & 63) * 2;
-      Wgmma<T, kBM>::ss(acc_s, matrix_desc(sK + a_off, 16, 1024), matrix_desc(q_tile + b_off, 16, 1024), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const int col = kk * 16;
-      const uint32_t a_off = (col >> 6) * (kBN * 128) + wg * 64 * 128 + (col & 63) * 2;
-      const uint32_t b_off = (col >> 6) * (kBM * 128) + (col & 63) * 2;
-      Wgmma<T, kBM>::ss(acc_dp, matrix_desc(sV + a_off, 16, 1024), matrix_desc(do_tile + b_off, 16, 1024), kk > 0);
-    }
+    keys_times_queries(acc_s, sK, q_tile);
+    keys_times_queries(acc_dp, sV, do_tile);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc_s);
