@@ -33,10 +33,16 @@ SHAPES = (
 )
 
 
-def timed(fn, restore, iters, warmup):
+def timed(fn, restore, iters, warmup, queued=False):
+    """Median ms of fn between CUDA events. queued=True first puts a ~5 ms sleep kernel on the
+    stream, so fn's launches wait in the queue and the events time the device's work alone (as
+    in a training loop, where the host runs ahead of the GPU); otherwise a host slower than the
+    kernels shows in the time."""
     times = []
     for i in range(warmup + iters):
         restore()
+        if queued:
+            torch.cuda._sleep(10_000_000)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

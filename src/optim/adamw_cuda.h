@@ -33,8 +33,9 @@ struct Hyper {
   double weight_decay;
 };
 
-// Elements handled by one thread block.
-constexpr int64_t kChunkElements = 65536;
+// Elements handled by one thread block (16384: 448 KB of traffic; with fewer, longer blocks the
+// last wave leaves the GPU part-idle longer: 65536 took 2% more time on GPT-2 124M on an H200).
+constexpr int64_t kChunkElements = 16384;
 inline int64_t chunks_of(int64_t numel) { return (numel + kChunkElements - 1) / kChunkElements; }
 
 // One AdamW step (torch.optim.AdamW's arithmetic, bias corrections in double) over `count`

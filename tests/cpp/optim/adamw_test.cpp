@@ -23,7 +23,7 @@ std::vector<at::Tensor> make_params(const at::TensorOptions& options, bool many)
   at::manual_seed(11);
   std::vector<int64_t> sizes = {1, 7, 1000, 70001, 4096, 3};
   if (many)
-    for (int i = 0; i < 60; ++i) sizes.push_back(1 + (i * 997) % 5003);
+    for (int i = 0; i < 260; ++i) sizes.push_back(1 + (i * 997) % 5003);  // > 256 tensors: two launches
   std::vector<at::Tensor> params;
   for (const int64_t n : sizes) params.push_back(at::randn({n}, options).requires_grad_(true));
   return params;
