@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
@@ -385,6 +387,75 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// out = a b, or out += a b with `accumulate`, out in fp32 (or fp64): cuBLAS's fp32-output GEMM for
+// bf16 / fp16 operands on CUDA, else the operands converted to out's dtype.
+void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool low = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (low && a.is_cuda()) {
+    if (accumulate) at::addmm_out(out, out, a, b, at::kFloat);
+    else at::mm_out(out, a, b, at::kFloat);
+    return;
+  }
+  const auto wide_a = a.to(out.scalar_type()), wide_b = b.to(out.scalar_type());
+  if (accumulate) out.addmm_(wide_a, wide_b);
+  else at::mm_out(out, wide_a, wide_b);
+}
+
+class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  // hidden (rows, features), weight (columns, features), targets (rows) int64 dense; the GEMMs in
+  // `dtype`. with_grad: make d hidden and d weight (for d loss = 1) chunk by chunk.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                            const at::Tensor& targets, int64_t classes, int64_t ignore_index, bool mean,
+                            int64_t chunk_rows, at::ScalarType dtype, bool with_grad) {
+    // The casts are made here, once: autocast would cast again (and not to fp32 outputs).
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto h = hidden.to(dtype), w = weight.to(dtype);
+    const int64_t rows = h.size(0);
+    const auto wide = h.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
+    auto loss = at::zeros({}, wide);
+    at::Tensor grad_hidden, grad_weight, unit;
+    if (with_grad) {
+      grad_hidden = at::empty({rows, h.size(1)}, wide);
+      grad_weight = at::zeros({w.size(0), w.size(1)}, wide);
+      unit = at::ones({}, wide);  // d loss / d loss_rows of every row; backward applies the real one
+    }
+    for (int64_t first = 0; first < rows; first += chunk_rows) {
+      const int64_t n = std::min(chunk_rows, rows - first);
+      const auto h_chunk = h.narrow(0, first, n), t_chunk = targets.narrow(0, first, n);
+      const auto logits = at::mm(h_chunk, w.t());
+      const auto [loss_rows, lse] = cross_entropy_rows_impl(logits, t_chunk, classes, ignore_index);
+      loss.add_(loss_rows.sum());
+      if (!with_grad) continue;
+      const auto grad_logits = cross_entropy_rows_backward_impl(unit, logits, t_chunk, lse, classes, ignore_index);
+      matmul_into(grad_hidden.narrow(0, first, n), grad_logits, w, false);
+      matmul_into(grad_weight, grad_logits.t(), h_chunk, true);
+    }
+    at::Tensor count;
+    if (mean) {
+      count = targets.ne(ignore_index).sum().to(loss.scalar_type());
+      loss = loss / count;
+    }
+    ctx->save_for_backward({grad_hidden, grad_weight, count});
+    ctx->saved_data["hidden_type"] = hidden.scalar_type();
+    ctx->saved_data["weight_type"] = weight.scalar_type();
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_hidden = saved[0], &grad_weight = saved[1], &count = saved[2];
+    variable_list out(9);
+    if (!grad_hidden.defined()) return out;
+    auto factor = grads[0].to(grad_hidden.scalar_type());
+    // A mean over no rows: NaN loss, zero gradients (every row's logits gradient is zero), as cross_entropy.
+    if (count.defined()) factor = at::where(count > 0, factor / count, at::zeros_like(factor));
+    out[0] = (grad_hidden * factor).to(ctx->saved_data["hidden_type"].toScalarType());
+    out[1] = (grad_weight * factor).to(ctx->saved_data["weight_type"].toScalarType());
+    return out;
+  }
+};
+
 // Messages from std::to_string, not integers streamed by c10::str: on the GPU host (Ubuntu 24.04,
 // g++ 13) these checks segfaulted when the error carried a streamed int64 to Python, while one
 // streaming only a dtype and strings raised. Flash attention's checks build strings too.
@@ -493,6 +564,42 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
               " rows, at most 2^31 - 1 (one CUDA block each)");
   return CrossEntropyFunction::apply(rows, targets.reshape({-1}).contiguous(), classes, ignore_index,
                                      reduction == LossReduction::mean);
+}
+
+at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                                int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows) {
+  const std::string what = "linear_cross_entropy";
+  if (!hidden.defined() || hidden.dim() < 1 || !at::isFloatingType(hidden.scalar_type()))
+    value_error(what + ": hidden must be a floating-point tensor (..., features)");
+  if (!weight.defined() || weight.dim() != 2 || weight.size(1) != hidden.size(-1) ||
+      !at::isFloatingType(weight.scalar_type()))
+    value_error(what + ": weight must be floating point (columns, " + std::to_string(hidden.size(-1)) + "), got " +
+                (weight.defined() ? shape_text(weight.sizes()) : std::string("undefined")));
+  if (weight.device() != hidden.device())
+    value_error(what + ": weight is on " + weight.device().str() + ", hidden on " + hidden.device().str());
+  const int64_t rows = hidden.numel() / std::max<int64_t>(hidden.size(-1), 1);
+  if (!targets.defined() || targets.scalar_type() != at::kLong || targets.numel() != rows ||
+      targets.device() != hidden.device())
+    value_error(what + ": targets must be int64 on " + hidden.device().str() + " with one target per row of hidden (" +
+                std::to_string(rows) + "), got " +
+                (targets.defined() ? shape_text(targets.sizes()) + " " + c10::toString(targets.scalar_type()) + " on " +
+                                         targets.device().str()
+                                   : std::string("undefined")));
+  if (classes < 1 || classes > weight.size(0))
+    value_error(what + ": classes = " + std::to_string(classes) + ", expected 1.." + std::to_string(weight.size(0)) +
+                " (weight's rows)");
+  if (chunk_rows < 1) value_error(what + ": chunk_rows = " + std::to_string(chunk_rows) + ", expected >= 1");
+  check_cuda_built(hidden, what.c_str());
+  // The GEMMs' dtype: what linear would use (autocast's, else the inputs').
+  at::ScalarType dtype = hidden.scalar_type();
+  const auto device_type = hidden.device().type();
+  if (dtype != at::kDouble && at::autocast::is_autocast_available(device_type) &&
+      at::autocast::is_autocast_enabled(device_type))
+    dtype = at::autocast::get_autocast_dtype(device_type);
+  const bool with_grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
+  return LinearCrossEntropyFunction::apply(hidden.reshape({rows, hidden.size(-1)}), weight,
+                                           targets.reshape({-1}).contiguous(), classes, ignore_index,
+                                           reduction == LossReduction::mean, chunk_rows, dtype, with_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets,

@@ -123,6 +123,14 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
 }
 
 at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext& context) {
+  return run_model(tokens, context, [this](const at::Tensor& last) {
+    return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last);
+  });
+}
+
+const at::Tensor& GPTImpl::output_weight() const { return options_.tie_embeddings() ? wte->weight : lm_head->weight; }
+
+at::Tensor GPTImpl::run_model(const at::Tensor& tokens, const ForwardContext& context, const Head& head) {
   TORCH_CHECK(tokens.dim() == 2, "GPT: tokens must be (batch, seq), got ", tokens.sizes());
   const int64_t batch = tokens.size(0), seq = tokens.size(1);
   const int64_t offset = context.cache ? context.cache->length : 0;
@@ -168,10 +176,7 @@ at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext
   }
   if (context.cache) context.cache->length += seq;
   // The head (unit 0 again): its backward comes first and the last block's next.
-  return run_unit({0, -1, n_layer}, [&] {
-    auto last = ln_f(x);
-    return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last);
-  });
+  return run_unit({0, -1, n_layer}, [&] { return head(ln_f(x)); });
 }
 
 std::vector<int64_t> GPTImpl::parameter_units() const {
@@ -203,7 +208,13 @@ at::Tensor GPTImpl::forward_loss(const at::Tensor& tokens, const at::Tensor& tar
               tokens.sizes());
   // Over the padded logits: the loss takes the first vocab_size columns (fused: in the kernels,
   // the padding columns get zero gradient and nothing is copied).
-  return loss_over(padded_logits(tokens, {}), targets, options_.vocab_size(), ignore_index, reduction);
+  if (options_.loss_chunk_rows() == 0)
+    return loss_over(padded_logits(tokens, {}), targets, options_.vocab_size(), ignore_index, reduction);
+  // The output layer and the loss a chunk of rows at a time (the lm_head is bias-free).
+  return run_model(tokens, {}, [&](const at::Tensor& last) {
+    return linear_cross_entropy(last, output_weight(), targets, options_.vocab_size(), ignore_index, reduction,
+                                options_.loss_chunk_rows());
+  });
 }
 
 KVCache GPTImpl::make_cache(int64_t batch, int64_t capacity) const {

@@ -23,6 +23,9 @@ void GPTOptions::visit(core::FieldVisitor& v) {
           "recompute each block's activations in backward (less memory, ~1/3 more compute)");
   v.field("fused_ops", fused_ops(),
           "fused RoPE and cross-entropy kernels (false: the unfused reference expressions)");
+  v.field("loss_chunk_rows", loss_chunk_rows(),
+          "output layer and loss this many tokens at a time, never holding the whole batch's logits (0: all at once)",
+          core::between(0, 1 << 30));
 }
 
 void GPTOptions::validate() const {

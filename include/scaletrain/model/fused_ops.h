@@ -58,6 +58,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, 
                                                       int64_t classes, int64_t ignore_index = -100);
 at::Tensor cross_entropy_rows_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& targets,
                                        const at::Tensor& lse, int64_t classes, int64_t ignore_index = -100);
+// The output layer and the cross-entropy together, `chunk_rows` rows at a time: the loss of
+// cross_entropy(linear(hidden, weight), targets, classes, ...) without ever holding the logits of
+// more than one chunk (rows x weight's rows). When a gradient is wanted (grad mode on and hidden
+// or weight requiring one), each chunk's logits gradient is made in forward, right after its
+// loss, and folded into d hidden (fp32) and d weight (fp32 sums, cuBLAS on CUDA); backward only
+// scales them by the incoming gradient. hidden (..., features), weight (columns, features),
+// targets (...) int64 with one target per row of hidden. The GEMMs run in the autocast dtype when
+// autocast is on for hidden's device (as linear would), else in hidden's dtype; the logits'
+// gradient is (softmax - one_hot) unscaled, in that dtype. fp64 hidden: ATen's ops in fp64. Same
+// conventions as cross_entropy (ignore_index, NaN mean of no rows, columns past `classes` never
+// in the loss, zero gradient there). chunk_rows >= 1.
+at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                                int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows);
 // The unfused reference: narrow to `classes` columns, convert to (at least) fp32, ATen's
 // cross_entropy (log_softmax + nll_loss).
 at::Tensor cross_entropy_reference(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,

@@ -109,7 +109,9 @@ class GPTImpl : public torch::nn::Module {
   at::Tensor loss(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index = -100);
   // The training loss of `tokens` against `targets` (batch, seq): forward and cross-entropy in one,
   // over the padded output rows (with fused_ops no copy of the logits is made). Mean over the
-  // targets that are not `ignore_index`, or their sum.
+  // targets that are not `ignore_index`, or their sum. With options().loss_chunk_rows() > 0 the
+  // output layer and the loss run that many rows at a time (linear_cross_entropy): no logits of
+  // the whole batch are ever held.
   at::Tensor forward_loss(const at::Tensor& tokens, const at::Tensor& targets,
                           LossReduction reduction = LossReduction::mean, int64_t ignore_index = -100);
   // A cache for `batch` sequences of up to `capacity` tokens, on the model's device and dtype.
@@ -142,6 +144,11 @@ class GPTImpl : public torch::nn::Module {
   void init_weights();
   // (batch, seq, padded_vocab_size()) logits: padding columns included.
   at::Tensor padded_logits(const at::Tensor& tokens, const ForwardContext& context);
+  // The model up to the final norm, then `head` of its output (batch, seq, n_embd), in unit 0.
+  using Head = std::function<at::Tensor(const at::Tensor& last)>;
+  at::Tensor run_model(const at::Tensor& tokens, const ForwardContext& context, const Head& head);
+  // The output layer's weight (padded_vocab_size(), n_embd): wte's when tied.
+  const at::Tensor& output_weight() const;
   // Cross-entropy over the first `classes` columns: the fused kernel or the reference (fused_ops).
   at::Tensor loss_over(const at::Tensor& logits, const at::Tensor& targets, int64_t classes, int64_t ignore_index,
                        LossReduction reduction) const;

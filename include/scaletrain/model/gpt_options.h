@@ -45,6 +45,10 @@ struct GPTOptions {
   // cross-entropy over the padded low-precision logits (cross_entropy). false: the unfused ATen
   // expressions they replace (the reference; the same arithmetic, more passes and memory).
   TORCH_ARG(bool, fused_ops) = true;
+  // forward_loss computes the output layer and the cross-entropy this many rows (tokens) at a
+  // time, gradients included (linear_cross_entropy in model/fused_ops.h): the logits of the whole
+  // batch (rows x padded vocabulary) are never held. 0: the whole batch at once.
+  TORCH_ARG(int64_t, loss_chunk_rows) = 0;
 
  public:  // TORCH_ARG leaves the section private
   int64_t head_dim() const { return n_embd_ / n_head_; }

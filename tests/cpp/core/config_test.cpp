@@ -73,7 +73,8 @@ TEST(Config, WrongTypeNamesValueAndExpectation) {
             "test.yaml:2:14: model.attention: got 'sdp', expected one of math, sdpa, flash (did you mean 'sdpa'?)");
   EXPECT_EQ(error_of("model: 5\n"),
             "test.yaml:1:8: model: got '5', expected a mapping of keys (vocab_size, pad_vocab_to, block_size, n_layer, "
-            "n_head, n_embd, dropout, bias, tie_embeddings, attention, rope_base, activation_checkpointing, fused_ops)");
+            "n_head, n_embd, dropout, bias, tie_embeddings, attention, rope_base, activation_checkpointing, fused_ops, "
+            "loss_chunk_rows)");
 }
 
 TEST(Config, OutOfRangeAndNonFinite) {

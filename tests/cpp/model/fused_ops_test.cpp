@@ -242,14 +242,16 @@ TEST(FusedOps, CrossEntropyRejectsBadInputsByName) {
 
 // ---- the model with and without the fused kernels ----
 
+// The fused model (the output layer and loss `chunk_rows` rows at a time when > 0) against the
+// unfused reference, from the same weights.
 void check_model_fused_matches_unfused(at::Device device, bool autocast_bf16, double loss_tolerance,
-                                       double grad_tolerance) {
+                                       double grad_tolerance, int64_t chunk_rows = 0) {
   for (bool tied : {true, false}) {
     SCOPED_TRACE(tied ? "tied" : "untied");
     GPTOptions o;
     o.n_layer(2).n_head(2).n_embd(32).block_size(32).tie_embeddings(tied);  // 258 -> 320 rows
     torch::manual_seed(11);
-    GPT fused(o);
+    GPT fused(GPTOptions(o).loss_chunk_rows(chunk_rows));
     GPT unfused(GPTOptions(o).fused_ops(false));
     {
       torch::NoGradGuard no_grad;
@@ -289,6 +291,96 @@ void check_model_fused_matches_unfused(at::Device device, bool autocast_bf16, do
 
 TEST(FusedOps, GptForwardLossFusedMatchesUnfusedCpu) {
   check_model_fused_matches_unfused(at::kCPU, false, 1e-6, 1e-5);
+}
+
+// 96 rows in chunks of 7 (the last one short).
+TEST(FusedOps, GptForwardLossInChunksMatchesUnfusedCpu) {
+  check_model_fused_matches_unfused(at::kCPU, false, 1e-6, 1e-5, 7);
+}
+
+// ---- the output layer and the loss in chunks ----
+
+struct LinearLoss {
+  at::Tensor loss, grad_hidden, grad_weight;
+};
+
+// loss(hidden, weight) * 2.5 back-propagated (a scaled loss, as under a loss scaler).
+template <typename Op>
+LinearLoss run_linear_loss(Op op, const at::Tensor& hidden_in, const at::Tensor& weight_in) {
+  auto hidden = hidden_in.detach().clone().requires_grad_(true);
+  auto weight = weight_in.detach().clone().requires_grad_(true);
+  auto loss = op(hidden, weight);
+  (loss * 2.5).backward();
+  return {loss.detach(), hidden.grad(), weight.grad()};
+}
+
+// hidden (3, 11, 16) = 33 rows, weight (40, 16) of which the first `classes` rows are classes.
+void check_linear_cross_entropy(at::TensorOptions options, int64_t chunk_rows, double tolerance) {
+  const int64_t classes = 37;
+  const auto hidden = at::randn({3, 11, 16}, options.dtype(at::kFloat)).to(options.dtype());
+  const auto weight = (at::randn({40, 16}, options.dtype(at::kFloat)) * 0.5).to(options.dtype());
+  const auto targets = loss_targets(33, classes, options).view({3, 11});
+  for (auto reduction : {LossReduction::mean, LossReduction::sum}) {
+    SCOPED_TRACE(std::string(c10::toString(options.dtype().toScalarType())) + " chunk " + std::to_string(chunk_rows) +
+                 (reduction == LossReduction::mean ? " mean" : " sum"));
+    const auto chunked = run_linear_loss(
+        [&](const at::Tensor& h, const at::Tensor& w) {
+          return linear_cross_entropy(h, w, targets, classes, -100, reduction, chunk_rows);
+        },
+        hidden, weight);
+    const auto exact = run_linear_loss(
+        [&](const at::Tensor& h, const at::Tensor& w) {
+          return cross_entropy_reference(at::linear(h, w), targets.view({-1}), classes, -100, reduction);
+        },
+        hidden.to(at::kDouble), weight.to(at::kDouble));
+    EXPECT_EQ(chunked.grad_hidden.scalar_type(), hidden.scalar_type());
+    EXPECT_EQ(chunked.grad_weight.scalar_type(), weight.scalar_type());
+    EXPECT_LE(std::abs(chunked.loss.item<double>() - exact.loss.item<double>()),
+              tolerance * std::abs(exact.loss.item<double>()));
+    EXPECT_LE(max_diff(chunked.grad_hidden, exact.grad_hidden), tolerance * max_abs(exact.grad_hidden));
+    EXPECT_LE(max_diff(chunked.grad_weight, exact.grad_weight), tolerance * max_abs(exact.grad_weight));
+    EXPECT_EQ(max_abs(chunked.grad_weight.narrow(0, classes, 40 - classes)), 0.0);  // never in the loss
+    // Without a gradient wanted: the same loss, nothing kept for backward.
+    torch::NoGradGuard no_grad;
+    EXPECT_EQ(linear_cross_entropy(hidden, weight, targets, classes, -100, reduction, chunk_rows).item<double>(),
+              chunked.loss.item<double>());
+  }
+}
+
+TEST(FusedOps, LinearCrossEntropyCpuMatchesFp64) {
+  const auto cpu = at::TensorOptions();
+  for (int64_t chunk : {1, 4, 33, 1000}) check_linear_cross_entropy(cpu, chunk, 1e-5);
+  check_linear_cross_entropy(cpu.dtype(at::kDouble), 5, 1e-12);
+  check_linear_cross_entropy(cpu.dtype(at::kBFloat16), 8, 1.0 / 32);
+}
+
+TEST(FusedOps, LinearCrossEntropyAllIgnoredIsNanForMeanWithZeroGradients) {
+  const auto hidden = at::randn({6, 8}), weight = at::randn({10, 8});
+  const auto targets = at::full({6}, -100, at::kLong);
+  const auto mean = run_linear_loss(
+      [&](const at::Tensor& h, const at::Tensor& w) {
+        return linear_cross_entropy(h, w, targets, 10, -100, LossReduction::mean, 4);
+      },
+      hidden, weight);
+  EXPECT_TRUE(std::isnan(mean.loss.item<double>()));
+  EXPECT_EQ(max_abs(mean.grad_hidden), 0.0);
+  EXPECT_EQ(max_abs(mean.grad_weight), 0.0);
+  EXPECT_EQ(linear_cross_entropy(hidden, weight, targets, 10, -100, LossReduction::sum, 4).item<double>(), 0.0);
+}
+
+TEST(FusedOps, LinearCrossEntropyRejectsBadInputsByName) {
+  const auto hidden = at::randn({6, 8}), weight = at::randn({10, 8});
+  const auto targets = at::randint(10, {6}, at::kLong);
+  const auto call = [&](const at::Tensor& h, const at::Tensor& w, const at::Tensor& t, int64_t classes, int64_t chunk) {
+    return linear_cross_entropy(h, w, t, classes, -100, LossReduction::mean, chunk);
+  };
+  expect_error([&] { call(hidden, weight, targets, 10, 0); }, "linear_cross_entropy: chunk_rows = 0, expected >= 1");
+  expect_error([&] { call(hidden, at::randn({10, 7}), targets, 10, 4); },
+               "linear_cross_entropy: weight must be floating point (columns, 8), got (10, 7)");
+  expect_error([&] { call(hidden, weight, targets.narrow(0, 0, 5), 10, 4); },
+               "one target per row of hidden (6), got (5,) Long");
+  expect_error([&] { call(hidden, weight, targets, 11, 4); }, "classes = 11, expected 1..10 (weight's rows)");
+  expect_error([&] { call(hidden.to(at::kLong), weight, targets, 10, 4); }, "hidden must be a floating-point tensor");
 }
 
 TEST(FusedOps, GptLossOfForwardEqualsForwardLoss) {
@@ -346,6 +438,38 @@ TEST(FusedOps, CudaGptForwardLossFusedMatchesUnfused) {
   SCALETRAIN_REQUIRE_CUDA();
   check_model_fused_matches_unfused(at::kCUDA, false, 1e-5, 1e-4);
   check_model_fused_matches_unfused(at::kCUDA, true, 1e-3, 2e-2);
+}
+
+TEST(FusedOps, CudaGptForwardLossInChunksMatchesUnfused) {
+  SCALETRAIN_REQUIRE_CUDA();
+  check_model_fused_matches_unfused(at::kCUDA, false, 1e-5, 1e-4, 7);
+  check_model_fused_matches_unfused(at::kCUDA, true, 1e-3, 2e-2, 7);
+}
+
+TEST(FusedOps, CudaLinearCrossEntropyMatchesFp64) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (int64_t chunk : {4, 1000}) check_linear_cross_entropy(cuda, chunk, 1e-5);
+  check_linear_cross_entropy(cuda.dtype(at::kBFloat16), 8, 1.0 / 32);
+  check_linear_cross_entropy(cuda.dtype(at::kHalf), 8, 1.0 / 256);
+  // Under bf16 autocast with fp32 inputs (the trainer's case): the GEMMs in bf16, the gradients fp32.
+  const auto hidden = at::randn({64, 32}, cuda), weight = at::randn({200, 32}, cuda) * 0.2;
+  const auto targets = loss_targets(64, 190, cuda);
+  const auto under_autocast = run_linear_loss(
+      [&](const at::Tensor& h, const at::Tensor& w) {
+        const amp::AutocastGuard autocast(amp::Precision::bf16, at::kCUDA);
+        return linear_cross_entropy(h, w, targets, 190, -100, LossReduction::mean, 16);
+      },
+      hidden, weight);
+  const auto exact = run_linear_loss(
+      [&](const at::Tensor& h, const at::Tensor& w) {
+        return cross_entropy_reference(at::linear(h, w), targets, 190, -100, LossReduction::mean);
+      },
+      hidden.to(at::kBFloat16).to(at::kDouble), weight.to(at::kBFloat16).to(at::kDouble));
+  EXPECT_EQ(under_autocast.grad_weight.scalar_type(), at::kFloat);
+  EXPECT_LE(std::abs(under_autocast.loss.item<double>() - exact.loss.item<double>()), 1e-3 * exact.loss.item<double>());
+  EXPECT_LE(max_diff(under_autocast.grad_hidden, exact.grad_hidden), 1.0 / 64 * max_abs(exact.grad_hidden));
+  EXPECT_LE(max_diff(under_autocast.grad_weight, exact.grad_weight), 1.0 / 64 * max_abs(exact.grad_weight));
 }
 
 }  // namespace

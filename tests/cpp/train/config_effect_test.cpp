@@ -71,6 +71,9 @@ const std::vector<KeyCase>& key_cases() {
       {"model.fused_ops", "false", {}, Effect::unchecked,
        "the same RoPE and cross-entropy by the unfused expressions: RoPE bit-identical, the loss equal up to "
        "rounding (FusedOps tests the agreement)"},
+      {"model.loss_chunk_rows", "5", {}, Effect::unchecked,
+       "the same output layer and loss a chunk of rows at a time: equal up to the rounding of the sums "
+       "(FusedOps tests the agreement)"},
       {"data.source", "text", {"data.path=@text"}, Effect::changes, ""},
       {"data.tasks", "[flowroll]", {}, Effect::changes, ""},
       {"data.seed", "7", {}, Effect::changes, ""},
