@@ -8,7 +8,10 @@ vocabulary of 50257 to 50304 rows.
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --models 124m,355m --out ...
 
 Ours runs with its defaults, which capture the step in a CUDA graph (train.cuda_graph auto); the
-"cuda graph on vs off" row sets train.cuda_graph=off for the other side. GPT-2 355M (24 layers,
+"cuda graph on vs off" row sets train.cuda_graph=off for the other side. --variants adds bf16 rows
+of the trainer with other settings against its defaults, e.g. the output layer and loss in chunks:
+
+    python benchmarks/python/bench_train_gpt2.py --build build-gpu --variants model.loss_chunk_rows=4096 --out ... GPT-2 355M (24 layers,
 16 heads, width 1024) gets the bf16 rows (a), (b), (c) only.
 
 Both sides: one micro-batch per optimizer step, AdamW with gradient clipping at 1.0, TF32 off.
@@ -129,6 +132,10 @@ def main():
                              "trainer with ZeroAdamW "
                              "on one GPU against the same trainer with zero_stage 0; only these rows and the bf16 "
                              "twin eager one")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated bf16 runs of the trainer with other settings, each 'key=value' or "
+                             "several joined by ':' (model.loss_chunk_rows=4096), against the same trainer with its "
+                             "defaults; only these rows and the bf16 twin eager one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train_gpt2: needs a CUDA device")
@@ -161,7 +168,8 @@ def main():
         for model in args.models.split(","):
             if model not in MODELS:
                 raise SystemExit(f"--models: unknown model '{model}', expected one of {', '.join(MODELS)}")
-            precisions = args.precisions.split(",") if model == "124m" and not args.zero_stages else ["bf16"]
+            only_ours = bool(args.zero_stages or args.variants)  # rows of the trainer against itself
+            precisions = args.precisions.split(",") if model == "124m" and not only_ours else ["bf16"]
             our_bf16_rate = our_bf16_peak = None
             for precision in precisions:
                 our_rate, our_peak, our_params, summary = ours(exe, tokens, precision, args.steps, work, model=model)
@@ -176,7 +184,7 @@ def main():
                 record(model, label, baseline, our_rate, torch_rate, our_peak, torch_peak)
                 if precision == "bf16":
                     our_bf16_rate, our_bf16_peak = our_rate, our_peak
-                    if summary.get("cuda_graph") and not args.zero_stages:  # what the graph buys: the same run with it off
+                    if summary.get("cuda_graph") and not only_ours:  # what the graph buys: the same run with it off
                         rate, peak, _, _ = ours(exe, tokens, precision, args.steps, work, model=model,
                                                 extra=["train.cuda_graph=off"])
                         record(model, "bf16 cuda graph on vs off", "scaletrain with train.cuda_graph=off",
@@ -188,7 +196,12 @@ def main():
                 record(model, " ".join([f"bf16 zero-{stage}", *options]),
                        "scaletrain bf16 optim.zero_stage 0 (fused AdamW, CUDA graph)", rate, our_bf16_rate, peak,
                        our_bf16_peak)
-            if args.zero_stages:
+            for item in [s for s in args.variants.split(",") if s]:
+                sets = item.split(":")
+                rate, peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, model=model, extra=sets)
+                record(model, " ".join(["bf16", *sets]), "scaletrain bf16 with its defaults", rate, our_bf16_rate, peak,
+                       our_bf16_peak)
+            if only_ours:
                 continue
             if our_bf16_rate is not None:
                 # (a) nanoGPT-style eager and (c) the twin under torch.compile.
