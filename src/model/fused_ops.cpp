@@ -401,6 +401,41 @@ void matmul_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool 
   else at::mm_out(out, wide_a, wide_b);
 }
 
+// The chunk loop of linear_cross_entropy, without autograd: the sum of the rows' losses and, with
+// `with_grad`, d sum / d hidden and d sum / d weight (fp32, fp64 for fp64 GEMMs).
+struct LinearLossSum {
+  at::Tensor loss, grad_hidden, grad_weight;
+};
+
+LinearLossSum chunked_loss_sum(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               int64_t classes, int64_t ignore_index, int64_t chunk_rows, at::ScalarType dtype,
+                               bool with_grad) {
+  // The casts are made here, once: autocast would cast again (and not to fp32 outputs).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto h = hidden.to(dtype), w = weight.to(dtype);
+  const int64_t rows = h.size(0);
+  const auto wide = h.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
+  LinearLossSum out{at::zeros({}, wide), {}, {}};
+  at::Tensor unit;
+  if (with_grad) {
+    out.grad_hidden = at::empty({rows, h.size(1)}, wide);
+    out.grad_weight = at::zeros({w.size(0), w.size(1)}, wide);
+    unit = at::ones({}, wide);  // d sum / d loss_rows of every row
+  }
+  for (int64_t first = 0; first < rows; first += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, rows - first);
+    const auto h_chunk = h.narrow(0, first, n), t_chunk = targets.narrow(0, first, n);
+    const auto logits = at::mm(h_chunk, w.t());
+    const auto [loss_rows, lse] = cross_entropy_rows_impl(logits, t_chunk, classes, ignore_index);
+    out.loss.add_(loss_rows.sum());
+    if (!with_grad) continue;
+    const auto grad_logits = cross_entropy_rows_backward_impl(unit, logits, t_chunk, lse, classes, ignore_index);
+    matmul_into(out.grad_hidden.narrow(0, first, n), grad_logits, w, false);
+    matmul_into(out.grad_weight, grad_logits.t(), h_chunk, true);
+  }
+  return out;
+}
+
 class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
  public:
   // hidden (rows, features), weight (columns, features), targets (rows) int64 dense; the GEMMs in
@@ -408,35 +443,13 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                             const at::Tensor& targets, int64_t classes, int64_t ignore_index, bool mean,
                             int64_t chunk_rows, at::ScalarType dtype, bool with_grad) {
-    // The casts are made here, once: autocast would cast again (and not to fp32 outputs).
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto h = hidden.to(dtype), w = weight.to(dtype);
-    const int64_t rows = h.size(0);
-    const auto wide = h.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
-    auto loss = at::zeros({}, wide);
-    at::Tensor grad_hidden, grad_weight, unit;
-    if (with_grad) {
-      grad_hidden = at::empty({rows, h.size(1)}, wide);
-      grad_weight = at::zeros({w.size(0), w.size(1)}, wide);
-      unit = at::ones({}, wide);  // d loss / d loss_rows of every row; backward applies the real one
-    }
-    for (int64_t first = 0; first < rows; first += chunk_rows) {
-      const int64_t n = std::min(chunk_rows, rows - first);
-      const auto h_chunk = h.narrow(0, first, n), t_chunk = targets.narrow(0, first, n);
-      const auto logits = at::mm(h_chunk, w.t());
-      const auto [loss_rows, lse] = cross_entropy_rows_impl(logits, t_chunk, classes, ignore_index);
-      loss.add_(loss_rows.sum());
-      if (!with_grad) continue;
-      const auto grad_logits = cross_entropy_rows_backward_impl(unit, logits, t_chunk, lse, classes, ignore_index);
-      matmul_into(grad_hidden.narrow(0, first, n), grad_logits, w, false);
-      matmul_into(grad_weight, grad_logits.t(), h_chunk, true);
-    }
-    at::Tensor count;
+    auto sum = chunked_loss_sum(hidden, weight, targets, classes, ignore_index, chunk_rows, dtype, with_grad);
+    at::Tensor count, loss = sum.loss;
     if (mean) {
       count = targets.ne(ignore_index).sum().to(loss.scalar_type());
       loss = loss / count;
     }
-    ctx->save_for_backward({grad_hidden, grad_weight, count});
+    ctx->save_for_backward({sum.grad_hidden, sum.grad_weight, count});
     ctx->saved_data["hidden_type"] = hidden.scalar_type();
     ctx->saved_data["weight_type"] = weight.scalar_type();
     return loss;
@@ -566,9 +579,11 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets, in
                                      reduction == LossReduction::mean);
 }
 
-at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                                int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows) {
-  const std::string what = "linear_cross_entropy";
+namespace {
+
+// The checks of linear_cross_entropy and its operator; returns the number of rows.
+int64_t check_linear_loss(const std::string& what, const at::Tensor& hidden, const at::Tensor& weight,
+                          const at::Tensor& targets, int64_t classes, int64_t chunk_rows) {
   if (!hidden.defined() || hidden.dim() < 1 || !at::isFloatingType(hidden.scalar_type()))
     value_error(what + ": hidden must be a floating-point tensor (..., features)");
   if (!weight.defined() || weight.dim() != 2 || weight.size(1) != hidden.size(-1) ||
@@ -590,6 +605,14 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
                 " (weight's rows)");
   if (chunk_rows < 1) value_error(what + ": chunk_rows = " + std::to_string(chunk_rows) + ", expected >= 1");
   check_cuda_built(hidden, what.c_str());
+  return rows;
+}
+
+}  // namespace
+
+at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                                int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows) {
+  const int64_t rows = check_linear_loss("linear_cross_entropy", hidden, weight, targets, classes, chunk_rows);
   // The GEMMs' dtype: what linear would use (autocast's, else the inputs').
   at::ScalarType dtype = hidden.scalar_type();
   const auto device_type = hidden.device().type();
@@ -600,6 +623,18 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   return LinearCrossEntropyFunction::apply(hidden.reshape({rows, hidden.size(-1)}), weight,
                                            targets.reshape({-1}).contiguous(), classes, ignore_index,
                                            reduction == LossReduction::mean, chunk_rows, dtype, with_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_sum(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t classes,
+    int64_t ignore_index, int64_t chunk_rows, std::optional<at::ScalarType> compute_dtype, bool with_grad) {
+  const int64_t rows =
+      check_linear_loss("linear_cross_entropy_sum", hidden, weight, targets, classes, chunk_rows);
+  auto sum = chunked_loss_sum(hidden.reshape({rows, hidden.size(-1)}), weight,
+                                      targets.reshape({-1}).contiguous(), classes, ignore_index, chunk_rows,
+                                      compute_dtype.value_or(hidden.scalar_type()), with_grad);
+  if (!with_grad) return {sum.loss, sum.loss.new_empty({0}), sum.loss.new_empty({0})};
+  return {sum.loss, sum.grad_hidden.view(hidden.sizes()), sum.grad_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits, const at::Tensor& targets,

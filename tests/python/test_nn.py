@@ -263,6 +263,80 @@ def test_cross_entropy_compiles_with_fullgraph():
         assert torch.equal(a, b)
 
 
+def linear_loss_and_grads(fn, hidden, weight, scale=1.0):
+    hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = fn(hidden, weight)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 4096])
+def test_linear_cross_entropy_matches_fp64_torch(dtype, tol, reduction, chunk_rows):
+    torch.manual_seed(11)
+    # (3, 13) rows, a weight of 50 rows of which 45 are classes, a few ignored rows.
+    hidden = torch.randn(3, 13, 24, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(50, 24, dtype=torch.float64) * 0.3).to(dtype)
+    targets = torch.randint(0, 45, (3, 13))
+    targets[0, :4] = -100
+    got = linear_loss_and_grads(lambda h, w: snn.linear_cross_entropy(h, w, targets, reduction=reduction, classes=45,
+                                                                      chunk_rows=chunk_rows), hidden, weight, 1.7)
+    want = linear_loss_and_grads(lambda h, w: reference_cross_entropy(F.linear(h, w), targets, 45, reduction=reduction),
+                                 hidden.double(), weight.double(), 1.7)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    assert close(got[0].double(), want[0], tol)
+    assert rel_close(got[1], want[1], tol)
+    assert rel_close(got[2], want[2], tol)
+    assert torch.all(got[2][45:] == 0)  # rows past the classes never reach the loss
+    with torch.no_grad():  # no gradient wanted: the same loss
+        again = snn.linear_cross_entropy(hidden, weight, targets, reduction=reduction, classes=45, chunk_rows=chunk_rows)
+    assert torch.equal(again, got[0])
+
+
+def test_linear_cross_entropy_under_cpu_autocast_and_edge_cases():
+    torch.manual_seed(12)
+    hidden, weight, targets = torch.randn(2, 9, 16), torch.randn(40, 16) * 0.3, torch.randint(0, 40, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_loss_and_grads(lambda h, w: snn.linear_cross_entropy(h, w, targets, chunk_rows=4), hidden, weight)
+    want = linear_loss_and_grads(lambda h, w: reference_cross_entropy(F.linear(h, w), targets, 40),
+                                 hidden.bfloat16().double(), weight.bfloat16().double())
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32  # the inputs' dtypes
+    assert close(got[0].double(), want[0], 1e-3)
+    assert rel_close(got[1], want[1], 3e-2) and rel_close(got[2], want[2], 3e-2)
+    none = torch.full((2, 9), -100)
+    loss, g_hidden, g_weight = linear_loss_and_grads(lambda h, w: snn.linear_cross_entropy(h, w, none), hidden, weight)
+    assert torch.isnan(loss) and torch.all(g_hidden == 0) and torch.all(g_weight == 0)
+    with pytest.raises(ValueError, match=r"targets \(2, 8\) do not match hidden \(2, 9, 16\)"):
+        snn.linear_cross_entropy(hidden, weight, targets[:, :8])
+    with pytest.raises(ValueError, match="chunk_rows = 0, expected >= 1"):
+        snn.linear_cross_entropy(hidden, weight, targets, chunk_rows=0)
+    with pytest.raises(ValueError, match="classes = 41, expected 1..40"):
+        snn.linear_cross_entropy(hidden, weight, targets, classes=41)
+    with pytest.raises(ValueError, match="reduction 'none'"):
+        snn.linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+def test_linear_cross_entropy_compiles_with_fullgraph():
+    torch.manual_seed(13)
+    body = torch.nn.Linear(16, 16)
+    weight = torch.nn.Parameter(torch.randn(64, 16) * 0.3)
+    x, targets = torch.randn(3, 7, 16), torch.randint(0, 50, (3, 7))
+
+    def loss_of(x):
+        return snn.linear_cross_entropy(torch.tanh(body(x)), weight, targets, classes=50, chunk_rows=8)
+
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    params = [weight, *body.parameters()]
+    want = loss_of(x)
+    g_want = torch.autograd.grad(want, params)
+    got = compiled(x)
+    g_got = torch.autograd.grad(got, params)
+    assert torch.equal(got, want)
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+
+
 def loss_and_grads(model, ids, **kwargs):
     model.zero_grad()
     loss = model(ids, labels=ids, **kwargs).loss

@@ -10,6 +10,7 @@
 //                  log-sum-exp per row, backward writes the logits' gradient in their dtype in one
 //                  pass (zeros in the padding columns). Replaces narrow + to(fp32) + cross_entropy.
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -71,6 +72,15 @@ at::Tensor cross_entropy_rows_backward(const at::Tensor& grad_rows, const at::Te
 // in the loss, zero gradient there). chunk_rows >= 1.
 at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                 int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows);
+// The chunk loop of linear_cross_entropy without autograd, for the dispatcher operator
+//   torch.ops.scaletrain.linear_cross_entropy_sum(hidden, weight, targets, classes, ignore_index,
+//       chunk_rows, compute_dtype=None, with_grad=True) -> (loss_sum, grad_hidden, grad_weight)
+// loss_sum: the sum of the rows' losses (fp32; fp64 GEMMs: fp64); with_grad: its gradients with
+// respect to hidden (hidden's shape) and weight, fp32, else two empty tensors. The GEMMs run in
+// compute_dtype (default hidden's). Errors are ValueErrors naming the argument.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_sum(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t classes,
+    int64_t ignore_index, int64_t chunk_rows, std::optional<at::ScalarType> compute_dtype, bool with_grad);
 // The unfused reference: narrow to `classes` columns, convert to (at least) fp32, ATen's
 // cross_entropy (log_softmax + nll_loss).
 at::Tensor cross_entropy_reference(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
