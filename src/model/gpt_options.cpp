@@ -24,7 +24,8 @@ void GPTOptions::visit(core::FieldVisitor& v) {
   v.field("fused_ops", fused_ops(),
           "fused RoPE and cross-entropy kernels (false: the unfused reference expressions)");
   v.field("loss_chunk_rows", loss_chunk_rows(),
-          "output layer and loss this many tokens at a time, never holding the whole batch's logits (0: all at once)",
+          "output layer and loss this many tokens at a time, never holding the whole batch's logits "
+          "(0: all at once; needs fused_ops)",
           core::between(0, 1 << 30));
 }
 
@@ -38,6 +39,12 @@ void GPTOptions::validate() const {
     throw core::ConfigError("model.dropout", "model.dropout: got " + core::format_number(dropout()) +
                                                  ", expected 0 with model.attention flash (it applies no attention "
                                                  "dropout)");
+  }
+  if (loss_chunk_rows() > 0 && !fused_ops()) {
+    throw core::ConfigError("model.loss_chunk_rows",
+                            "model.loss_chunk_rows: got " + std::to_string(loss_chunk_rows()) +
+                                ", expected 0 with model.fused_ops false (the chunked loss runs the fused "
+                                "cross-entropy kernels)");
   }
   if (head_dim() % 2 != 0) {
     throw core::ConfigError("model.n_head", "model.n_head: n_embd / n_head = " +

@@ -102,6 +102,9 @@ TEST(Config, CrossFieldChecks) {
   EXPECT_EQ(error_of("model:\n  n_embd: 100\n  n_head: 3\n"), "model.n_head: got 3, expected a divisor of model.n_embd (100)");
   EXPECT_EQ(error_of("optim:\n  lr: 1e-4\n  min_lr: 1e-3\n"), "optim.min_lr: got 0.001, expected at most optim.lr (1e-04)");
   EXPECT_EQ(error_of("data:\n  source: text\n"), "data.path: required when data.source is text, got nothing");
+  EXPECT_EQ(error_of("model:\n  fused_ops: false\n  loss_chunk_rows: 512\n"),
+            "model.loss_chunk_rows: got 512, expected 0 with model.fused_ops false (the chunked loss runs the fused "
+            "cross-entropy kernels)");
 }
 
 TEST(Config, MalformedYamlGivesPosition) {

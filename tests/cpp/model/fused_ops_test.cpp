@@ -340,7 +340,7 @@ void check_linear_cross_entropy(at::TensorOptions options, int64_t chunk_rows, d
     EXPECT_LE(max_diff(chunked.grad_hidden, exact.grad_hidden), tolerance * max_abs(exact.grad_hidden));
     EXPECT_LE(max_diff(chunked.grad_weight, exact.grad_weight), tolerance * max_abs(exact.grad_weight));
     EXPECT_EQ(max_abs(chunked.grad_weight.narrow(0, classes, 40 - classes)), 0.0);  // never in the loss
-    // Without a gradient wanted: the same loss, nothing kept for backward.
+    // Without a gradient wanted (no gradient work in forward): the same loss.
     torch::NoGradGuard no_grad;
     EXPECT_EQ(linear_cross_entropy(hidden, weight, targets, classes, -100, reduction, chunk_rows).item<double>(),
               chunked.loss.item<double>());

@@ -51,10 +51,11 @@ std::unique_ptr<torch::optim::AdamW> reference_adamw(model::GPT& m) {
 
 // The hand-written loop's loss is ATen's cross_entropy: bit for bit against the trainer with the
 // unfused loss, and within rounding with the fused one (model.fused_ops, the default).
-void check_matches_hand_written_loop(bool fused_ops, double tolerance) {
+// With loss_chunk_rows > 0 the trainer's output layer and loss run a chunk of rows at a time.
+void check_matches_hand_written_loop(bool fused_ops, double tolerance, int64_t loss_chunk_rows = 0) {
   RunConfig config = tiny("");
   config.eval.before_training(false).examples(0);
-  config.model.fused_ops(fused_ops);
+  config.model.fused_ops(fused_ops).loss_chunk_rows(loss_chunk_rows);
   Trainer trainer(config);
   trainer.fit();
 
@@ -91,10 +92,14 @@ TEST(Trainer, MatchesAHandWrittenAdamWLoop) { check_matches_hand_written_loop(fa
 
 TEST(Trainer, MatchesAHandWrittenAdamWLoopWithinRoundingWithFusedOps) { check_matches_hand_written_loop(true, 1e-5); }
 
-TEST(Trainer, AccumulationMatchesOneBigBatchPerStep) {
-  // grad_accum_steps = 3: step s uses dataset batches 3s, 3s+1, 3s+2. The reference trains on one
-  // batch per step holding the same sequences (padded and concatenated), with the mean loss.
+TEST(Trainer, MatchesAHandWrittenAdamWLoopWithTheLossInChunks) { check_matches_hand_written_loop(true, 1e-5, 50); }
+
+// grad_accum_steps = 3: step s uses dataset batches 3s, 3s+1, 3s+2. The reference trains on one
+// batch per step holding the same sequences (padded and concatenated), with the mean loss. With
+// loss_chunk_rows the trainer's loss gradient arrives scaled by the accumulation weights.
+void check_accumulation_matches_one_big_batch(int64_t loss_chunk_rows) {
   RunConfig config = tiny("");
+  config.model.loss_chunk_rows(loss_chunk_rows);
   config.train.grad_accum_steps(3).max_steps(4).batch_size(2);
   config.eval.before_training(false).examples(0);
   Trainer trainer(config);
@@ -127,6 +132,12 @@ TEST(Trainer, AccumulationMatchesOneBigBatchPerStep) {
   auto trained = weights(trainer.model()), reference = weights(m);
   for (size_t i = 0; i < trained.size(); ++i)
     EXPECT_LT((trained[i] - reference[i]).abs().max().item<double>(), 2e-6) << "parameter " << i;
+}
+
+TEST(Trainer, AccumulationMatchesOneBigBatchPerStep) { check_accumulation_matches_one_big_batch(0); }
+
+TEST(Trainer, AccumulationWithTheLossInChunksMatchesOneBigBatchPerStep) {
+  check_accumulation_matches_one_big_batch(37);
 }
 
 TEST(Trainer, LearnsAndWritesTheRunFolder) {
