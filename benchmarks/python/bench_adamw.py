@@ -23,8 +23,8 @@ called from Python (a host slower than the kernels shows in the time: torch's st
 hundreds of kernels), and as device time alone, the launches queued behind a sleep kernel (rows
 named "... device time"; a training loop whose host runs ahead of the GPU pays this). floor_ms:
 the bytes the step must move at the in-process copy bandwidth (32 per parameter for the AMP step:
-the gradient read twice, once for the norm; 28 for the master-weights step). Before timing, one step of ours and of
-torch from the same state must agree (rtol 1e-5).
+the gradient read twice, once for the norm; 28 for the master-weights step). Before timing, one
+step of ours and of torch from the same state must agree (rtol 1e-5).
 """
 
 import argparse

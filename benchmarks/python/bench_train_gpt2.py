@@ -11,8 +11,9 @@ Ours runs with its defaults, which capture the step in a CUDA graph (train.cuda_
 "cuda graph on vs off" row sets train.cuda_graph=off for the other side. --variants adds bf16 rows
 of the trainer with other settings against its defaults, e.g. the output layer and loss in chunks:
 
-    python benchmarks/python/bench_train_gpt2.py --build build-gpu --variants model.loss_chunk_rows=4096 --out ... GPT-2 355M (24 layers,
-16 heads, width 1024) gets the bf16 rows (a), (b), (c) only.
+    python benchmarks/python/bench_train_gpt2.py --build build-gpu --variants model.loss_chunk_rows=4096 --out ...
+
+GPT-2 355M (24 layers, 16 heads, width 1024) gets the bf16 rows (a), (b), (c) only.
 
 Both sides: one micro-batch per optimizer step, AdamW with gradient clipping at 1.0, TF32 off.
 Ours: scaletrain's fused AdamW (optim.fused auto = on CUDA). PyTorch: torch.optim.AdamW(fused=True),

@@ -628,11 +628,10 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_sum(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t classes,
     int64_t ignore_index, int64_t chunk_rows, std::optional<at::ScalarType> compute_dtype, bool with_grad) {
-  const int64_t rows =
-      check_linear_loss("linear_cross_entropy_sum", hidden, weight, targets, classes, chunk_rows);
-  auto sum = chunked_loss_sum(hidden.reshape({rows, hidden.size(-1)}), weight,
-                                      targets.reshape({-1}).contiguous(), classes, ignore_index, chunk_rows,
-                                      compute_dtype.value_or(hidden.scalar_type()), with_grad);
+  const int64_t rows = check_linear_loss("linear_cross_entropy_sum", hidden, weight, targets, classes, chunk_rows);
+  auto sum = chunked_loss_sum(hidden.reshape({rows, hidden.size(-1)}), weight, targets.reshape({-1}).contiguous(),
+                              classes, ignore_index, chunk_rows, compute_dtype.value_or(hidden.scalar_type()),
+                              with_grad);
   if (!with_grad) return {sum.loss, sum.loss.new_empty({0}), sum.loss.new_empty({0})};
   return {sum.loss, sum.grad_hidden.view(hidden.sizes()), sum.grad_weight};
 }
