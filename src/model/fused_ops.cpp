@@ -419,7 +419,8 @@ LinearLossSum chunked_loss_sum(const at::Tensor& hidden, const at::Tensor& weigh
   at::Tensor unit;
   if (with_grad) {
     out.grad_hidden = at::empty({rows, h.size(1)}, wide);
-    out.grad_weight = at::zeros({w.size(0), w.size(1)}, wide);
+    // The first chunk writes it, the others add; zeros only when there is no chunk.
+    out.grad_weight = rows > 0 ? at::empty({w.size(0), w.size(1)}, wide) : at::zeros({w.size(0), w.size(1)}, wide);
     unit = at::ones({}, wide);  // d sum / d loss_rows of every row
   }
   for (int64_t first = 0; first < rows; first += chunk_rows) {
@@ -431,7 +432,7 @@ LinearLossSum chunked_loss_sum(const at::Tensor& hidden, const at::Tensor& weigh
     if (!with_grad) continue;
     const auto grad_logits = cross_entropy_rows_backward_impl(unit, logits, t_chunk, lse, classes, ignore_index);
     matmul_into(out.grad_hidden.narrow(0, first, n), grad_logits, w, false);
-    matmul_into(out.grad_weight, grad_logits.t(), h_chunk, true);
+    matmul_into(out.grad_weight, grad_logits.t(), h_chunk, first > 0);
   }
   return out;
 }
