@@ -10,10 +10,18 @@
 // operands from shared memory (K-major); the online softmax runs on the fp32 accumulators in
 // registers; O += P V takes P from registers (the accumulator layout is the A layout) and V
 // MN-major. The products of consecutive tiles overlap: step t issues S(t) = Q K(t)^T and O += P(t -
-// 1) V(t - 1) together and runs the softmax of tile t while the second is in flight. K and V tiles
-// are double-buffered with cp.async, one tile ahead.
+// 1) V(t - 1) together and runs the softmax of tile t while the second is in flight. Two kernels do
+// this: forward_tma_kernel (dense inputs; the copy engine loads the tiles for a producer warpgroup,
+// and the two consumer warpgroups take turns) and forward_kernel (packed sequences and layouts the
+// copy engine cannot take; K and V double-buffered with cp.async by all threads, one tile ahead).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include <cuda.h>
 
 #include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
@@ -242,9 +250,291 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
 #endif
 }
 
+// ---------------------------------------------------------------- forward on the copy engine
+
+// The warp-specialised forward of dense inputs: a producer warpgroup whose one thread loads Q, K and V
+// tiles with bulk tensor copies (TMA: the copy engine writes the 128-byte swizzle itself and signals an
+// mbarrier), and two consumer warpgroups of 64 query rows each that take turns issuing their matrix
+// products (named barriers 1 and 2), so that one's softmax runs while the other's products do. Within
+// a warpgroup, step t issues S(t) and O += P(t - 1) V(t - 1) together as in forward_kernel. The grid
+// is persistent (a block per multiprocessor walks work items, the producer loading the next item's Q
+// and K while the consumers finish the last) or one item per block (kPersistent false in the launch).
+// Work item i: query tile (i % m_tiles, the last first), head, sequence; consecutive items share K
+// and V, which stay in L2 while the blocks of a wave use them.
+template <int kD>
+struct TmaTiles {
+  static constexpr int kBM = 128, kBN = 128, kStages = 2, kThreads = 384;
+  static constexpr int kQBytes = kBM * kD * 2, kKVBytes = kBN * kD * 2;
+  // Q, the K and V stages, the output staging tile (Q's size), and slack to align to 1024 bytes.
+  static constexpr int kSmem = 2 * kQBytes + 2 * kStages * kKVBytes + 1024;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
+    forward_tma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                       const __grid_constant__ CUtensorMap map_v, Shape s, ForwardArgs a) {
+#ifdef SCALETRAIN_SM90_DEVICE
+  using Tl = TmaTiles<kD>;
+  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kStages = Tl::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // Q loaded / consumed, and per stage K loaded, V loaded, K consumed, V consumed.
+  __shared__ __align__(8) uint64_t bars[2 + 4 * kStages];
+  unsigned char* smem;  // generic pointer of sQ
+  const uint32_t sQ = align_1024(smem_raw, smem);
+  const uint32_t sK = sQ + Tl::kQBytes, sV = sK + kStages * Tl::kKVBytes, sO = sV + kStages * Tl::kKVBytes;
+  const uint32_t full_q = smem_u32(bars), empty_q = full_q + 8, full_k = full_q + 16,
+                 full_v = full_k + 8 * kStages, empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
+  if (threadIdx.x == 0) {
+    mbar_init(full_q, 1);
+    mbar_init(empty_q, 8);  // lane 0 of each consumer warp
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(full_k + 8 * i, 1);
+      mbar_init(full_v + 8 * i, 1);
+      mbar_init(empty_k + 8 * i, 8);
+      mbar_init(empty_v + 8 * i, 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();  // the last block-wide barrier
+
+  const int m_tiles = (s.q_len + kBM - 1) / kBM, items = m_tiles * s.heads * s.batch;
+  const int shift = s.k_len - s.q_len;  // query i sees keys j <= i + shift (causal)
+  struct Item {
+    int m0, h, b, n_tiles;
+  };
+  auto item_of = [&](int i) {
+    Item it;
+    it.m0 = (m_tiles - 1 - i % m_tiles) * kBM;
+    it.h = (i / m_tiles) % s.heads;
+    it.b = i / (m_tiles * s.heads);
+    const int n_end = s.causal ? min(s.k_len, max(0, it.m0 + kBM + shift)) : s.k_len;
+    it.n_tiles = (n_end + kBN - 1) / kBN;
+    return it;
+  };
+
+  // The warpgroup index through a shuffle: ptxas then knows it is uniform in each warp and keeps the
+  // consumers' wgmma asynchronous (else it serialises them, warning C7520).
+  const int warpgroup = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (threadIdx.x == 0) {
+      // Use u of a stage (u = load counter / kStages) waits for the consumers' release of use u - 1.
+      int load = 0, local = 0;
+      for (int i = blockIdx.x; i < items; i += gridDim.x, ++local) {
+        const Item it = item_of(i);
+        const int kvh = it.h / (s.heads / s.kv_heads);
+        if (local > 0) mbar_wait(empty_q, (local - 1) & 1);
+        mbar_expect_bytes(full_q, Tl::kQBytes);
+#pragma unroll
+        for (int c = 0; c < kD / 64; ++c) tma_load_4d(sQ + c * kBM * 128, &map_q, full_q, c * 64, it.m0, it.h, it.b);
+        for (int t = 0; t < it.n_tiles; ++t, ++load) {
+          const int st = load % kStages, use = load / kStages;
+          if (use > 0) mbar_wait(empty_k + 8 * st, (use - 1) & 1);
+          mbar_expect_bytes(full_k + 8 * st, Tl::kKVBytes);
+#pragma unroll
+          for (int c = 0; c < kD / 64; ++c)
+            tma_load_4d(sK + st * Tl::kKVBytes + c * kBN * 128, &map_k, full_k + 8 * st, c * 64, t * kBN, kvh, it.b);
+          if (use > 0) mbar_wait(empty_v + 8 * st, (use - 1) & 1);
+          mbar_expect_bytes(full_v + 8 * st, Tl::kKVBytes);
+#pragma unroll
+          for (int c = 0; c < kD / 64; ++c)
+            tma_load_4d(sV + st * Tl::kKVBytes + c * kBN * 128, &map_v, full_v + 8 * st, c * 64, t * kBN, kvh, it.b);
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int wg = warpgroup - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int first = wg * 64 + warp * 16;  // the warp's first row in the tile
+    const float scale_log2 = s.scale * kLog2e;
+    float acc_o[kD / 2], acc_s[kBN / 2], row_max[2], row_sum[2], correction[2];
+    uint32_t pf[kBN / 16][4];  // P of the last tile, the A operand of O += P V
+    int load = 0, local = 0;
+    for (int i = blockIdx.x; i < items; i += gridDim.x, ++local) {
+      const Item it = item_of(i);
+      const int m0 = it.m0, n_tiles = it.n_tiles, row_a = m0 + first + (lane >> 2);  // rows row_a, row_a + 8
+#pragma unroll
+      for (int j = 0; j < kD / 2; ++j) acc_o[j] = 0.f;
+      row_max[0] = row_max[1] = -INFINITY;
+      row_sum[0] = row_sum[1] = 0.f;
+
+      auto issue_s = [&](int st) {
+        const uint32_t k_tile = sK + st * Tl::kKVBytes;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+          const int col = kk * 16;
+          const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
+          const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
+          Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
+        }
+        wgmma_commit();
+      };
+      auto issue_pv = [&](int st) {
+        const uint32_t v_tile = sV + st * Tl::kKVBytes;
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
+        wgmma_commit();
+      };
+      auto softmax = [&](int t) {
+        const int n0 = t * kBN;
+        const bool need_mask = n0 + kBN > s.k_len || (s.causal && n0 + kBN - 1 > m0 + shift);
+        if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, s.k_len, s.causal, shift);
+        softmax_step(blocks(acc_s), row_max, row_sum, scale_log2, correction);
+      };
+      auto make_p = [&] {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
+      };
+      // Step t (load counter load + t): S(t), and O += P(t - 1) V(t - 1) but in the first step, issued in
+      // this warpgroup's turn; the softmax of tile t while the P V product runs. The first step is a
+      // separate instantiation (ptxas serialises wgmma whose waits sit in data-dependent branches).
+      auto step = [&](int t, auto first_step) {
+        constexpr bool kFirst = decltype(first_step)::value;
+        const int st = (load + t) % kStages, prev = (load + t + kStages - 1) % kStages;
+        mbar_wait(full_k + 8 * st, ((load + t) / kStages) & 1);
+        named_sync(1 + wg, 256);
+        fence_operands(acc_o);
+        fence_operands(pf);
+        wgmma_fence();
+        issue_s(st);
+        if constexpr (!kFirst) {
+          mbar_wait(full_v + 8 * prev, ((load + t - 1) / kStages) & 1);
+          wgmma_fence();  // after the wait's branch, else ptxas inserts one (C7519)
+          issue_pv(prev);
+        }
+        if (wg == 0 || t + 1 < n_tiles) named_arrive(2 - wg, 256);  // the other warpgroup's turn
+        wgmma_wait<kFirst ? 0 : 1>();
+        fence_operands(acc_s);
+        if (lane == 0) mbar_arrive(empty_k + 8 * st);  // S(t) is done: the stage's K may be overwritten
+        softmax(t);
+        if constexpr (!kFirst) {
+          wgmma_wait<0>();
+          fence_operands(acc_o);
+          if (lane == 0) mbar_arrive(empty_v + 8 * prev);
+          rescale_rows(blocks(acc_o), correction);
+        }
+        make_p();
+      };
+
+      mbar_wait(full_q, local & 1);
+      if (n_tiles > 0) {
+        if (wg == 1) named_arrive(1, 256);  // warpgroup 0 goes first
+        step(0, std::true_type{});
+        for (int t = 1; t < n_tiles; ++t) step(t, std::false_type{});
+        const int last = (load + n_tiles - 1) % kStages;
+        mbar_wait(full_v + 8 * last, ((load + n_tiles - 1) / kStages) & 1);
+        fence_operands(acc_o);
+        fence_operands(pf);
+        wgmma_fence();
+        issue_pv(last);
+        wgmma_wait<0>();
+        fence_operands(acc_o);
+        if (lane == 0) mbar_arrive(empty_v + 8 * last);
+      }
+      if (lane == 0) mbar_arrive(empty_q);  // every S of the item is done
+      load += n_tiles;
+
+      // Epilogue: each warp stages its 16 rows in its own rows of the output tile.
+      float inv[2], lse[2];
+      finish_rows(row_max, row_sum, s.scale, inv, lse);
+      __syncwarp();  // the warp's reads of its rows for the previous item are done
+      store_rows<kBM, kD>(acc_o, inv[0], inv[1], smem + (sO - sQ), first,
+                          at_row<T>(a.out, a.so, it.b, m0 + first, it.h), a.so.row, s.q_len - m0 - first, lane);
+      if ((lane & 3) == 0) {
+        float* l = a.lse + it.b * a.sl.batch + it.h * a.sl.head;
+        if (row_a < s.q_len) l[row_a] = lse[0];
+        if (row_a + 8 < s.q_len) l[row_a + 8] = lse[1];
+      }
+    }
+  }
+#endif
+}
+
+// cuTensorMapEncodeTiled of the driver, found through the runtime (no link to libcuda).
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiled>(nullptr);
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// A map of the 4-d tensor (head_dim, rows, heads, batch) at `base` with strides `st` (elements), in
+// boxes of 64 columns x box_rows rows written in the 128-byte swizzle; rows past `rows` read as
+// zeros. False where the copy engine cannot take the layout (a base or stride not a multiple of 16
+// bytes).
+template <typename T>
+bool tensor_map(CUtensorMap* map, const void* base, const Strides& st, int rows, int heads, int batch, int dim,
+                int box_rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const int64_t strides[3] = {st.row, st.head, st.batch};
+  cuuint64_t bytes[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t e = dims[i + 1] == 1 ? 8 : strides[i];  // a dimension of size 1: any valid stride
+    if (e <= 0 || e * 2 % 16 != 0) return false;
+    bytes[i] = static_cast<cuuint64_t>(e * 2);
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1}, unit[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, type, 4, const_cast<void*>(base), dims, bytes, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Which Hopper forward runs (SCALETRAIN_FLASH_SM90_FORWARD, read at each call): "persistent" (the
+// copy-engine kernel on a grid of one block per multiprocessor), "blocks" (the same kernel, one block
+// per work item), "cpasync" (forward_kernel); unset or "auto": persistent without the causal mask,
+// blocks with it (the hardware's block scheduler balances causal rows of unequal length better than a
+// fixed share per block: 1.5x at head_dim 128, 16k tokens on an H200). Packed sequences, and layouts
+// the copy engine cannot take, run forward_kernel.
+enum class ForwardVariant { persistent, blocks, cpasync };
+ForwardVariant forward_variant(bool causal) {
+  const char* env = std::getenv("SCALETRAIN_FLASH_SM90_FORWARD");
+  if (env != nullptr && std::strcmp(env, "persistent") == 0) return ForwardVariant::persistent;
+  if (env != nullptr && std::strcmp(env, "blocks") == 0) return ForwardVariant::blocks;
+  if (env != nullptr && std::strcmp(env, "cpasync") == 0) return ForwardVariant::cpasync;
+  return causal ? ForwardVariant::blocks : ForwardVariant::persistent;
+}
+
 template <typename T, int kD>
 struct Forward {
   static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
+    const ForwardVariant variant = forward_variant(s.causal);
+    if (s.cu_q == nullptr && variant != ForwardVariant::cpasync) {
+      using Tl = TmaTiles<kD>;
+      CUtensorMap mq, mk, mv;
+      if (tensor_map<T>(&mq, a.q, a.sq, s.q_len, s.heads, s.batch, kD, Tl::kBM) &&
+          tensor_map<T>(&mk, a.k, a.sk, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN) &&
+          tensor_map<T>(&mv, a.v, a.sv, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN)) {
+        const int items = (s.q_len + Tl::kBM - 1) / Tl::kBM * s.heads * s.batch;
+        int blocks = items;
+        if (variant == ForwardVariant::persistent) {
+          int device = 0, sms = 0;
+          cudaError_t err = cudaGetDevice(&device);
+          if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+          if (err != cudaSuccess) return err;
+          blocks = std::min(items, sms);
+        }
+        return launch_with_smem(forward_tma_kernel<T, kD>, dim3(blocks), Tl::kThreads, Tl::kSmem, stream, mq, mk, mv,
+                                s, a);
+      }
+    }
     using Tl = Tiles<kD>;
     return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tl::kBM - 1) / Tl::kBM, s.heads, s.batch),
                             Tl::kThreads, Tl::kSmem, stream, s, a);

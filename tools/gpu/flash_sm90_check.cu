@@ -1,7 +1,8 @@
 // The Hopper flash attention kernels (flash_attention_sm90.cu) against the portable ones
 // (flash_attention.cu) without torch: outputs, log-sum-exps and the three gradients on odd shapes
 // (GQA, q_len != k_len, causal), every output written (poisoned first), then TFLOP/s of both,
-// forward and backward (2.5x the forward's FLOPs), on the benchmark's cases.
+// forward and backward (2.5x the forward's FLOPs), on the benchmark's cases. Each Hopper forward
+// (SCALETRAIN_FLASH_SM90_FORWARD persistent, blocks, cpasync) is checked and timed.
 // With an argument, only three small cases (for compute-sanitizer). Built and run on a Hopper GPU
 // by tools/gpu/flash_sm90_check.sh.
 #include <cstdio>
@@ -140,44 +141,52 @@ int run(const Case& c, bool time_it, bool check) {
   a1.out = o1; a1.lse = l1; a2.out = o2; a2.lse = l2;
   use_hopper(false);
   CK(launch_forward(DType::bf16, s, a1, 0));
-  CK(sm90::launch_forward(DType::bf16, s, a2, 0));
   CK(cudaDeviceSynchronize());
   int bad = 0;
-  if (check) {
-    std::vector<__nv_bfloat16> r1(nq), r2(nq); std::vector<float> m1(nl), m2(nl);
-    CK(cudaMemcpy(r1.data(), o1, nq * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(r2.data(), o2, nq * 2, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(m1.data(), l1, nl * 4, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(m2.data(), l2, nl * 4, cudaMemcpyDeviceToHost));
-    double num = 0, den = 0, maxd = 0; size_t nan = 0, firstbad = (size_t)-1;
-    for (size_t i = 0; i < nq; ++i) {
-      float x = bf2f(r1[i]), y = bf2f(r2[i]);
-      if (!std::isfinite(y)) { ++nan; if (firstbad == (size_t)-1) firstbad = i; continue; }
-      num += (x - y) * (x - y); den += x * x; maxd = std::max(maxd, (double)std::fabs(x - y));
-      if (std::fabs(x - y) > 0.1 && firstbad == (size_t)-1) firstbad = i;
+  // Each Hopper forward (SCALETRAIN_FLASH_SM90_FORWARD) against the portable one.
+  const char* variants[] = {"persistent", "blocks", "cpasync"};
+  float ms[4] = {0, 0, 0, 0};
+  const double flops = 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
+  if (time_it) ms[0] = median_ms([&] { CK(launch_forward(DType::bf16, s, a1, 0)); });
+  for (int vi = 0; vi < 3; ++vi) {
+    setenv("SCALETRAIN_FLASH_SM90_FORWARD", variants[vi], 1);
+    CK(cudaMemset(o2, 0xff, nq * 2)); CK(cudaMemset(l2, 0xff, nl * 4));
+    CK(sm90::launch_forward(DType::bf16, s, a2, 0));
+    CK(cudaDeviceSynchronize());
+    if (check) {
+      std::vector<__nv_bfloat16> r1(nq), r2(nq); std::vector<float> m1(nl), m2(nl);
+      CK(cudaMemcpy(r1.data(), o1, nq * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(r2.data(), o2, nq * 2, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(m1.data(), l1, nl * 4, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(m2.data(), l2, nl * 4, cudaMemcpyDeviceToHost));
+      double num = 0, den = 0, maxd = 0; size_t nan = 0, firstbad = (size_t)-1;
+      for (size_t i = 0; i < nq; ++i) {
+        float x = bf2f(r1[i]), y = bf2f(r2[i]);
+        if (!std::isfinite(y)) { ++nan; if (firstbad == (size_t)-1) firstbad = i; continue; }
+        num += (x - y) * (x - y); den += x * x; maxd = std::max(maxd, (double)std::fabs(x - y));
+        if (std::fabs(x - y) > 0.1 && firstbad == (size_t)-1) firstbad = i;
+      }
+      double lmax = 0; size_t lnan = 0;
+      for (size_t i = 0; i < nl; ++i) {
+        if (std::isinf(m1[i]) && std::isinf(m2[i])) continue;
+        if (!std::isfinite(m2[i])) { ++lnan; continue; }
+        lmax = std::max(lmax, (double)std::fabs(m1[i] - m2[i]));
+      }
+      double rel = std::sqrt(num / std::max(den, 1e-30));
+      const int b = nan || lnan || rel > 5e-3 || lmax > 1e-3;
+      bad += b;
+      printf("check %-10s B%d H%d/%d q%d k%d d%d %s: rel %.2e max %.3e lse %.2e nonfinite %zu/%zu %s", variants[vi], c.B, c.H,
+             c.KVH, c.Lq, c.Lk, c.D, c.causal ? "causal" : "", rel, maxd, lmax, nan, lnan, b ? "BAD" : "ok");
+      if (firstbad != (size_t)-1) {
+        size_t i = firstbad; int d = i % c.D, h = (i / c.D) % c.H, row = (i / c.D / c.H) % c.Lq;
+        printf(" first bad row %d head %d col %d: %f vs %f", row, h, d, bf2f(r1[i]), bf2f(r2[i]));
+      }
+      printf("\n");
     }
-    double lmax = 0; size_t lnan = 0;
-    for (size_t i = 0; i < nl; ++i) {
-      if (std::isinf(m1[i]) && std::isinf(m2[i])) continue;
-      if (!std::isfinite(m2[i])) { ++lnan; continue; }
-      lmax = std::max(lmax, (double)std::fabs(m1[i] - m2[i]));
-    }
-    double rel = std::sqrt(num / std::max(den, 1e-30));
-    bad = nan || lnan || rel > 5e-3 || lmax > 1e-3;
-    printf("check B%d H%d/%d q%d k%d d%d %s: rel %.2e max %.3e lse %.2e nonfinite %zu/%zu %s", c.B, c.H, c.KVH, c.Lq, c.Lk, c.D,
-           c.causal ? "causal" : "", rel, maxd, lmax, nan, lnan, bad ? "BAD" : "ok");
-    if (firstbad != (size_t)-1) {
-      size_t i = firstbad; int d = i % c.D, h = (i / c.D) % c.H, row = (i / c.D / c.H) % c.Lq;
-      printf(" first bad row %d head %d col %d: %f vs %f", row, h, d, bf2f(r1[i]), bf2f(r2[i]));
-    }
-    printf("\n");
+    if (time_it) ms[vi + 1] = median_ms([&] { CK(sm90::launch_forward(DType::bf16, s, a2, 0)); });
   }
-  if (time_it) {
-    use_hopper(false);
-    double flops = 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
-    const float ms0 = median_ms([&] { CK(launch_forward(DType::bf16, s, a1, 0)); });
-    const float ms1 = median_ms([&] { CK(sm90::launch_forward(DType::bf16, s, a2, 0)); });
-    printf("time hd%d s%d %s: mma.sync %.1f TFLOP/s, wgmma %.1f TFLOP/s, %.2fx\n", c.D, c.Lq, c.causal ? "causal" : "nc",
-           flops / ms0 / 1e9, flops / ms1 / 1e9, ms0 / ms1);
-  }
+  unsetenv("SCALETRAIN_FLASH_SM90_FORWARD");
+  if (time_it)
+    printf("time hd%d s%d %s: mma.sync %.1f, persistent %.1f, blocks %.1f, cpasync %.1f TFLOP/s\n", c.D, c.Lq,
+           c.causal ? "causal" : "nc", flops / ms[0] / 1e9, flops / ms[1] / 1e9, flops / ms[2] / 1e9, flops / ms[3] / 1e9);
   if (check) bad += run_backward(c, s, a1, time_it);
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o1); cudaFree(o2); cudaFree(l1); cudaFree(l2);
   return bad;
@@ -197,7 +206,7 @@ int main(int argc, char** argv) {
   for (auto& c : checks) bad += run(c, false, true);
   for (int D : {64, 128})
     for (bool causal : {false, true})
-      for (int S : {512, 4096, 16384}) {
+      for (int S : {512, 1024, 4096, 16384}) {
         Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, causal};
         bad += run(c, true, true);
       }

@@ -263,17 +263,18 @@ TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
   EXPECT_TRUE(at::equal(out, dense.out));
 }
 
-// SCALETRAIN_FLASH_SM90 set for a scope (the kernels read it at each call), restored after.
+// An environment variable (SCALETRAIN_FLASH_SM90 unless named) set for a scope (the kernels read
+// it at each call), restored after.
 class KernelEnv {
  public:
-  explicit KernelEnv(const char* value) {
-    if (const char* old = std::getenv(kName)) old_ = old;
-    ::setenv(kName, value, 1);
+  explicit KernelEnv(const char* value, const char* name = "SCALETRAIN_FLASH_SM90") : name_(name) {
+    if (const char* old = std::getenv(name_)) old_ = old;
+    ::setenv(name_, value, 1);
   }
-  ~KernelEnv() { old_ ? (void)::setenv(kName, old_->c_str(), 1) : (void)::unsetenv(kName); }
+  ~KernelEnv() { old_ ? (void)::setenv(name_, old_->c_str(), 1) : (void)::unsetenv(name_); }
 
  private:
-  static constexpr const char* kName = "SCALETRAIN_FLASH_SM90";
+  const char* name_;
   std::optional<std::string> old_;
 };
 
@@ -294,6 +295,52 @@ TEST(FlashAttention, CudaPortableKernelsOnHopperWithinTwiceTorchSdpaErrorOfFp64)
                                                {1, 2, 2, 17, 1000, dim, causal, dtype, gpu},
                                                {2, 2, 2, 1000, 127, dim, false, dtype, gpu}})
           check_against_fp64(c);
+}
+
+// Each Hopper forward (SCALETRAIN_FLASH_SM90_FORWARD: the copy-engine kernel on a persistent grid or
+// a block per work item, and the cp.async kernel) against the portable forward: odd lengths, GQA, a
+// query block longer than its keys (rows that see no key), more work items than multiprocessors (the
+// persistent blocks take several), a (batch, seq, heads, dim) layout and a batch of one.
+TEST(FlashAttention, CudaHopperForwardsMatchPortable) {
+  SCALETRAIN_REQUIRE_CUDA();
+  if (!cuda_hopper_kernels()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
+  struct Shape {
+    int64_t batch, heads, kv_heads, lq, lk;
+    bool bshd;
+  };
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
+    for (int64_t dim : {64, 128})
+      for (bool causal : {false, true})
+        for (const Shape& sh : std::vector<Shape>{{2, 4, 2, 300, 77, false},
+                                                  {2, 4, 2, 513, 1030, true},
+                                                  {3, 16, 4, 1000, 1000, false},
+                                                  {1, 2, 1, 1, 129, true}}) {
+          SCOPED_TRACE("B" + std::to_string(sh.batch) + " q" + std::to_string(sh.lq) + " k" + std::to_string(sh.lk) +
+                       " d" + std::to_string(dim) + (causal ? " causal" : "") + (sh.bshd ? " bshd" : ""));
+          at::manual_seed(sh.lq + sh.lk + dim);
+          const auto o = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+          const auto make = [&](int64_t heads, int64_t len) {
+            return sh.bshd ? at::randn({sh.batch, len, heads, dim}, o).transpose(1, 2)
+                           : at::randn({sh.batch, heads, len, dim}, o);
+          };
+          const auto q = make(sh.heads, sh.lq), k = make(sh.kv_heads, sh.lk), v = make(sh.kv_heads, sh.lk);
+          at::Tensor out0, lse0;
+          {
+            const KernelEnv portable("0");
+            std::tie(out0, lse0) = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+          }
+          const auto seen = lse0.isfinite();
+          const double eps = dtype == at::kHalf ? 9.8e-4 : 7.9e-3;
+          for (const char* variant : {"persistent", "blocks", "cpasync"}) {
+            SCOPED_TRACE(variant);
+            const KernelEnv forward(variant, "SCALETRAIN_FLASH_SM90_FORWARD");
+            const auto [out, lse] = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+            EXPECT_LE(max_err(out, out0.to(at::kDouble)), 2 * eps * out0.abs().max().item<double>());
+            EXPECT_TRUE(at::equal(seen, lse.isfinite()));
+            EXPECT_LE(max_err(lse.masked_fill(seen.logical_not(), 0), lse0.masked_fill(seen.logical_not(), 0).to(at::kDouble)),
+                      1e-4);
+          }
+        }
 }
 
 // The two kernel sets on one input (odd lengths, GQA, a query block longer than the keys): outputs
