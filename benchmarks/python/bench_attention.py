@@ -8,7 +8,10 @@ Cases as ../shared/anchors/measure_pytorch_baselines.py measures them: bf16, 16k
 (batch = 16384 / s), 2048 / head_dim heads, s = 512 .. 16384, causal and not. FLOPs: 4 * batch *
 heads * s^2 * head_dim (halved when causal); the backward counts 2.5x the forward. Times: the median
 of per-iteration CUDA events over --rep runs after 5 warm-ups; the backward is autograd.grad of the
-forward's output (retain_graph), the same call for every implementation. Before timing, each case
+forward's output (retain_graph), the same call for every implementation. --timing device (the
+default) queues each call behind a sleep kernel, so the events time the GPU's work alone, as in a
+training loop whose host runs ahead; --timing called lets the host's time per call (op dispatch,
+allocation, launch) show too, which matters only for the shortest cases. Before timing, each case
 checks our output and gradients against SDPA's (printed as the max abs difference). On an sm_90
 device ours runs the Hopper kernels; the portable (mma.sync) kernels are timed beside them
 (SCALETRAIN_FLASH_SM90=0) and recorded as rows of their own.
@@ -30,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_grad_pass import timed  # noqa: E402
 from bench_results import write_results  # noqa: E402
 from scaletrain.attention import flash_attention  # noqa: E402
 
@@ -37,25 +41,15 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def median_ms(fn, rep, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def time_impl(attend, q, k, v, do, rep):
-    fwd = median_ms(lambda: attend(q, k, v), rep)
+def time_impl(attend, q, k, v, do, rep, queued):
+    fwd = timed(lambda: attend(q, k, v), nothing, rep, 5, queued)
     o = attend(q, k, v)
-    bwd = median_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), rep)
+    bwd = timed(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), nothing, rep, 5, queued)
     return fwd, bwd
+
+
+def nothing():
+    pass
 
 
 def sdpa(backend, causal):
@@ -74,6 +68,8 @@ def main():
     ap.add_argument("--baselines", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--timing", choices=["device", "called"], default="device",
+                    help="device: calls queued behind a sleep kernel (GPU time alone); called: host time shows too")
     ap.add_argument("--gpt2-build", help="build folder with the scaletrain executable: add the GPT-2 124M row")
     ap.add_argument("--gpt2-steps", type=int, default=50)
     args = ap.parse_args()
@@ -85,6 +81,7 @@ def main():
     # On sm_90 (and a build for it) ours are the Hopper kernels; the portable ones are timed too.
     hopper = torch.cuda.get_device_capability() == (9, 0) and os.environ.get("SCALETRAIN_FLASH_SM90") != "0"
     rows, table = [], []
+    queued = args.timing == "device"
     for hd in args.hd:
         for causal in causals:
             for s in args.seqs:
@@ -103,17 +100,17 @@ def main():
                 g_ref = torch.autograd.grad(o_ref, (q, k, v), do)
                 diff = [float((a.float() - b.float()).abs().max()) for a, b in zip((o_ours, *g_ours), (o_ref, *g_ref))]
                 del o_ours, g_ours, o_ref, g_ref
-                f_ours, b_ours = time_impl(ours_fn, q, k, v, do, args.rep)
+                f_ours, b_ours = time_impl(ours_fn, q, k, v, do, args.rep, queued)
                 t = {"ours": (f_ours, b_ours)}
                 if hopper:  # the portable mma.sync kernels, which the Hopper ones replace on sm_90
                     os.environ["SCALETRAIN_FLASH_SM90"] = "0"
                     try:
-                        t["ours portable"] = time_impl(ours_fn, q, k, v, do, args.rep)
+                        t["ours portable"] = time_impl(ours_fn, q, k, v, do, args.rep, queued)
                     finally:
                         del os.environ["SCALETRAIN_FLASH_SM90"]
                 for name in args.baselines:
                     try:
-                        t[name] = time_impl(sdpa(name, causal), q, k, v, do, args.rep)
+                        t[name] = time_impl(sdpa(name, causal), q, k, v, do, args.rep, queued)
                     except RuntimeError as e:
                         print(f"  {name}: {str(e)[:100]}", flush=True)
                 tf = {n: (flops / f / 1e9, 2.5 * flops / b / 1e9) for n, (f, b) in t.items()}
@@ -137,10 +134,10 @@ def main():
                                      "baseline_name": baseline_name, "higher_is_better": True})
                 del q, k, v, do
                 torch.cuda.empty_cache()
-                write_results(args.out, torch.cuda.get_device_name(), rows=rows, cases=table)  # a cut run keeps these
+                write_results(args.out, torch.cuda.get_device_name(), timing=args.timing, rows=rows, cases=table)  # a cut run keeps these
     if args.gpt2_build:  # after the kernels' rows are saved
         rows += gpt2_rows(Path(args.gpt2_build), args.gpt2_steps)
-        write_results(args.out, torch.cuda.get_device_name(), rows=rows, cases=table)
+        write_results(args.out, torch.cuda.get_device_name(), timing=args.timing, rows=rows, cases=table)
 
 
 def gpt2_rows(build, steps):

@@ -261,21 +261,23 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
 // and K while the consumers finish the last) or one item per block (kPersistent false in the launch).
 // Work item i: query tile (i % m_tiles, the last first), head, sequence; consecutive items share K
 // and V, which stay in L2 while the blocks of a wave use them.
-template <int kD>
+template <int kD, int kConsumers>
 struct TmaTiles {
-  static constexpr int kBM = 128, kBN = 128, kStages = 2, kThreads = 384;
+  static constexpr int kBM = 64 * kConsumers, kBN = 128, kStages = 2, kThreads = 128 * (kConsumers + 1);
+  // Registers per thread after setmaxnreg: the producer's 24, the rest split among the consumers.
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static constexpr int kQBytes = kBM * kD * 2, kKVBytes = kBN * kD * 2;
   // Q, the K and V stages, the output staging tile (Q's size), and slack to align to 1024 bytes.
   static constexpr int kSmem = 2 * kQBytes + 2 * kStages * kKVBytes + 1024;
 };
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
+template <typename T, int kD, int kConsumers>
+__global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
     forward_tma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                        const __grid_constant__ CUtensorMap map_v, Shape s, ForwardArgs a) {
 #ifdef SCALETRAIN_SM90_DEVICE
-  using Tl = TmaTiles<kD>;
-  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kStages = Tl::kStages;
+  using Tl = TmaTiles<kD, kConsumers>;
+  constexpr int kBM = Tl::kBM, kBN = Tl::kBN, kStages = Tl::kStages, kWarps = 4 * kConsumers;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Q loaded / consumed, and per stage K loaded, V loaded, K consumed, V consumed.
   __shared__ __align__(8) uint64_t bars[2 + 4 * kStages];
@@ -286,12 +288,12 @@ __global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
                  full_v = full_k + 8 * kStages, empty_k = full_v + 8 * kStages, empty_v = empty_k + 8 * kStages;
   if (threadIdx.x == 0) {
     mbar_init(full_q, 1);
-    mbar_init(empty_q, 8);  // lane 0 of each consumer warp
+    mbar_init(empty_q, kWarps);  // lane 0 of each consumer warp
     for (int i = 0; i < kStages; ++i) {
       mbar_init(full_k + 8 * i, 1);
       mbar_init(full_v + 8 * i, 1);
-      mbar_init(empty_k + 8 * i, 8);
-      mbar_init(empty_v + 8 * i, 8);
+      mbar_init(empty_k + 8 * i, kWarps);
+      mbar_init(empty_v + 8 * i, kWarps);
     }
     mbar_init_fence();
   }
@@ -343,7 +345,7 @@ __global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tl::kConsumerRegs));
     const int wg = warpgroup - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int first = wg * 64 + warp * 16;  // the warp's first row in the tile
     const float scale_log2 = s.scale * kLog2e;
@@ -393,7 +395,7 @@ __global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
         constexpr bool kFirst = decltype(first_step)::value;
         const int st = (load + t) % kStages, prev = (load + t + kStages - 1) % kStages;
         mbar_wait(full_k + 8 * st, ((load + t) / kStages) & 1);
-        named_sync(1 + wg, 256);
+        named_sync(1 + wg, 256);  // this warpgroup's turn
         fence_operands(acc_o);
         fence_operands(pf);
         wgmma_fence();
@@ -403,7 +405,7 @@ __global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
           wgmma_fence();  // after the wait's branch, else ptxas inserts one (C7519)
           issue_pv(prev);
         }
-        if (wg == 0 || t + 1 < n_tiles) named_arrive(2 - wg, 256);  // the other warpgroup's turn
+        if (wg + 1 < kConsumers || t + 1 < n_tiles) named_arrive(1 + (wg + 1) % kConsumers, 256);  // the next one's
         wgmma_wait<kFirst ? 0 : 1>();
         fence_operands(acc_s);
         if (lane == 0) mbar_arrive(empty_k + 8 * st);  // S(t) is done: the stage's K may be overwritten
@@ -419,7 +421,7 @@ __global__ void __launch_bounds__(TmaTiles<kD>::kThreads, 1)
 
       mbar_wait(full_q, local & 1);
       if (n_tiles > 0) {
-        if (wg == 1) named_arrive(1, 256);  // warpgroup 0 goes first
+        if (wg == kConsumers - 1) named_arrive(1, 256);  // warpgroup 0 goes first
         step(0, std::true_type{});
         for (int t = 1; t < n_tiles; ++t) step(t, std::false_type{});
         const int last = (load + n_tiles - 1) % kStages;
@@ -512,28 +514,47 @@ ForwardVariant forward_variant(bool causal) {
   return causal ? ForwardVariant::blocks : ForwardVariant::persistent;
 }
 
+// The copy-engine forward with kConsumers consumer warpgroups; false in *launched where the layout
+// does not suit the copy engine (nothing is launched then).
+template <typename T, int kD, int kConsumers>
+cudaError_t launch_tma_forward(const Shape& s, const ForwardArgs& a, bool persistent, cudaStream_t stream,
+                               bool* launched) {
+  using Tl = TmaTiles<kD, kConsumers>;
+  CUtensorMap mq, mk, mv;
+  *launched = tensor_map<T>(&mq, a.q, a.sq, s.q_len, s.heads, s.batch, kD, Tl::kBM) &&
+              tensor_map<T>(&mk, a.k, a.sk, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN) &&
+              tensor_map<T>(&mv, a.v, a.sv, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN);
+  if (!*launched) return cudaSuccess;
+  const int items = (s.q_len + Tl::kBM - 1) / Tl::kBM * s.heads * s.batch;
+  int blocks = items;
+  if (persistent) {
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    blocks = std::min(items, sms);
+  }
+  return launch_with_smem(forward_tma_kernel<T, kD, kConsumers>, dim3(blocks), Tl::kThreads, Tl::kSmem, stream, mq,
+                          mk, mv, s, a);
+}
+
 template <typename T, int kD>
 struct Forward {
   static cudaError_t run(const Shape& s, const ForwardArgs& a, cudaStream_t stream) {
     const ForwardVariant variant = forward_variant(s.causal);
     if (s.cu_q == nullptr && variant != ForwardVariant::cpasync) {
-      using Tl = TmaTiles<kD>;
-      CUtensorMap mq, mk, mv;
-      if (tensor_map<T>(&mq, a.q, a.sq, s.q_len, s.heads, s.batch, kD, Tl::kBM) &&
-          tensor_map<T>(&mk, a.k, a.sk, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN) &&
-          tensor_map<T>(&mv, a.v, a.sv, s.k_len, s.kv_heads, s.batch, kD, Tl::kBN)) {
-        const int items = (s.q_len + Tl::kBM - 1) / Tl::kBM * s.heads * s.batch;
-        int blocks = items;
-        if (variant == ForwardVariant::persistent) {
-          int device = 0, sms = 0;
-          cudaError_t err = cudaGetDevice(&device);
-          if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-          if (err != cudaSuccess) return err;
-          blocks = std::min(items, sms);
-        }
-        return launch_with_smem(forward_tma_kernel<T, kD>, dim3(blocks), Tl::kThreads, Tl::kSmem, stream, mq, mk, mv,
-                                s, a);
+      const bool persistent = variant == ForwardVariant::persistent;
+      bool launched = false;
+      const char* env = std::getenv("SCALETRAIN_FLASH_SM90_CONSUMERS");
+      cudaError_t err;
+      if constexpr (kD == 64) {
+        err = env != nullptr && std::strcmp(env, "3") == 0
+                  ? launch_tma_forward<T, kD, 3>(s, a, persistent, stream, &launched)
+                  : launch_tma_forward<T, kD, 2>(s, a, persistent, stream, &launched);
+      } else {
+        err = launch_tma_forward<T, kD, 2>(s, a, persistent, stream, &launched);
       }
+      if (err != cudaSuccess || launched) return err;
     }
     using Tl = Tiles<kD>;
     return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tl::kBM - 1) / Tl::kBM, s.heads, s.batch),

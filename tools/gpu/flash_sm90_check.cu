@@ -144,12 +144,15 @@ int run(const Case& c, bool time_it, bool check) {
   CK(cudaDeviceSynchronize());
   int bad = 0;
   // Each Hopper forward (SCALETRAIN_FLASH_SM90_FORWARD) against the portable one.
-  const char* variants[] = {"persistent", "blocks", "cpasync"};
-  float ms[4] = {0, 0, 0, 0};
+  const char* variants[] = {"persistent", "blocks", "cpasync", "persistent", "blocks"};
+  const char* consumers[] = {"2", "2", "2", "3", "3"};  // consumer warpgroups (head_dim 64 only)
+  const int n_variants = c.D == 64 ? 5 : 3;
+  float ms[6] = {0, 0, 0, 0, 0, 0};
   const double flops = 4.0 * c.B * c.H * (double)c.Lq * c.Lk * c.D * (c.causal ? 0.5 : 1.0);
   if (time_it) ms[0] = median_ms([&] { CK(launch_forward(DType::bf16, s, a1, 0)); });
-  for (int vi = 0; vi < 3; ++vi) {
+  for (int vi = 0; vi < n_variants; ++vi) {
     setenv("SCALETRAIN_FLASH_SM90_FORWARD", variants[vi], 1);
+    setenv("SCALETRAIN_FLASH_SM90_CONSUMERS", consumers[vi], 1);
     CK(cudaMemset(o2, 0xff, nq * 2)); CK(cudaMemset(l2, 0xff, nl * 4));
     CK(sm90::launch_forward(DType::bf16, s, a2, 0));
     CK(cudaDeviceSynchronize());
@@ -173,7 +176,7 @@ int run(const Case& c, bool time_it, bool check) {
       double rel = std::sqrt(num / std::max(den, 1e-30));
       const int b = nan || lnan || rel > 5e-3 || lmax > 1e-3;
       bad += b;
-      printf("check %-10s B%d H%d/%d q%d k%d d%d %s: rel %.2e max %.3e lse %.2e nonfinite %zu/%zu %s", variants[vi], c.B, c.H,
+      printf("check %-10s %s B%d H%d/%d q%d k%d d%d %s: rel %.2e max %.3e lse %.2e nonfinite %zu/%zu %s", variants[vi], consumers[vi], c.B, c.H,
              c.KVH, c.Lq, c.Lk, c.D, c.causal ? "causal" : "", rel, maxd, lmax, nan, lnan, b ? "BAD" : "ok");
       if (firstbad != (size_t)-1) {
         size_t i = firstbad; int d = i % c.D, h = (i / c.D) % c.H, row = (i / c.D / c.H) % c.Lq;
@@ -184,9 +187,11 @@ int run(const Case& c, bool time_it, bool check) {
     if (time_it) ms[vi + 1] = median_ms([&] { CK(sm90::launch_forward(DType::bf16, s, a2, 0)); });
   }
   unsetenv("SCALETRAIN_FLASH_SM90_FORWARD");
+  unsetenv("SCALETRAIN_FLASH_SM90_CONSUMERS");
   if (time_it)
-    printf("time hd%d s%d %s: mma.sync %.1f, persistent %.1f, blocks %.1f, cpasync %.1f TFLOP/s\n", c.D, c.Lq,
-           c.causal ? "causal" : "nc", flops / ms[0] / 1e9, flops / ms[1] / 1e9, flops / ms[2] / 1e9, flops / ms[3] / 1e9);
+    printf("time hd%d s%d %s: mma.sync %.1f, persistent %.1f, blocks %.1f, cpasync %.1f, 3 consumers: persistent %.1f, "
+           "blocks %.1f TFLOP/s\n", c.D, c.Lq, c.causal ? "causal" : "nc", flops / ms[0] / 1e9, flops / ms[1] / 1e9,
+           flops / ms[2] / 1e9, flops / ms[3] / 1e9, ms[4] > 0 ? flops / ms[4] / 1e9 : 0., ms[5] > 0 ? flops / ms[5] / 1e9 : 0.);
   if (check) bad += run_backward(c, s, a1, time_it);
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o1); cudaFree(o2); cudaFree(l1); cudaFree(l2);
   return bad;

@@ -201,9 +201,25 @@ TEST(FlashAttention, CudaLongSequences) {
   }
 }
 
+// An environment variable (SCALETRAIN_FLASH_SM90 unless named) set for a scope (the kernels read
+// it at each call), restored after.
+class KernelEnv {
+ public:
+  explicit KernelEnv(const char* value, const char* name = "SCALETRAIN_FLASH_SM90") : name_(name) {
+    if (const char* old = std::getenv(name_)) old_ = old;
+    ::setenv(name_, value, 1);
+  }
+  ~KernelEnv() { old_ ? (void)::setenv(name_, old_->c_str(), 1) : (void)::unsetenv(name_); }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
 // Packed sequences (one empty, lengths across tile edges) against the dense call on each sequence:
-// out, dk and dv bit for bit (the same tiles in the same order); dq to rounding, since its tiles
-// are added with atomics in an order that varies.
+// out, dk and dv bit for bit (the same tiles in the same order: on Hopper the dense forward runs
+// the cp.async kernel that packed sequences take); dq to rounding, since its tiles are added with
+// atomics in an order that varies.
 TEST(FlashAttention, CudaVarlenEqualsDensePerSequence) {
   SCALETRAIN_REQUIRE_CUDA();
   at::manual_seed(6);
@@ -213,6 +229,7 @@ TEST(FlashAttention, CudaVarlenEqualsDensePerSequence) {
   const auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   const auto q = at::randn({cu_q.back(), 4, 64}, o), k = at::randn({cu_k.back(), 2, 64}, o),
              v = at::randn({cu_k.back(), 2, 64}, o), dout = at::randn({cu_q.back(), 4, 64}, o);
+  const KernelEnv same_forward("cpasync", "SCALETRAIN_FLASH_SM90_FORWARD");
   for (bool causal : {false, true}) {
     const Grads packed = run(q, k, v, dout, [&](auto& a, auto& b, auto& d) {
       return flash_attention_varlen(a, b, d, at::tensor(cu_q, at::kInt).cuda(), at::tensor(cu_k), causal);
@@ -263,20 +280,6 @@ TEST(FlashAttention, CudaStridedAndMisalignedInputs) {
   EXPECT_TRUE(at::equal(out, dense.out));
 }
 
-// An environment variable (SCALETRAIN_FLASH_SM90 unless named) set for a scope (the kernels read
-// it at each call), restored after.
-class KernelEnv {
- public:
-  explicit KernelEnv(const char* value, const char* name = "SCALETRAIN_FLASH_SM90") : name_(name) {
-    if (const char* old = std::getenv(name_)) old_ = old;
-    ::setenv(name_, value, 1);
-  }
-  ~KernelEnv() { old_ ? (void)::setenv(name_, old_->c_str(), 1) : (void)::unsetenv(name_); }
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 // On a Hopper GPU the forward and backward run the wgmma kernels (the tests above check them
 // against fp64); the portable mma.sync kernels, which other GPUs run, are checked here on the same
