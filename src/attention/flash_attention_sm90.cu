@@ -254,13 +254,13 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
 
 // The warp-specialised forward of dense inputs: a producer warpgroup whose one thread loads Q, K and V
 // tiles with bulk tensor copies (TMA: the copy engine writes the 128-byte swizzle itself and signals an
-// mbarrier), and two consumer warpgroups of 64 query rows each that take turns issuing their matrix
-// products (named barriers 1 and 2), so that one's softmax runs while the other's products do. Within
-// a warpgroup, step t issues S(t) and O += P(t - 1) V(t - 1) together as in forward_kernel. The grid
-// is persistent (a block per multiprocessor walks work items, the producer loading the next item's Q
-// and K while the consumers finish the last) or one item per block (kPersistent false in the launch).
-// Work item i: query tile (i % m_tiles, the last first), head, sequence; consecutive items share K
-// and V, which stay in L2 while the blocks of a wave use them.
+// mbarrier; two K and V stages), and kConsumers consumer warpgroups of 64 query rows each that take
+// turns issuing their matrix products (named barriers 1.., in a ring), so that one's softmax runs while
+// another's products do. Within a warpgroup, step t issues S(t) and O += P(t - 1) V(t - 1) together
+// as in forward_kernel. The grid is persistent (a block per multiprocessor walks the work items, the
+// producer loading the next item's Q and K while the consumers finish the last) or a block per item
+// (launch_tma_forward's `persistent`). Work item i: query tile (i % m_tiles, the last first), head,
+// sequence; consecutive items share K and V, which stay in L2 while the blocks of a wave use them.
 template <int kD, int kConsumers>
 struct TmaTiles {
   static constexpr int kBM = 64 * kConsumers, kBN = 128, kStages = 2, kThreads = 128 * (kConsumers + 1);
@@ -514,6 +514,18 @@ ForwardVariant forward_variant(bool causal) {
   return causal ? ForwardVariant::blocks : ForwardVariant::persistent;
 }
 
+// head_dim 64: whether the copy-engine forward runs three consumer warpgroups (192 query rows per
+// item) rather than two. SCALETRAIN_FLASH_SM90_CONSUMERS=2 or 3 decides; else three, but two with the
+// causal mask on fewer than 2048 queries, where the taller tile's masked part costs more than the
+// third warpgroup gains (H200, 16k tokens: three 1.05-1.21x two without the mask, 1.12-1.20x with it
+// at s4096 and s16384; two 1.07-1.08x three with it at s512 and s1024).
+bool three_consumers(const Shape& s) {
+  const char* env = std::getenv("SCALETRAIN_FLASH_SM90_CONSUMERS");
+  if (env != nullptr && std::strcmp(env, "2") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "3") == 0) return true;
+  return !s.causal || s.q_len >= 2048;
+}
+
 // The copy-engine forward with kConsumers consumer warpgroups; false in *launched where the layout
 // does not suit the copy engine (nothing is launched then).
 template <typename T, int kD, int kConsumers>
@@ -545,10 +557,9 @@ struct Forward {
     if (s.cu_q == nullptr && variant != ForwardVariant::cpasync) {
       const bool persistent = variant == ForwardVariant::persistent;
       bool launched = false;
-      const char* env = std::getenv("SCALETRAIN_FLASH_SM90_CONSUMERS");
       cudaError_t err;
       if constexpr (kD == 64) {
-        err = env != nullptr && std::strcmp(env, "3") == 0
+        err = three_consumers(s)
                   ? launch_tma_forward<T, kD, 3>(s, a, persistent, stream, &launched)
                   : launch_tma_forward<T, kD, 2>(s, a, persistent, stream, &launched);
       } else {

@@ -301,9 +301,11 @@ TEST(FlashAttention, CudaPortableKernelsOnHopperWithinTwiceTorchSdpaErrorOfFp64)
 }
 
 // Each Hopper forward (SCALETRAIN_FLASH_SM90_FORWARD: the copy-engine kernel on a persistent grid or
-// a block per work item, and the cp.async kernel) against the portable forward: odd lengths, GQA, a
-// query block longer than its keys (rows that see no key), more work items than multiprocessors (the
-// persistent blocks take several), a (batch, seq, heads, dim) layout and a batch of one.
+// a block per work item, with two or, at head_dim 64, three consumer warpgroups
+// (SCALETRAIN_FLASH_SM90_CONSUMERS); and the cp.async kernel) against the portable forward: odd
+// lengths, GQA, a query block longer than its keys (rows that see no key), more work items than
+// multiprocessors (the persistent blocks take several), a (batch, seq, heads, dim) layout and a
+// batch of one.
 TEST(FlashAttention, CudaHopperForwardsMatchPortable) {
   SCALETRAIN_REQUIRE_CUDA();
   if (!cuda_hopper_kernels()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
@@ -334,9 +336,12 @@ TEST(FlashAttention, CudaHopperForwardsMatchPortable) {
           }
           const auto seen = lse0.isfinite();
           const double eps = dtype == at::kHalf ? 9.8e-4 : 7.9e-3;
-          for (const char* variant : {"persistent", "blocks", "cpasync"}) {
-            SCOPED_TRACE(variant);
+          for (const auto& [variant, consumers] : std::vector<std::pair<const char*, const char*>>{
+                   {"persistent", "2"}, {"blocks", "2"}, {"persistent", "3"}, {"blocks", "3"}, {"cpasync", "2"}}) {
+            if (dim == 128 && std::string(consumers) == "3") continue;  // head_dim 64 only
+            SCOPED_TRACE(std::string(variant) + ", " + consumers + " consumer warpgroups");
             const KernelEnv forward(variant, "SCALETRAIN_FLASH_SM90_FORWARD");
+            const KernelEnv warpgroups(consumers, "SCALETRAIN_FLASH_SM90_CONSUMERS");
             const auto [out, lse] = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
             EXPECT_LE(max_err(out, out0.to(at::kDouble)), 2 * eps * out0.abs().max().item<double>());
             EXPECT_TRUE(at::equal(seen, lse.isfinite()));
