@@ -11,7 +11,8 @@
 // fp32 arithmetic, head_dim up to 256. CUDA tensors (builds with CUDA, sm_80 and later): tensor-core
 // kernels for bf16 and fp16 with head_dim 64 or 128, fp32 accumulation, any strides with a dense
 // head_dim (rows not 16-byte aligned are copied first); on Hopper (sm_90) the forward and the
-// backward run on warpgroup MMAs (cuda_hopper_kernels()).
+// backward run on warpgroup MMAs (cuda_hopper_kernels()), the dense forward's tiles loaded by the
+// copy engine (TMA) for warp-specialised consumers.
 //
 // Semantics:
 // - Layout of torch's scaled_dot_product_attention: q (batch, heads, q_len, head_dim), k and v
