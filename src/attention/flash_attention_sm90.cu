@@ -93,6 +93,51 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kD / 2], float mul
   }
 }
 
+// ---- a warpgroup's steps of the forward (64 query rows), shared by both Hopper forwards.
+
+// S = Q K^T into acc_s: kD / 16 steps of k16 over the warpgroup's 64 rows (from 64 wg) of a sw128 Q
+// tile of kBM rows and a K tile of kBN rows; within a 64-column slab a step advances 32 bytes.
+template <typename T, int kD, int kBM, int kBN>
+__device__ __forceinline__ void issue_qk(float (&acc_s)[kBN / 2], uint32_t q_tile, int wg, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const int col = kk * 16;
+    const uint64_t da = matrix_desc(q_tile + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
+    const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
+    Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P V: k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes; the
+// leading offset steps between 64-column slabs, the stride between groups of 8 keys.
+template <typename T, int kD, int kBN>
+__device__ __forceinline__ void issue_pv(float (&acc_o)[kD / 2], const uint32_t (&pf)[kBN / 16][4], uint32_t v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk)
+    Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
+  wgmma_commit();
+}
+
+// The online softmax of the scores of keys n0.. (kBN of them) for query tile m0: masked where the
+// tile passes lk or, causal, the diagonal (query i sees keys j <= i + shift); row_a is the
+// thread's first row. P to the A fragments is make_p's.
+template <int kBN>
+__device__ __forceinline__ void softmax_tile(float (&acc_s)[kBN / 2], int n0, int m0, int lk, bool causal, int shift,
+                                             int row_a, int lane, float (&row_max)[2], float (&row_sum)[2],
+                                             float scale_log2, float (&correction)[2]) {
+  const bool need_mask = n0 + kBN > lk || (causal && n0 + kBN - 1 > m0 + shift);
+  if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, lk, causal, shift);
+  softmax_step(blocks(acc_s), row_max, row_sum, scale_log2, correction);
+}
+
+// The probabilities as the A operand of O += P V.
+template <typename T, int kBN>
+__device__ __forceinline__ void make_p(uint32_t (&pf)[kBN / 16][4], float (&acc_s)[kBN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
+}
+
 // head_dim 64: tiles of 64 keys and two blocks per multiprocessor (126 registers per thread), so
 // that one block's softmax runs while the other's products do (1.18-1.35x one block with tiles
 // of 128 keys on an H200). head_dim 128, whose output accumulators alone take 64 registers: one block
@@ -159,37 +204,11 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
                                    safe);
     cp_async_commit();
   };
-  // S = Q K(t)^T: kD / 16 steps of k16; within a 64-column slab a step advances 32 bytes.
-  auto issue_s = [&](int t) {
-    const uint32_t k_tile = sK + (t & 1) * Tl::kKVBytes;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const int col = kk * 16;
-      const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
-      const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
-      Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
-    }
-    wgmma_commit();
-  };
-  // O += P V(t): k16 steps over the keys; V is MN-major (rows of head_dim), 16 keys = 2048 bytes;
-  // the leading offset steps between 64-column slabs, the stride between groups of 8 keys.
-  auto issue_pv = [&](int t) {
-    const uint32_t v_tile = sV + (t & 1) * Tl::kKVBytes;
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
-    wgmma_commit();
-  };
-  // The online softmax of tile t's scores; P to pf is left to the caller.
+  auto issue_s = [&](int t) { issue_qk<T, kD, kBM, kBN>(acc_s, sQ, wg, sK + (t & 1) * Tl::kKVBytes); };
+  auto issue_pv_t = [&](int t) { issue_pv<T, kD, kBN>(acc_o, pf, sV + (t & 1) * Tl::kKVBytes); };
   auto softmax = [&](int t) {
-    const int n0 = t * kBN;
-    const bool need_mask = n0 + kBN > seq.lk || (s.causal && n0 + kBN - 1 > m0 + shift);
-    if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, seq.lk, s.causal, shift);
-    softmax_step(blocks(acc_s), row_max, row_sum, scale_log2, correction);
-  };
-  auto make_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
+    softmax_tile<kBN>(acc_s, t * kBN, m0, seq.lk, s.causal, shift, row_a, lane, row_max, row_sum, scale_log2,
+                      correction);
   };
 
   // Step t issues S(t) and then O += P(t - 1) V(t - 1): the softmax of tile t runs while the tensor
@@ -213,27 +232,27 @@ __global__ void __launch_bounds__(Tiles<kD>::kThreads, Tiles<kD>::kMinBlocks) fo
     wgmma_wait<0>();
     fence_operands(acc_s);
     softmax(0);
-    make_p();
+    make_p<T, kBN>(pf, acc_s);
     for (int t = 1; t < n_tiles; ++t) {
       top(t);
       fence_operands(acc_o);  // the rescaled O and the new P are written before the wgmmas read them
       fence_operands(pf);
       wgmma_fence();
       issue_s(t);
-      issue_pv(t - 1);
+      issue_pv_t(t - 1);
       wgmma_wait<1>();  // S(t) is done (P(t - 1) V(t - 1) may not be)
       fence_operands(acc_s);
       softmax(t);
       wgmma_wait<0>();
       fence_operands(acc_o);
       rescale_rows(blocks(acc_o), correction);
-      make_p();
+      make_p<T, kBN>(pf, acc_s);
     }
     top(n_tiles);  // V of the last tile is in
     fence_operands(acc_o);
     fence_operands(pf);
     wgmma_fence();
-    issue_pv(n_tiles - 1);
+    issue_pv_t(n_tiles - 1);
     wgmma_wait<0>();
     fence_operands(acc_o);
   }
@@ -360,34 +379,8 @@ __global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
       row_max[0] = row_max[1] = -INFINITY;
       row_sum[0] = row_sum[1] = 0.f;
 
-      auto issue_s = [&](int st) {
-        const uint32_t k_tile = sK + st * Tl::kKVBytes;
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          const int col = kk * 16;
-          const uint64_t da = matrix_desc(sQ + (col >> 6) * (kBM * 128) + wg * 64 * 128 + (col & 63) * 2, 16, 1024);
-          const uint64_t db = matrix_desc(k_tile + (col >> 6) * (kBN * 128) + (col & 63) * 2, 16, 1024);
-          Wgmma<T, kBN>::ss(acc_s, da, db, kk > 0);
-        }
-        wgmma_commit();
-      };
-      auto issue_pv = [&](int st) {
-        const uint32_t v_tile = sV + st * Tl::kKVBytes;
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          Wgmma<T, kD>::rs(acc_o, pf[kk], matrix_desc(v_tile + kk * 16 * 128, kBN * 128, 1024), 1);
-        wgmma_commit();
-      };
-      auto softmax = [&](int t) {
-        const int n0 = t * kBN;
-        const bool need_mask = n0 + kBN > s.k_len || (s.causal && n0 + kBN - 1 > m0 + shift);
-        if (need_mask) mask_scores(blocks(acc_s), n0, row_a, lane, s.k_len, s.causal, shift);
-        softmax_step(blocks(acc_s), row_max, row_sum, scale_log2, correction);
-      };
-      auto make_p = [&] {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) to_a<T>(pf[kk], blocks(acc_s)[2 * kk], blocks(acc_s)[2 * kk + 1]);
-      };
+      auto issue_s = [&](int st) { issue_qk<T, kD, kBM, kBN>(acc_s, sQ, wg, sK + st * Tl::kKVBytes); };
+      auto issue_pv_st = [&](int st) { issue_pv<T, kD, kBN>(acc_o, pf, sV + st * Tl::kKVBytes); };
       // Step t (load counter load + t): S(t), and O += P(t - 1) V(t - 1) but in the first step, issued in
       // this warpgroup's turn; the softmax of tile t while the P V product runs. The first step is a
       // separate instantiation (ptxas serialises wgmma whose waits sit in data-dependent branches).
@@ -403,20 +396,21 @@ __global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
         if constexpr (!kFirst) {
           mbar_wait(full_v + 8 * prev, ((load + t - 1) / kStages) & 1);
           wgmma_fence();  // after the wait's branch, else ptxas inserts one (C7519)
-          issue_pv(prev);
+          issue_pv_st(prev);
         }
         if (wg + 1 < kConsumers || t + 1 < n_tiles) named_arrive(1 + (wg + 1) % kConsumers, 256);  // the next one's
         wgmma_wait<kFirst ? 0 : 1>();
         fence_operands(acc_s);
         if (lane == 0) mbar_arrive(empty_k + 8 * st);  // S(t) is done: the stage's K may be overwritten
-        softmax(t);
+        softmax_tile<kBN>(acc_s, t * kBN, m0, s.k_len, s.causal, shift, row_a, lane, row_max, row_sum, scale_log2,
+                          correction);
         if constexpr (!kFirst) {
           wgmma_wait<0>();
           fence_operands(acc_o);
           if (lane == 0) mbar_arrive(empty_v + 8 * prev);
           rescale_rows(blocks(acc_o), correction);
         }
-        make_p();
+        make_p<T, kBN>(pf, acc_s);
       };
 
       mbar_wait(full_q, local & 1);
@@ -429,7 +423,7 @@ __global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
         fence_operands(acc_o);
         fence_operands(pf);
         wgmma_fence();
-        issue_pv(last);
+        issue_pv_st(last);
         wgmma_wait<0>();
         fence_operands(acc_o);
         if (lane == 0) mbar_arrive(empty_v + 8 * last);
