@@ -568,6 +568,15 @@ bool cuda_hopper_kernels() {
 #endif
 }
 
+std::string cuda_last_forward_kernel() {
+#ifdef SCALETRAIN_WITH_CUDA
+  const char* name = cuda::last_forward_kernel();
+  return name == nullptr ? std::string() : std::string(name);
+#else
+  return {};
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v,
                                                            const std::optional<at::Tensor>& cu_seqlens_q,

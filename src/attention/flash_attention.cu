@@ -833,6 +833,13 @@ struct Forward {
 
 bool supports_head_dim(int dim) { return dim == 64 || dim == 128; }
 
+namespace {
+thread_local const char* last_forward = nullptr;
+}  // namespace
+
+const char* last_forward_kernel() { return last_forward; }
+void note_forward_kernel(const char* name) { last_forward = name; }
+
 bool hopper_kernels_enabled() {
 #ifdef SCALETRAIN_WITH_SM90
   const char* env = std::getenv("SCALETRAIN_FLASH_SM90");
@@ -852,6 +859,7 @@ cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& ar
 #ifdef SCALETRAIN_WITH_SM90
   if (hopper_kernels_enabled()) return sm90::launch_forward(type, shape, args, stream);
 #endif
+  note_forward_kernel("portable");
   return dispatch<Forward>(type, shape.dim, shape, args, stream);
 }
 

@@ -50,6 +50,12 @@ struct ForwardArgs {
 cudaError_t launch_forward(DType type, const Shape& shape, const ForwardArgs& args, cudaStream_t stream);
 bool hopper_kernels_enabled();
 
+// The forward kernel this thread launched last: "portable", "cpasync" (the Hopper kernel that loads
+// with cp.async), "persistent/N" or "blocks/N" (the Hopper copy-engine kernel on a persistent grid or
+// a block per work item, N consumer warpgroups); nullptr before the first. note_forward_kernel sets it.
+const char* last_forward_kernel();
+void note_forward_kernel(const char* name);
+
 struct BackwardArgs {
   const void *q, *k, *v, *out, *dout;
   Strides sq, sk, sv, so, sdo;

@@ -401,7 +401,10 @@ __global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
         if (wg + 1 < kConsumers || t + 1 < n_tiles) named_arrive(1 + (wg + 1) % kConsumers, 256);  // the next one's
         wgmma_wait<kFirst ? 0 : 1>();
         fence_operands(acc_s);
-        if (lane == 0) mbar_arrive(empty_k + 8 * st);  // S(t) is done: the stage's K may be overwritten
+        if (lane == 0) {
+          mbar_arrive(empty_k + 8 * st);  // S(t) is done: the stage's K may be overwritten,
+          if (t + 1 == n_tiles) mbar_arrive(empty_q);  // and after the last S, Q (the next item's loads)
+        }
         softmax_tile<kBN>(acc_s, t * kBN, m0, s.k_len, s.causal, shift, row_a, lane, row_max, row_sum, scale_log2,
                           correction);
         if constexpr (!kFirst) {
@@ -428,7 +431,7 @@ __global__ void __launch_bounds__(TmaTiles<kD, kConsumers>::kThreads, 1)
         fence_operands(acc_o);
         if (lane == 0) mbar_arrive(empty_v + 8 * last);
       }
-      if (lane == 0) mbar_arrive(empty_q);  // every S of the item is done
+      if (n_tiles == 0 && lane == 0) mbar_arrive(empty_q);  // (else released after the last S)
       load += n_tiles;
 
       // Epilogue: each warp stages its 16 rows in its own rows of the output tile.
@@ -540,6 +543,8 @@ cudaError_t launch_tma_forward(const Shape& s, const ForwardArgs& a, bool persis
     if (err != cudaSuccess) return err;
     blocks = std::min(items, sms);
   }
+  note_forward_kernel(persistent ? (kConsumers == 2 ? "persistent/2" : "persistent/3")
+                                 : (kConsumers == 2 ? "blocks/2" : "blocks/3"));
   return launch_with_smem(forward_tma_kernel<T, kD, kConsumers>, dim3(blocks), Tl::kThreads, Tl::kSmem, stream, mq,
                           mk, mv, s, a);
 }
@@ -562,6 +567,7 @@ struct Forward {
       if (err != cudaSuccess || launched) return err;
     }
     using Tl = Tiles<kD>;
+    note_forward_kernel("cpasync");
     return launch_with_smem(forward_kernel<T, kD>, dim3((s.q_len + Tl::kBM - 1) / Tl::kBM, s.heads, s.batch),
                             Tl::kThreads, Tl::kSmem, stream, s, a);
   }

@@ -26,6 +26,7 @@
 // - Inputs: one dtype (float32, bfloat16, float16), one device, the head_dim stride 1, head_dim in
 //   [1, 256], nothing empty. Errors are std::invalid_argument naming the argument.
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -40,6 +41,13 @@ bool cuda_supports_head_dim(int64_t head_dim);
 // in the environment (read at each call; "0" selects the portable mma.sync kernels, which other
 // devices run). The deterministic backward's dQ kernel is the portable one on every device.
 bool cuda_hopper_kernels();
+
+// The CUDA forward kernel this thread launched last (empty before the first, and in a build
+// without CUDA): "portable" (mma.sync), "cpasync" (the Hopper kernel that loads tiles with
+// cp.async: packed sequences, and layouts the copy engine cannot take, such as a stride of 0 from
+// expand()), "persistent/N" or "blocks/N" (the Hopper copy-engine kernel on a persistent grid or a
+// block per work item, N consumer warpgroups). For finding out why a call is slower than expected.
+std::string cuda_last_forward_kernel();
 
 // Differentiable in q, k and v. Output in q's dtype and layout (batch, heads, q_len, head_dim).
 at::Tensor flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal = false,

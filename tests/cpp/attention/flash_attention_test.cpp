@@ -303,32 +303,43 @@ TEST(FlashAttention, CudaPortableKernelsOnHopperWithinTwiceTorchSdpaErrorOfFp64)
 // Each Hopper forward (SCALETRAIN_FLASH_SM90_FORWARD: the copy-engine kernel on a persistent grid or
 // a block per work item, with two or, at head_dim 64, three consumer warpgroups
 // (SCALETRAIN_FLASH_SM90_CONSUMERS); and the cp.async kernel) against the portable forward: odd
-// lengths, GQA, a query block longer than its keys (rows that see no key), more work items than
-// multiprocessors (the persistent blocks take several), a (batch, seq, heads, dim) layout and a
-// batch of one.
+// lengths, GQA, a query block longer than its keys (rows that see no key, also in persistent
+// blocks that take several work items), more work items than multiprocessors, a (batch, seq,
+// heads, dim) layout, a batch of one, and expanded keys and values (the cp.async kernel). Each call
+// checks which kernel ran (cuda_last_forward_kernel).
 TEST(FlashAttention, CudaHopperForwardsMatchPortable) {
   SCALETRAIN_REQUIRE_CUDA();
   if (!cuda_hopper_kernels()) GTEST_SKIP() << "not a Hopper GPU (or a build without sm_90)";
+  enum Layout { bhsd, bshd, expanded_kv };
   struct Shape {
     int64_t batch, heads, kv_heads, lq, lk;
-    bool bshd;
+    Layout layout;
   };
   for (at::ScalarType dtype : {at::kBFloat16, at::kHalf})
     for (int64_t dim : {64, 128})
       for (bool causal : {false, true})
-        for (const Shape& sh : std::vector<Shape>{{2, 4, 2, 300, 77, false},
-                                                  {2, 4, 2, 513, 1030, true},
-                                                  {3, 16, 4, 1000, 1000, false},
-                                                  {1, 2, 1, 1, 129, true}}) {
+        for (const Shape& sh : std::vector<Shape>{{2, 4, 2, 300, 77, bhsd},
+                                                  {2, 4, 2, 513, 1030, bshd},
+                                                  {3, 16, 4, 1000, 1000, bhsd},
+                                                  {4, 32, 8, 1000, 300, bhsd},
+                                                  {1, 2, 1, 1, 129, bshd},
+                                                  {2, 4, 2, 300, 300, expanded_kv}}) {
           SCOPED_TRACE("B" + std::to_string(sh.batch) + " q" + std::to_string(sh.lq) + " k" + std::to_string(sh.lk) +
-                       " d" + std::to_string(dim) + (causal ? " causal" : "") + (sh.bshd ? " bshd" : ""));
+                       " d" + std::to_string(dim) + (causal ? " causal" : "") + " layout " +
+                       std::to_string(sh.layout));
           at::manual_seed(sh.lq + sh.lk + dim);
           const auto o = at::TensorOptions().dtype(dtype).device(at::kCUDA);
           const auto make = [&](int64_t heads, int64_t len) {
-            return sh.bshd ? at::randn({sh.batch, len, heads, dim}, o).transpose(1, 2)
-                           : at::randn({sh.batch, heads, len, dim}, o);
+            return sh.layout == bshd ? at::randn({sh.batch, len, heads, dim}, o).transpose(1, 2)
+                                     : at::randn({sh.batch, heads, len, dim}, o);
           };
-          const auto q = make(sh.heads, sh.lq), k = make(sh.kv_heads, sh.lk), v = make(sh.kv_heads, sh.lk);
+          // expanded_kv: one key/value head seen as kv_heads (head stride 0), which the copy engine
+          // cannot take: the cp.async kernel runs.
+          const auto kv = [&](int64_t len) {
+            return sh.layout == expanded_kv ? make(1, len).expand({sh.batch, sh.kv_heads, len, dim})
+                                            : make(sh.kv_heads, len);
+          };
+          const auto q = make(sh.heads, sh.lq), k = kv(sh.lk), v = kv(sh.lk);
           at::Tensor out0, lse0;
           {
             const KernelEnv portable("0");
@@ -343,6 +354,9 @@ TEST(FlashAttention, CudaHopperForwardsMatchPortable) {
             const KernelEnv forward(variant, "SCALETRAIN_FLASH_SM90_FORWARD");
             const KernelEnv warpgroups(consumers, "SCALETRAIN_FLASH_SM90_CONSUMERS");
             const auto [out, lse] = flash_attention_forward(q, k, v, std::nullopt, std::nullopt, causal, std::nullopt);
+            const bool copy_engine = std::string(variant) != "cpasync" && sh.layout != expanded_kv;
+            EXPECT_EQ(cuda_last_forward_kernel(),
+                      copy_engine ? std::string(variant) + "/" + (dim == 64 ? consumers : "2") : std::string("cpasync"));
             EXPECT_LE(max_err(out, out0.to(at::kDouble)), 2 * eps * out0.abs().max().item<double>());
             EXPECT_TRUE(at::equal(seen, lse.isfinite()));
             EXPECT_LE(max_err(lse.masked_fill(seen.logical_not(), 0), lse0.masked_fill(seen.logical_not(), 0).to(at::kDouble)),
