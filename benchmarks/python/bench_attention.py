@@ -23,7 +23,6 @@ B16 x T1024, bench_train_gpt2.py's runner) with model.attention=flash against mo
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
