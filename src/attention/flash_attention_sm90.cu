@@ -12,7 +12,7 @@
 // MN-major. The products of consecutive tiles overlap: step t issues S(t) = Q K(t)^T and O += P(t -
 // 1) V(t - 1) together and runs the softmax of tile t while the second is in flight. Two kernels do
 // this: forward_tma_kernel (dense inputs; the copy engine loads the tiles for a producer warpgroup,
-// and the two consumer warpgroups take turns) and forward_kernel (packed sequences and layouts the
+// and two or three consumer warpgroups take turns) and forward_kernel (packed sequences and layouts the
 // copy engine cannot take; K and V double-buffered with cp.async by all threads, one tile ahead).
 #include <algorithm>
 #include <cmath>
