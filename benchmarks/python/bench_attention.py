@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_grad_pass import timed  # noqa: E402
 from bench_results import write_results  # noqa: E402
-from scaletrain.attention import flash_attention  # noqa: E402
+from scaletrain.attention import cuda_last_forward_kernel, flash_attention  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -94,6 +94,7 @@ def main():
                 ours_fn = lambda a, b, c: flash_attention(a, b, c, causal=causal)  # noqa: E731
                 # Agreement with SDPA flash before timing.
                 o_ours = ours_fn(q, k, v)
+                kernel = cuda_last_forward_kernel()  # which forward ran (the timed calls take the same)
                 g_ours = torch.autograd.grad(o_ours, (q, k, v), do)
                 o_ref = sdpa("flash", causal)(q, k, v)
                 g_ref = torch.autograd.grad(o_ref, (q, k, v), do)
@@ -118,8 +119,9 @@ def main():
                 if "ours portable" in tf:
                     line += f"  ours portable {tf['ours portable'][0]:6.1f} / {tf['ours portable'][1]:6.1f}"
                 print(line + f"   max|diff| vs flash out {diff[0]:.2e} dq {diff[1]:.2e} dk {diff[2]:.2e} "
-                      f"dv {diff[3]:.2e}", flush=True)
+                      f"dv {diff[3]:.2e}   forward kernel {kernel}", flush=True)
                 table.append({"hd": hd, "causal": causal, "s": s, "batch": batch, "heads": heads,
+                              "ours_forward_kernel": kernel,
                               "tflops": {n: [round(x, 1) for x in v_] for n, v_ in tf.items()},
                               "max_abs_diff_vs_sdpa_flash": dict(zip(["out", "dq", "dk", "dv"], diff))})
                 for name in args.baselines + ["ours portable"]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from scaletrain import _C  # noqa: F401  (registers the scaletrain operators)
 
-__all__ = ["flash_attention", "flash_attention_varlen"]
+__all__ = ["flash_attention", "flash_attention_varlen", "cuda_hopper_kernels", "cuda_last_forward_kernel"]
 
 
 def _setup_context(ctx, inputs, output):
@@ -75,3 +75,18 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
                          "(batch, heads, seq, head_dim)")
     out, _ = torch.ops.scaletrain.flash_attention_forward(q, k, v, None, None, causal, scale)
     return out
+
+
+def cuda_hopper_kernels() -> bool:
+    """Whether CUDA calls on the current device run the Hopper kernels (a build for sm_90, a device
+    of compute capability 9.0, and SCALETRAIN_FLASH_SM90 not "0" in the environment)."""
+    return _C.attention.cuda_hopper_kernels()
+
+
+def cuda_last_forward_kernel() -> str:
+    """The CUDA forward kernel this thread launched last ("" before the first): "portable"
+    (mma.sync), "cpasync" (the Hopper kernel that loads tiles with cp.async: packed sequences, and
+    layouts the copy engine cannot take, such as keys or values from expand()), "persistent/N" or
+    "blocks/N" (the Hopper copy-engine kernel on a persistent grid or a block per work item, N
+    consumer warpgroups). For finding out why a call runs slower than expected."""
+    return _C.attention.cuda_last_forward_kernel()

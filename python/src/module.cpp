@@ -12,8 +12,9 @@ namespace py = pybind11;
 using namespace pybind11::literals;
 
 namespace scaletrain::python {
-void bind_amp(py::module_& parent);    // amp_bindings.cpp
-void bind_optim(py::module_& parent);  // optim_bindings.cpp
+void bind_amp(py::module_& parent);        // amp_bindings.cpp
+void bind_optim(py::module_& parent);      // optim_bindings.cpp
+void bind_attention(py::module_& parent);  // attention_bindings.cpp
 }
 
 namespace {
@@ -153,6 +154,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("rouge_l", &train::rouge_l, py::arg("candidate"), py::arg("reference"), "ROUGE-L F1 over whitespace tokens.");
   scaletrain::python::bind_amp(m);
   scaletrain::python::bind_optim(m);
+  scaletrain::python::bind_attention(m);
 
   m.def("mean_rouge_l", &train::mean_rouge_l, py::arg("candidates"), py::arg("references"));
 }

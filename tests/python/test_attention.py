@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from scaletrain.attention import flash_attention, flash_attention_varlen
+from scaletrain.attention import (cuda_hopper_kernels, cuda_last_forward_kernel, flash_attention,
+                                  flash_attention_varlen)
 
 
 def fp64_attention(q, k, v, causal, scale=None):
@@ -95,7 +96,33 @@ def test_compiles_with_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_cpu_calls_name_no_cuda_kernel():
+    before = cuda_last_forward_kernel()
+    flash_attention(*(torch.randn(1, 2, 9, 16) for _ in range(3)), causal=True)
+    assert cuda_last_forward_kernel() == before
+    if not torch.cuda.is_available():
+        assert before == "" and cuda_hopper_kernels() is False
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_names_the_forward_kernel_that_ran(dim):
+    q, k, v = (torch.randn(2, 4, 300, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    hopper = cuda_hopper_kernels()
+    flash_attention(q, k, v)
+    assert cuda_last_forward_kernel() == (("persistent/3" if dim == 64 else "persistent/2") if hopper else "portable")
+    flash_attention(q, k, v, causal=True)  # causal on fewer than 2048 queries: two consumer warpgroups
+    assert cuda_last_forward_kernel() == ("blocks/2" if hopper else "portable")
+    one = torch.randn(2, 1, 300, dim, device="cuda", dtype=torch.bfloat16).expand(2, 4, 300, dim)  # head stride 0
+    flash_attention(q, one, one)
+    assert cuda_last_forward_kernel() == ("cpasync" if hopper else "portable")
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+    packed = torch.randn(300, 4, dim, device="cuda", dtype=torch.bfloat16)
+    flash_attention_varlen(packed, packed, packed, cu, cu)
+    assert cuda_last_forward_kernel() == ("cpasync" if hopper else "portable")
 
 
 @cuda
