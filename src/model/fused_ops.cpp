@@ -615,11 +615,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
                                 int64_t classes, int64_t ignore_index, LossReduction reduction, int64_t chunk_rows) {
   const int64_t rows = check_linear_loss("linear_cross_entropy", hidden, weight, targets, classes, chunk_rows);
   // The GEMMs' dtype: what linear would use (autocast's, else the inputs').
-  at::ScalarType dtype = hidden.scalar_type();
-  const auto device_type = hidden.device().type();
-  if (dtype != at::kDouble && at::autocast::is_autocast_available(device_type) &&
-      at::autocast::is_autocast_enabled(device_type))
-    dtype = at::autocast::get_autocast_dtype(device_type);
+  const at::ScalarType dtype = linear_input_type(hidden);
   const bool with_grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   return LinearCrossEntropyFunction::apply(hidden.reshape({rows, hidden.size(-1)}), weight,
                                            targets.reshape({-1}).contiguous(), classes, ignore_index,

@@ -14,6 +14,8 @@
 namespace scaletrain::model {
 namespace {
 
+constexpr double kLayerNormEps = 1e-5;
+
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
 }
@@ -33,7 +35,11 @@ LayerNormImpl::LayerNormImpl(int64_t size, bool bias) : size_(size) {
   if (bias) this->bias = register_parameter("bias", at::zeros({size}));
 }
 
-at::Tensor LayerNormImpl::forward(const at::Tensor& x) { return at::layer_norm(x, {size_}, weight, bias, 1e-5); }
+at::Tensor LayerNormImpl::forward(const at::Tensor& x) { return at::layer_norm(x, {size_}, weight, bias, kLayerNormEps); }
+
+AddNorm LayerNormImpl::fused(const at::Tensor& x, const at::Tensor& residual) {
+  return add_layer_norm(x, residual, weight, bias, kLayerNormEps, linear_input_type(x));
+}
 
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GPTOptions& options) : options_(options) {
   qkv = register_module("qkv", make_linear(options.n_embd(), 3 * options.n_embd(), options.bias()));
@@ -72,12 +78,18 @@ BlockImpl::BlockImpl(const GPTOptions& options) {
   ln2 = register_module("ln2", LayerNorm(options.n_embd(), options.bias()));
   mlp = register_module("mlp", MLP(options));
   residual_dropout = register_module("residual_dropout", torch::nn::Dropout(options.dropout()));
+  fused_ops = options.fused_ops();
 }
 
 at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                               const ForwardContext& context, int64_t layer) {
-  auto h = x + residual_dropout(attn(ln1(x), cos, sin, context, layer));
-  return h + residual_dropout(mlp(ln2(h)));
+  if (!fused_ops) {
+    auto h = x + residual_dropout(attn(ln1(x), cos, sin, context, layer));
+    return h + residual_dropout(mlp(ln2(h)));
+  }
+  // h = x + attention branch and ln2(h) in one pass; the block's last add stays ATen's.
+  auto [h, normed] = ln2->fused(x, residual_dropout(attn(ln1->fused(x).normed, cos, sin, context, layer)));
+  return h + residual_dropout(mlp(normed));
 }
 
 GPTImpl::GPTImpl(GPTOptions options) : options_(std::move(options)) {
@@ -176,7 +188,7 @@ at::Tensor GPTImpl::run_model(const at::Tensor& tokens, const ForwardContext& co
   }
   if (context.cache) context.cache->length += seq;
   // The head (unit 0 again): its backward comes first and the last block's next.
-  return run_unit({0, -1, n_layer}, [&] { return head(ln_f(x)); });
+  return run_unit({0, -1, n_layer}, [&] { return head(options_.fused_ops() ? ln_f->fused(x).normed : ln_f(x)); });
 }
 
 std::vector<int64_t> GPTImpl::parameter_units() const {

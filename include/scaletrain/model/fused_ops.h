@@ -9,6 +9,11 @@
 //                  logits, fp32 inside, without an fp32 copy of the logits: forward keeps one
 //                  log-sum-exp per row, backward writes the logits' gradient in their dtype in one
 //                  pass (zeros in the padding columns). Replaces narrow + to(fp32) + cross_entropy.
+//   add_layer_norm LayerNorm of x + residual with the sum kept for the residual stream: one read of
+//                  x and the residual, one write of the sum and of the normalised rows, straight in
+//                  the dtype the next linear layer takes (bf16 under autocast: no fp32 output and
+//                  cast); backward: one pass that writes d x and d residual, with deterministic
+//                  d weight and d bias. Replaces add + layer_norm (+ the autocast cast).
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -85,5 +90,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_sum(
 // cross_entropy (log_softmax + nll_loss).
 at::Tensor cross_entropy_reference(const at::Tensor& logits, const at::Tensor& targets, int64_t classes,
                                    int64_t ignore_index = -100, LossReduction reduction = LossReduction::mean);
+
+struct AddNorm {
+  at::Tensor sum;     // x + residual (x itself without a residual)
+  at::Tensor normed;  // LayerNorm(sum)
+};
+
+// The dtype a linear layer computes in for input x: autocast's when autocast is on for x's device
+// (fp64 excepted, as autocast leaves it), else x's. A LayerNorm that feeds a linear layer can write
+// its output in this type: the linear layer would cast it to that anyway.
+at::ScalarType linear_input_type(const at::Tensor& x);
+
+// LayerNorm over the last dimension of sum = x + residual (residual undefined: of x), with the
+// sum in result_type(x, residual) (fp32 + bf16 under autocast: fp32, as the unfused add). The
+// normalisation runs in fp32 on the rounded sum and is rounded once to out_type (default: the
+// sum's type). weight (features), bias (features) or undefined. Differentiable in x, residual,
+// weight and bias. The kernels take fp32, fp16 and bf16 on the CPU and, with features a multiple
+// of 4 up to 1024, on CUDA; anything else (fp64, wider rows) runs add_layer_norm_reference.
+AddNorm add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                       const at::Tensor& bias, double eps, std::optional<at::ScalarType> out_type = std::nullopt);
+// The unfused reference: x + residual, ATen's layer_norm, then a cast to out_type.
+AddNorm add_layer_norm_reference(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                 const at::Tensor& bias, double eps,
+                                 std::optional<at::ScalarType> out_type = std::nullopt);
 
 }  // namespace scaletrain::model

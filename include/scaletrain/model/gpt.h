@@ -58,6 +58,9 @@ class LayerNormImpl : public torch::nn::Module {
  public:
   LayerNormImpl(int64_t size, bool bias);
   at::Tensor forward(const at::Tensor& x);
+  // LayerNorm of x + residual (residual undefined: of x) through the fused kernels
+  // (add_layer_norm), the output in the dtype the next linear layer takes (linear_input_type).
+  AddNorm fused(const at::Tensor& x, const at::Tensor& residual = {});
   at::Tensor weight, bias;  // bias undefined when disabled
 
  private:
@@ -94,6 +97,7 @@ class BlockImpl : public torch::nn::Module {
                      const ForwardContext& context, int64_t layer);
   LayerNorm ln1{nullptr}, ln2{nullptr};
   CausalSelfAttention attn{nullptr};
+  bool fused_ops = false;  // the attention branch's residual add runs inside ln2 (add_layer_norm)
   MLP mlp{nullptr};
   torch::nn::Dropout residual_dropout{nullptr};
 };
