@@ -24,7 +24,9 @@ torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
 // GEMM with the bias added in its epilogue. LibTorch's torch::nn::Linear (F::linear) runs a matmul
 // and then `output += bias`, a separate pass that under autocast adds an fp32 bias into the bf16
 // output with a casting kernel (6 ms of a GPT-2 124M step on an H200).
-at::Tensor apply_linear(const torch::nn::Linear& layer, const at::Tensor& x) {
+// With fused_ops, model::linear: the same GEMMs, the bias gradient summed by scaletrain's kernel.
+at::Tensor apply_linear(const torch::nn::Linear& layer, const at::Tensor& x, bool fused) {
+  if (fused) return model::linear(x, layer->weight, layer->bias);
   return at::linear(x, layer->weight, layer->bias.defined() ? std::optional<at::Tensor>(layer->bias) : std::nullopt);
 }
 
@@ -50,7 +52,7 @@ at::Tensor CausalSelfAttentionImpl::forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& sin, const ForwardContext& context,
                                             int64_t layer) {
   const int64_t batch = x.size(0), seq = x.size(1), heads = options_.n_head();
-  const auto projected = apply_linear(qkv, x);
+  const auto projected = apply_linear(qkv, x, options_.fused_ops());
   auto [q, k, v] = options_.fused_ops() ? rope_qkv(projected, cos, sin, heads)
                                          : rope_qkv_reference(projected, cos, sin, heads);
   if (context.cache != nullptr) {
@@ -62,15 +64,17 @@ at::Tensor CausalSelfAttentionImpl::forward(const at::Tensor& x, const at::Tenso
   }
   auto y = attention(q, k, v, options_.attention(), /*causal=*/true, context.mask,
                      is_training() ? options_.dropout() : 0.0);
-  return apply_linear(proj, y.transpose(1, 2).reshape({batch, seq, options_.n_embd()}));
+  return apply_linear(proj, y.transpose(1, 2).reshape({batch, seq, options_.n_embd()}), options_.fused_ops());
 }
 
-MLPImpl::MLPImpl(const GPTOptions& options) {
+MLPImpl::MLPImpl(const GPTOptions& options) : fused_ops_(options.fused_ops()) {
   fc = register_module("fc", make_linear(options.n_embd(), 4 * options.n_embd(), options.bias()));
   proj = register_module("proj", make_linear(4 * options.n_embd(), options.n_embd(), options.bias()));
 }
 
-at::Tensor MLPImpl::forward(const at::Tensor& x) { return apply_linear(proj, at::gelu(apply_linear(fc, x), "tanh")); }
+at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  return apply_linear(proj, at::gelu(apply_linear(fc, x, fused_ops_), "tanh"), fused_ops_);
+}
 
 BlockImpl::BlockImpl(const GPTOptions& options) {
   ln1 = register_module("ln1", LayerNorm(options.n_embd(), options.bias()));
@@ -136,7 +140,7 @@ at::Tensor GPTImpl::forward(const at::Tensor& tokens, const ForwardContext& cont
 
 at::Tensor GPTImpl::padded_logits(const at::Tensor& tokens, const ForwardContext& context) {
   return run_model(tokens, context, [this](const at::Tensor& last) {
-    return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last);
+    return options_.tie_embeddings() ? at::linear(last, wte->weight) : apply_linear(lm_head, last, false);
   });
 }
 

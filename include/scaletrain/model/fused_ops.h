@@ -109,6 +109,12 @@ at::ScalarType linear_input_type(const at::Tensor& x);
 // of 4 up to 1024, on CUDA; anything else (fp64, wider rows) runs add_layer_norm_reference.
 AddNorm add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                        const at::Tensor& bias, double eps, std::optional<at::ScalarType> out_type = std::nullopt);
+// y = x weight^T + bias as ATen's linear computes it (one GEMM, the bias in its epilogue; under
+// autocast in autocast's type), whose backward sums the bias gradient with a column-sum kernel on
+// CUDA: fp32 sums of d y's rows in a fixed order, returned in the bias's dtype (ATen's linear
+// reduces in a generic reduction kernel and rounds the sum to the compute type first). The input
+// and weight gradients are ATen's two GEMMs. Without a bias, or for fp64: ATen's linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 // The unfused reference: x + residual, ATen's layer_norm, then a cast to out_type.
 AddNorm add_layer_norm_reference(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                  const at::Tensor& bias, double eps,

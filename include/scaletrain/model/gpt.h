@@ -87,6 +87,9 @@ class MLPImpl : public torch::nn::Module {
   explicit MLPImpl(const GPTOptions& options);
   at::Tensor forward(const at::Tensor& x);
   torch::nn::Linear fc{nullptr}, proj{nullptr};
+
+ private:
+  bool fused_ops_ = false;  // model::linear (the bias gradient by scaletrain's kernel)
 };
 TORCH_MODULE(MLP);
 
