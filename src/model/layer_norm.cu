@@ -6,8 +6,8 @@
 // rounded sum in fp32 (mean, then the variance of the deviations from it: two passes over
 // registers) into the output's type; the mean and 1/std of each row are kept for backward.
 //
-// Backward: persistent blocks of warps, a warp per row in turn. Each row is read from memory once
-// (the normalised input, d out, d sum; the second pass over it hits L1): d input = rstd (g - mean(g) - xhat mean(g xhat)) with g = d out
+// Backward: persistent blocks of warps, a warp per row in turn. Each row is read once (the
+// normalised input, d out, d sum): d input = rstd (g - mean(g) - xhat mean(g xhat)) with g = d out
 // x weight, plus d sum, written in x's type and, for the residual, in its type. Each lane keeps
 // its columns' sums of d out x xhat and d out over the rows its warp saw; the warps of a block add
 // theirs in a fixed order into shared memory and the block writes one row of partials; a second
@@ -142,8 +142,9 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
   }
 }
 
+// Two blocks per SM where the row fits in 128 registers a thread (up to 768 columns).
 template <int kChunks>
-__global__ void __launch_bounds__(kBackwardWarps * 32)
+__global__ void __launch_bounds__(kBackwardWarps * 32, kChunks <= 6 ? 2 : 1)
     layer_norm_backward(LayerNormBackwardArgs a, LayerNormShape s) {
   extern __shared__ float shared[];  // (2, cols): the block's d weight and d bias
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -158,9 +159,7 @@ __global__ void __launch_bounds__(kBackwardWarps * 32)
        row += int64_t{gridDim.x} * kBackwardWarps) {
     const int64_t base = row * s.cols;
     const float mean = a.mean[row], rstd = a.rstd[row];
-    // Pass 1 over the row: the two row sums and the weight and bias gradients. Pass 2 reads the
-    // row again (from L1: a warp's row is a few KB) for d input: the row is not kept in
-    // registers, so that twice the warps fit on an SM.
+    float xhat[kChunks][4], g[kChunks][4];
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
@@ -172,10 +171,11 @@ __global__ void __launch_bounds__(kBackwardWarps * 32)
       load4(a.weight, a.param_type, col, w);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float xhat = (x[e] - mean) * rstd, g = dy[e] * w[e];
-        sum_g += g;
-        sum_gx += g * xhat;
-        dw[c][e] += dy[e] * xhat;
+        xhat[c][e] = (x[e] - mean) * rstd;
+        g[c][e] = dy[e] * w[e];
+        sum_g += g[c][e];
+        sum_gx += g[c][e] * xhat[c][e];
+        dw[c][e] += dy[e] * xhat[c][e];
         db[c][e] += dy[e];
       }
     }
@@ -184,16 +184,10 @@ __global__ void __launch_bounds__(kBackwardWarps * 32)
     for (int c = 0; c < kChunks; ++c) {
       const int64_t col = (int64_t{c} * 32 + lane) * 4;
       if (col >= s.cols) continue;
-      float x[4], dy[4], w[4], dx[4], ds[4] = {0.f, 0.f, 0.f, 0.f};
-      load4(a.input, a.x_type, base + col, x);
-      load4(a.grad_out, a.out_type, base + col, dy);
-      load4(a.weight, a.param_type, col, w);
+      float dx[4], ds[4] = {0.f, 0.f, 0.f, 0.f};
       if (a.grad_sum != nullptr) load4(a.grad_sum, a.x_type, base + col, ds);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float xhat = (x[e] - mean) * rstd, g = dy[e] * w[e];
-        dx[e] = (g - mean_g - xhat * mean_gx) * rstd + ds[e];
-      }
+      for (int e = 0; e < 4; ++e) dx[e] = (g[c][e] - mean_g - xhat[c][e] * mean_gx) * rstd + ds[e];
       store4(a.grad_x, a.x_type, base + col, dx);
       if (a.grad_residual != nullptr) store4(a.grad_residual, a.residual_type, base + col, dx);
     }
