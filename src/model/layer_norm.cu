@@ -26,19 +26,16 @@
 namespace scaletrain::model::cuda {
 namespace {
 
+using core::cuda::BFloat4;
 using core::cuda::from_float;
+using core::cuda::Half4;
+using core::cuda::store_as;
 using core::cuda::to_float;
 
 constexpr int kForwardWarps = 4;
 constexpr int kBackwardWarps = 8;
 constexpr int kColsPerChunk = 32 * 4;
 
-struct alignas(8) Half4 {
-  __half x[4];
-};
-struct alignas(8) BFloat4 {
-  __nv_bfloat16 x[4];
-};
 
 template <typename Pack>
 __device__ __forceinline__ void unpack(const Pack& p, float (&v)[4]) {
@@ -237,13 +234,7 @@ __global__ void __launch_bounds__(32 * kReduceSlices)
   const int64_t which = i / cols, col = i % cols;
   void* out = which == 0 ? grad_weight : grad_bias;
   if (out == nullptr) return;
-  if (type == DType::f32) {
-    static_cast<float*>(out)[col] = sum;
-  } else if (type == DType::bf16) {
-    static_cast<__nv_bfloat16*>(out)[col] = from_float<__nv_bfloat16>(sum);
-  } else {
-    static_cast<__half*>(out)[col] = from_float<__half>(sum);
-  }
+  store_as(out, type, col, sum);
 }
 
 // Calls f(std::integral_constant<int, kChunks>) for the fewest chunks that cover `cols`

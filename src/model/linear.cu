@@ -16,7 +16,10 @@
 namespace scaletrain::model::cuda {
 namespace {
 
+using core::cuda::BFloat4;
 using core::cuda::from_float;
+using core::cuda::Half4;
+using core::cuda::store_as;
 using core::cuda::to_float;
 
 constexpr int kWarps = 8;
@@ -24,12 +27,6 @@ constexpr int kColsPerBlock = 128;
 constexpr int kUnroll = 4;
 constexpr int64_t kRowsPerSlab = 256;
 
-struct alignas(8) Half4 {
-  __half x[4];
-};
-struct alignas(8) BFloat4 {
-  __nv_bfloat16 x[4];
-};
 
 template <typename T>
 struct Vec4;
@@ -94,13 +91,7 @@ __global__ void column_sums_total(const float* __restrict__ partials, int64_t sl
   if (col >= cols) return;
   float sum = 0.f;
   for (int64_t s = 0; s < slabs; ++s) sum += partials[s * cols + col];
-  if (type == DType::f32) {
-    static_cast<float*>(out)[col] = sum;
-  } else if (type == DType::bf16) {
-    static_cast<__nv_bfloat16*>(out)[col] = from_float<__nv_bfloat16>(sum);
-  } else {
-    static_cast<__half*>(out)[col] = from_float<__half>(sum);
-  }
+  store_as(out, type, col, sum);
 }
 
 }  // namespace
