@@ -76,7 +76,8 @@ MLPImpl::MLPImpl(const GPTOptions& options) : fused_ops_(options.fused_ops()) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  return apply_linear(proj, at::gelu(apply_linear(fc, x, fused_ops_), "tanh"), fused_ops_);
+  if (fused_ops_) return gelu_mlp(x, fc->weight, fc->bias, proj->weight, proj->bias);
+  return apply_linear(proj, at::gelu(apply_linear(fc, x, false), "tanh"), false);
 }
 
 BlockImpl::BlockImpl(const GPTOptions& options) {

@@ -1,5 +1,6 @@
-// A linear layer whose backward sums the bias gradient with scaletrain's column-sum kernel
-// (include/scaletrain/model/fused_ops.h, linear; the kernel: linear.cu).
+// A linear layer whose backward sums the bias gradient with scaletrain's column-sum kernel, and
+// the GPT MLP that keeps its GELU's input instead of its output for backward
+// (include/scaletrain/model/fused_ops.h, linear and gelu_mlp; the kernels: linear.cu).
 #include <cstdint>
 #include <optional>
 
@@ -62,12 +63,110 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
+#ifdef SCALETRAIN_WITH_CUDA
+// Whether the GELU kernels take t: a dense CUDA (rows, cols) tensor of a kernel dtype, cols a
+// multiple of 4, 16-byte aligned.
+bool gelu_kernels_take(const at::Tensor& t) {
+  return t.is_cuda() && t.dim() == 2 && t.is_contiguous() && core::dtype_of(t) != core::DType::none &&
+         t.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+#endif
+
+at::Tensor gelu_forward(const at::Tensor& pre) {
+#ifdef SCALETRAIN_WITH_CUDA
+  if (gelu_kernels_take(pre)) {
+    const c10::cuda::CUDAGuard guard(pre.device());
+    auto act = at::empty_like(pre);
+    const auto status = cuda::launch_gelu(pre.const_data_ptr(), act.data_ptr(), core::dtype_of(pre), pre.numel(),
+                                          c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status == cudaSuccess, "gelu_mlp: CUDA launch failed: ", cudaGetErrorString(status));
+    return act;
+  }
+#endif
+  return at::gelu(pre, "tanh");
+}
+
+struct GeluGradients {
+  at::Tensor act, grad_pre, bias_grad;  // bias_grad: undefined without a bias
+};
+
+// gelu(pre) again, d pre from d act (overwritten on CUDA) and d pre's column sums in bias_type.
+GeluGradients gelu_backward(const at::Tensor& pre, at::Tensor grad_act, std::optional<at::ScalarType> bias_type) {
+#ifdef SCALETRAIN_WITH_CUDA
+  if (gelu_kernels_take(pre) && gelu_kernels_take(grad_act) && grad_act.sizes() == pre.sizes() &&
+      grad_act.scalar_type() == pre.scalar_type() &&
+      (!bias_type || *bias_type == at::kFloat || *bias_type == at::kHalf || *bias_type == at::kBFloat16)) {
+    const c10::cuda::CUDAGuard guard(pre.device());
+    const int64_t rows = pre.size(0), cols = pre.size(1);
+    GeluGradients out{at::empty_like(pre), grad_act, {}};
+    if (bias_type) out.bias_grad = at::empty({cols}, pre.options().dtype(*bias_type));
+    auto partials = at::empty({cuda::column_sum_slabs(rows, cols), cols}, pre.options().dtype(at::kFloat));
+    const auto status = cuda::launch_gelu_backward(
+        pre.const_data_ptr(), grad_act.data_ptr(), out.act.data_ptr(), core::dtype_of(pre), rows, cols,
+        partials.data_ptr<float>(), bias_type ? out.bias_grad.data_ptr() : nullptr,
+        bias_type ? core::dtype_of(out.bias_grad) : core::DType::f32, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status == cudaSuccess, "gelu_mlp backward: CUDA launch failed: ", cudaGetErrorString(status));
+    return out;
+  }
+#endif
+  GeluGradients out{at::gelu(pre, "tanh"), at::gelu_backward(grad_act, pre, "tanh"), {}};
+  if (bias_type) out.bias_grad = bias_gradient(out.grad_pre, *bias_type);
+  return out;
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+std::optional<at::Tensor> bias_in(const at::Tensor& bias, at::ScalarType type) {
+  if (!bias.defined()) return std::nullopt;
+  return bias.to(type);
+}
+
+// The bias's dtype, -1 without one (saved_data holds no optional).
+int64_t bias_type_code(const at::Tensor& bias) { return bias.defined() ? static_cast<int64_t>(bias.scalar_type()) : -1; }
+std::optional<at::ScalarType> bias_type_of(int64_t code) {
+  if (code < 0) return std::nullopt;
+  return static_cast<at::ScalarType>(code);
+}
+
+class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
+ public:
+  // x (rows, in), the weights in the compute type; biases in their own types or undefined. Saves x
+  // and fc's output pre, not gelu(pre): backward recomputes it (one write more in a pass that
+  // runs anyway) and the MLP holds a (rows, hidden) tensor less from forward to backward.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fc_weight,
+                            const std::optional<at::Tensor>& fc_bias_in, const at::Tensor& proj_weight,
+                            const std::optional<at::Tensor>& proj_bias_in) {
+    const auto type = x.scalar_type();
+    const auto fc_bias = fc_bias_in.value_or(at::Tensor()), proj_bias = proj_bias_in.value_or(at::Tensor());
+    const auto pre = at::linear(x, fc_weight, bias_in(fc_bias, type));
+    const auto out = at::linear(gelu_forward(pre), proj_weight, bias_in(proj_bias, type));
+    ctx->save_for_backward({x, fc_weight, proj_weight, pre});
+    ctx->saved_data["fc_bias_type"] = bias_type_code(fc_bias);
+    ctx->saved_data["proj_bias_type"] = bias_type_code(proj_bias);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &fc_weight = saved[1], &proj_weight = saved[2], &pre = saved[3];
+    const auto grad = grads[0].contiguous();
+    auto gelu = gelu_backward(pre, at::mm(grad, proj_weight), bias_type_of(ctx->saved_data["fc_bias_type"].toInt()));
+    const auto proj_weight_grad = at::mm(grad.t(), gelu.act);
+    gelu.act.reset();
+    const auto proj_bias_type = bias_type_of(ctx->saved_data["proj_bias_type"].toInt());
+    return {at::mm(gelu.grad_pre, fc_weight), at::mm(gelu.grad_pre.t(), x), gelu.bias_grad, proj_weight_grad,
+            proj_bias_type ? bias_gradient(grad, *proj_bias_type) : at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   if (!bias.defined() || x.dim() < 1 || x.scalar_type() == at::kDouble || weight.dim() != 2 ||
       x.size(-1) != weight.size(1) || bias.dim() != 1 || bias.size(0) != weight.size(0))
-    return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    return at::linear(x, weight, defined_or_none(bias));
   // The casts autocast would make for linear (differentiable: the gradients return in the
   // parameters' dtype), then the op below autocast.
   const auto type = linear_input_type(x);
@@ -80,6 +179,38 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);
+  return y.view(shape);
+}
+
+
+at::Tensor gelu_mlp_reference(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
+                              const at::Tensor& proj_weight, const at::Tensor& proj_bias) {
+  return at::linear(at::gelu(at::linear(x, fc_weight, defined_or_none(fc_bias)), "tanh"), proj_weight,
+                    defined_or_none(proj_bias));
+}
+
+at::Tensor gelu_mlp(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
+                    const at::Tensor& proj_weight, const at::Tensor& proj_bias) {
+  const auto bias_fits = [](const at::Tensor& b, const at::Tensor& w) {
+    return !b.defined() || (b.dim() == 1 && b.size(0) == w.size(0));
+  };
+  // Shapes ATen would refuse, and fp64, go to the reference (which names the mismatch).
+  if (x.dim() < 1 || x.scalar_type() == at::kDouble || fc_weight.dim() != 2 || proj_weight.dim() != 2 ||
+      x.size(-1) != fc_weight.size(1) || proj_weight.size(1) != fc_weight.size(0) || !bias_fits(fc_bias, fc_weight) ||
+      !bias_fits(proj_bias, proj_weight))
+    return gelu_mlp_reference(x, fc_weight, fc_bias, proj_weight, proj_bias);
+  // The casts autocast would make for the two linear layers, then the function below autocast.
+  const auto type = linear_input_type(x);
+  const auto cast = [type](const at::Tensor& t) { return t.scalar_type() == type ? t : t.to(type); };
+  const auto xc = cast(x), fc = cast(fc_weight), proj = cast(proj_weight);
+  at::Tensor y;
+  {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    y = GeluMlpFunction::apply(xc.reshape({-1, x.size(-1)}), fc, defined_or_none(fc_bias), proj,
+                               defined_or_none(proj_bias));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = proj_weight.size(0);
   return y.view(shape);
 }
 

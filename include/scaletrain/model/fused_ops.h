@@ -115,6 +115,19 @@ AddNorm add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const at
 // reduces in a generic reduction kernel and rounds the sum to the compute type first). The input
 // and weight gradients are ATen's two GEMMs. Without a bias, or for fp64: ATen's linear.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// The GPT MLP, proj(gelu_tanh(fc(x))) with fc(x) = x fc_weight^T + fc_bias (and proj alike; either
+// bias undefined: none), as one autograd function that keeps fc's output for backward and not the
+// GELU's: backward recomputes gelu(fc(x)) in the pass that computes the GELU's gradient, so the
+// MLP holds one (rows, hidden) tensor less between forward and backward (GPT-2 124M, B16 x T1024:
+// 1.1 GiB). Casts as autocast would for linear. On CUDA (hidden a multiple of 4) scaletrain's
+// kernels: the GELU in fp32 math, and a backward pass that writes gelu(pre) and d pre and sums
+// d pre's columns for fc's bias gradient (fp32, deterministic, as linear's); elsewhere ATen's
+// gelu and gelu_backward. fp64, or shapes that do not fit: gelu_mlp_reference.
+at::Tensor gelu_mlp(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
+                    const at::Tensor& proj_weight, const at::Tensor& proj_bias);
+// The unfused reference: ATen's linear, gelu (tanh) and linear, each saving its own input.
+at::Tensor gelu_mlp_reference(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
+                              const at::Tensor& proj_weight, const at::Tensor& proj_bias);
 // The unfused reference: x + residual, ATen's layer_norm, then a cast to out_type.
 AddNorm add_layer_norm_reference(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                                  const at::Tensor& bias, double eps,

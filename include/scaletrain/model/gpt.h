@@ -89,7 +89,7 @@ class MLPImpl : public torch::nn::Module {
   torch::nn::Linear fc{nullptr}, proj{nullptr};
 
  private:
-  bool fused_ops_ = false;  // model::linear (the bias gradient by scaletrain's kernel)
+  bool fused_ops_ = false;  // model::gelu_mlp (fused_ops.h)
 };
 TORCH_MODULE(MLP);
 

@@ -1,13 +1,23 @@
 // model::linear (fused_ops.h): the output and the input and weight gradients are ATen's linear's;
 // the bias gradient is the fp32 sum of d y's rows, checked against fp64 sums of the same d y, at
 // least as close as ATen's, and the same bits run to run; on the CPU here and on CUDA where present.
+// model::gelu_mlp: output and all five gradients within twice the error of ATen's unfused MLP
+// against fp64 math; deterministic; on CUDA it holds one (rows, hidden) tensor less after forward.
+#include <cmath>
+#include <string>
+
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "scaletrain/amp/precision.h"
 #include "scaletrain/model/fused_ops.h"
+#include "scaletrain/core/version.h"  // SCALETRAIN_WITH_CUDA
 #include "test_util.h"
+
+#ifdef SCALETRAIN_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 namespace scaletrain::model {
 namespace {
@@ -73,6 +83,144 @@ TEST(Linear, CudaIsATensLinearWithAnFp32BiasGradient) {
   check_linear(at::kCUDA, 8198, 768, 2304, true);   // rows over many slabs, a short last one
   check_linear(at::kCUDA, 300, 96, 772, true);      // a column tile that is not full
   check_linear(at::kCUDA, 300, 96, 40, false);      // fp32
+}
+
+// ---- gelu_mlp ----
+
+struct MlpCase {
+  at::Tensor x, fc_w, fc_b, proj_w, proj_b, up;  // biases undefined: none; up: fp64 upstream gradient
+};
+
+MlpCase mlp_case(at::Device device, int64_t rows, int64_t in, int64_t hidden, bool bias) {
+  const auto on = at::TensorOptions().device(device);
+  MlpCase c{at::randn({2, rows / 2, in}, on), at::randn({hidden, in}, on) / std::sqrt(double(in)), {},
+            at::randn({in, hidden}, on) / std::sqrt(double(hidden)), {}, at::randn({2, rows / 2, in}, on.dtype(at::kDouble))};
+  if (bias) c.fc_b = at::randn({hidden}, on) * 0.5, c.proj_b = at::randn({in}, on) * 0.1;
+  return c;
+}
+
+struct MlpRun {
+  at::Tensor y;
+  std::vector<at::Tensor> grads;  // x, fc_w, proj_w, then fc_b, proj_b when present
+  std::string grad_fn;
+};
+
+template <typename Op>
+MlpRun run_mlp(Op op, const MlpCase& c, bool autocast, at::ScalarType type = at::kFloat) {
+  const auto leaf = [type](const at::Tensor& t) {
+    return t.defined() ? t.to(type).detach().clone().requires_grad_(true) : t;
+  };
+  auto x = leaf(c.x), fc_w = leaf(c.fc_w), fc_b = leaf(c.fc_b), proj_w = leaf(c.proj_w), proj_b = leaf(c.proj_b);
+  at::Tensor y;
+  {
+    std::optional<amp::AutocastGuard> guard;
+    if (autocast) guard.emplace(amp::Precision::bf16, c.x.device().type());
+    y = op(x, fc_w, fc_b, proj_w, proj_b);
+  }
+  std::vector<at::Tensor> inputs{x, fc_w, proj_w};
+  if (fc_b.defined()) inputs.push_back(fc_b), inputs.push_back(proj_b);
+  MlpRun run{y.detach(), torch::autograd::grad({(y.to(at::kDouble) * c.up).sum()}, inputs), {}};
+  auto node = y.grad_fn();
+  while (node && node->name() == "ViewBackward0") node = node->next_edges()[0].function;
+  if (node) run.grad_fn = node->name();
+  return run;
+}
+
+const auto fused_mlp = [](auto& x, auto& fw, auto& fb, auto& pw, auto& pb) { return gelu_mlp(x, fw, fb, pw, pb); };
+const auto unfused_mlp = [](auto& x, auto& fw, auto& fb, auto& pw, auto& pb) {
+  return gelu_mlp_reference(x, fw, fb, pw, pb);
+};
+
+// Output and gradients within twice the unfused error against fp64 math on the same inputs.
+void check_mlp(const MlpCase& c, bool autocast) {
+  const auto ours = run_mlp(fused_mlp, c, autocast), aten = run_mlp(unfused_mlp, c, autocast);
+  const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
+  EXPECT_NE(ours.grad_fn.find("GeluMlp"), std::string::npos) << ours.grad_fn;
+  EXPECT_EQ(ours.y.scalar_type(), aten.y.scalar_type());
+  const double floor = autocast ? 1e-3 : 1e-6;
+  EXPECT_LE(max_diff(ours.y, exact.y), 2 * max_diff(aten.y, exact.y) + floor * max_abs(exact.y));
+  ASSERT_EQ(ours.grads.size(), exact.grads.size());
+  for (size_t i = 0; i < ours.grads.size(); ++i) {
+    EXPECT_EQ(ours.grads[i].scalar_type(), aten.grads[i].scalar_type()) << "gradient " << i;
+    EXPECT_LE(max_diff(ours.grads[i], exact.grads[i]),
+              2 * max_diff(aten.grads[i], exact.grads[i]) + floor * max_abs(exact.grads[i]))
+        << "gradient " << i << (autocast ? " (autocast)" : "");
+  }
+  // Deterministic: the same bits again.
+  const auto again = run_mlp(fused_mlp, c, autocast);
+  EXPECT_TRUE(at::equal(ours.y, again.y));
+  for (size_t i = 0; i < ours.grads.size(); ++i) EXPECT_TRUE(at::equal(ours.grads[i], again.grads[i])) << i;
+}
+
+TEST(GeluMlp, CpuWithinTwiceTheUnfusedErrorOfFp64) {
+  for (const bool bias : {true, false}) {
+    check_mlp(mlp_case(at::kCPU, 74, 24, 96, bias), false);
+    check_mlp(mlp_case(at::kCPU, 74, 24, 96, bias), true);
+  }
+  check_mlp(mlp_case(at::kCPU, 10, 6, 18, true), false);  // hidden not a multiple of 4
+}
+
+TEST(GeluMlp, Fp64AndMismatchedShapesTakeTheReference) {
+  const auto c = mlp_case(at::kCPU, 6, 8, 16, true);
+  const auto fp64 = run_mlp(fused_mlp, c, false, at::kDouble);
+  EXPECT_EQ(fp64.grad_fn.find("GeluMlp"), std::string::npos) << fp64.grad_fn;
+  EXPECT_TRUE(at::allclose(fp64.y, run_mlp(unfused_mlp, c, false, at::kDouble).y));
+  // ATen's linear names the mismatch.
+  const auto message = testing::error_message([&] { gelu_mlp(c.x, c.fc_w, c.fc_b, c.fc_w, c.proj_b); });
+  EXPECT_NE(message.find("shapes cannot be multiplied"), std::string::npos) << message;
+}
+
+TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
+  SCALETRAIN_REQUIRE_CUDA();
+  check_mlp(mlp_case(at::kCUDA, 8198, 128, 512, true), true);  // many slabs, a short last one
+  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), true);    // a column tile that is not full
+  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, false), true);   // no biases
+  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), false);   // fp32
+  check_mlp(mlp_case(at::kCUDA, 30, 6, 18, true), true);       // hidden not a multiple of 4: ATen's GELU
+}
+
+TEST(GeluMlp, CudaFp16WithinTwiceTheUnfusedErrorOfFp64) {
+  SCALETRAIN_REQUIRE_CUDA();
+  const auto c = mlp_case(at::kCUDA, 300, 40, 164, true);
+  const auto ours = run_mlp(fused_mlp, c, false, at::kHalf), aten = run_mlp(unfused_mlp, c, false, at::kHalf);
+  const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
+  EXPECT_NE(ours.grad_fn.find("GeluMlp"), std::string::npos) << ours.grad_fn;
+  EXPECT_LE(max_diff(ours.y, exact.y), 2 * max_diff(aten.y, exact.y) + 1e-3 * max_abs(exact.y));
+  for (size_t i = 0; i < ours.grads.size(); ++i)
+    EXPECT_LE(max_diff(ours.grads[i], exact.grads[i]),
+              2 * max_diff(aten.grads[i], exact.grads[i]) + 1e-3 * max_abs(exact.grads[i]))
+        << "gradient " << i;
+}
+
+#ifdef SCALETRAIN_WITH_CUDA
+// Bytes the CUDA allocator holds for tensors now.
+int64_t cuda_allocated() {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
+}
+#endif
+
+TEST(GeluMlp, CudaHoldsOneHiddenTensorLessAfterForward) {
+  SCALETRAIN_REQUIRE_CUDA();
+#ifdef SCALETRAIN_WITH_CUDA
+  const int64_t rows = 4096, in = 256, hidden = 1024;
+  const auto c = mlp_case(at::kCUDA, rows, in, hidden, true);
+  const auto held = [&](auto op) {
+    auto x = c.x.to(at::kBFloat16).requires_grad_(true), fw = c.fc_w.clone().requires_grad_(true);
+    auto fb = c.fc_b.clone().requires_grad_(true), pw = c.proj_w.clone().requires_grad_(true);
+    auto pb = c.proj_b.clone().requires_grad_(true);
+    at::Tensor y;
+    const int64_t before = cuda_allocated();
+    {
+      amp::AutocastGuard guard(amp::Precision::bf16, at::kCUDA);
+      y = op(x, fw, fb, pw, pb);
+    }
+    const int64_t after = cuda_allocated();
+    return after - before;  // y and what autograd keeps for backward
+  };
+  const int64_t ours = held(fused_mlp), aten = held(unfused_mlp);
+  const int64_t hidden_tensor = rows * hidden * 2;  // bf16
+  EXPECT_LE(ours, aten - hidden_tensor) << "ours " << ours << " ATen " << aten;
+#endif
 }
 
 }  // namespace
