@@ -95,9 +95,17 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& cos, const 
     auto h = x + residual_dropout(attn(ln1(x), cos, sin, context, layer));
     return h + residual_dropout(mlp(ln2(h)));
   }
-  // h = x + attention branch and ln2(h) in one pass; the block's last add stays ATen's.
-  auto [h, normed] = ln2->fused(x, residual_dropout(attn(ln1->fused(x).normed, cos, sin, context, layer)));
-  return h + residual_dropout(mlp(normed));
+  auto [h, branch] = forward_pending(x, at::Tensor(), cos, sin, context, layer);
+  return h + branch;
+}
+
+std::pair<at::Tensor, at::Tensor> BlockImpl::forward_pending(const at::Tensor& x, const at::Tensor& pending,
+                                                             const at::Tensor& cos, const at::Tensor& sin,
+                                                             const ForwardContext& context, int64_t layer) {
+  // x + pending and ln1 of it in one pass, h = that + attention branch and ln2(h) in another.
+  auto [input, normed1] = ln1->fused(x, pending);
+  auto [h, normed2] = ln2->fused(input, residual_dropout(attn(normed1, cos, sin, context, layer)));
+  return {h, residual_dropout(mlp(normed2))};
 }
 
 GPTImpl::GPTImpl(GPTOptions options) : options_(std::move(options)) {
@@ -181,10 +189,28 @@ at::Tensor GPTImpl::run_model(const at::Tensor& tokens, const ForwardContext& co
   // Checkpointing pays off only when backward will run; a cache would be appended to twice.
   const bool recompute = options_.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() &&
                          context.cache == nullptr;
+  // With fused_ops (not checkpointing, whose units take and give one tensor) each block's last
+  // residual add runs in the next block's ln1 or in ln_f: x + pending.
+  const bool pending_adds = options_.fused_ops() && !recompute;
+  at::Tensor pending;
   for (size_t i = 0; i < blocks->size(); ++i) {
     const auto layer = static_cast<int64_t>(i);
     auto block = blocks->ptr<BlockImpl>(i);
-    x = run_unit({1 + layer, 2 + layer < 1 + n_layer ? 2 + layer : -1, layer}, [&] {
+    const UnitCall unit{1 + layer, 2 + layer < 1 + n_layer ? 2 + layer : -1, layer};
+    if (pending_adds) {
+      // The unit's output is the branch: its gradient arrives with h's (one node, the next ln1,
+      // gives both), and its node is the block's last, whose backward runs first: the unit's
+      // backward hook is on time for all of the block.
+      at::Tensor h;
+      pending = run_unit(unit, [&] {
+        auto [sum, branch] = block->forward_pending(x, pending, cos, sin, context, layer);
+        h = sum;
+        return branch;
+      });
+      x = h;
+      continue;
+    }
+    x = run_unit(unit, [&] {
       if (recompute) {
         // Captured by value: the recomputation runs in backward, after this frame is gone.
         return checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
@@ -196,7 +222,8 @@ at::Tensor GPTImpl::run_model(const at::Tensor& tokens, const ForwardContext& co
   }
   if (context.cache) context.cache->length += seq;
   // The head (unit 0 again): its backward comes first and the last block's next.
-  return run_unit({0, -1, n_layer}, [&] { return head(options_.fused_ops() ? ln_f->fused(x).normed : ln_f(x)); });
+  return run_unit({0, -1, n_layer},
+                  [&] { return head(options_.fused_ops() ? ln_f->fused(x, pending).normed : ln_f(x)); });
 }
 
 std::vector<int64_t> GPTImpl::parameter_units() const {

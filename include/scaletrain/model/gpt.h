@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -98,9 +99,14 @@ class BlockImpl : public torch::nn::Module {
   explicit BlockImpl(const GPTOptions& options);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const ForwardContext& context, int64_t layer);
+  // With fused_ops: the block with its input's last residual add still to do, x + pending (pending
+  // undefined: x), inside ln1's kernel; returns the block's output the same way, as {h, mlp
+  // branch}, for the next block's ln1 or ln_f to add. forward(x) is h + branch of forward_pending(x, {}).
+  std::pair<at::Tensor, at::Tensor> forward_pending(const at::Tensor& x, const at::Tensor& pending, const at::Tensor& cos,
+                                                    const at::Tensor& sin, const ForwardContext& context, int64_t layer);
   LayerNorm ln1{nullptr}, ln2{nullptr};
   CausalSelfAttention attn{nullptr};
-  bool fused_ops = false;  // the attention branch's residual add runs inside ln2 (add_layer_norm)
+  bool fused_ops = false;  // the residual adds run inside ln1 (forward_pending) and ln2 (add_layer_norm)
   MLP mlp{nullptr};
   torch::nn::Dropout residual_dropout{nullptr};
 };

@@ -202,24 +202,25 @@ int64_t cuda_allocated() {
 TEST(GeluMlp, CudaHoldsOneHiddenTensorLessAfterForward) {
   SCALETRAIN_REQUIRE_CUDA();
 #ifdef SCALETRAIN_WITH_CUDA
-  const int64_t rows = 4096, in = 256, hidden = 1024;
+  const int64_t rows = 16384, in = 256, hidden = 1024;  // the weights' casts small beside (rows, hidden)
   const auto c = mlp_case(at::kCUDA, rows, in, hidden, true);
   const auto held = [&](auto op) {
     auto x = c.x.to(at::kBFloat16).requires_grad_(true), fw = c.fc_w.clone().requires_grad_(true);
     auto fb = c.fc_b.clone().requires_grad_(true), pw = c.proj_w.clone().requires_grad_(true);
     auto pb = c.proj_b.clone().requires_grad_(true);
-    at::Tensor y;
-    const int64_t before = cuda_allocated();
-    {
+    const auto forward = [&] {
       amp::AutocastGuard guard(amp::Precision::bf16, at::kCUDA);
-      y = op(x, fw, fb, pw, pb);
-    }
-    const int64_t after = cuda_allocated();
-    return after - before;  // y and what autograd keeps for backward
+      return op(x, fw, fb, pw, pb);
+    };
+    forward().sum().backward();  // one-time allocations (cuBLAS's workspace) before counting
+    const int64_t before = cuda_allocated();
+    const auto y = forward();
+    return cuda_allocated() - before;  // y and what autograd keeps for backward
   };
-  const int64_t ours = held(fused_mlp), aten = held(unfused_mlp);
+  const int64_t aten = held(unfused_mlp), ours = held(fused_mlp);
   const int64_t hidden_tensor = rows * hidden * 2;  // bf16
-  EXPECT_LE(ours, aten - hidden_tensor) << "ours " << ours << " ATen " << aten;
+  // 9/10: room for the casts of weights and biases, which autocast may cache on one side only.
+  EXPECT_LE(ours, aten - hidden_tensor * 9 / 10) << "ours " << ours << " ATen " << aten;
 #endif
 }
 
