@@ -2,8 +2,9 @@
 // the column sums of d out (rows, cols) for the bias gradient, fp32 sums of bf16/fp16/fp32 rows;
 // the MLP's tanh GELU, and its backward fused with those column sums.
 //
-// First pass: a block takes 128 columns of a slab of rows; each lane reads 4 columns (8 or 16
-// bytes) of a row, the block's 8 warps take every 8th row of the slab, four rows in flight per
+// First pass: a block takes 32 N columns of a slab of rows; each lane reads N columns (16 bytes:
+// N = 4 fp32 or 8 bf16/fp16 values; N = 4, 8 bytes, for 16-bit rows whose width is not a multiple
+// of 8) of a row, the block's 8 warps take every 8th row of the slab, four rows in flight per
 // warp; the warps' sums are added in a fixed order into one row of partials per slab. Second
 // pass: a thread per column adds the slabs' partials in order. No atomics: deterministic. The
 // GELU backward is the same first pass, whose rows are d pre = d act gelu'(pre), written back
@@ -19,37 +20,20 @@
 namespace scaletrain::model::cuda {
 namespace {
 
-using core::cuda::BFloat4;
 using core::cuda::from_float;
-using core::cuda::Half4;
 using core::cuda::store_as;
 using core::cuda::to_float;
 
 constexpr int kWarps = 8;
-constexpr int kColsPerBlock = 128;
 constexpr int kUnroll = 4;
 constexpr int64_t kRowsPerSlab = 256;
 
-
-template <typename T>
-struct Vec4;
-template <>
-struct Vec4<float> {
-  using type = float4;
-  __device__ static float get(const float4& q, int e) { return reinterpret_cast<const float*>(&q)[e]; }
-  __device__ static void set(float4& q, int e, float x) { reinterpret_cast<float*>(&q)[e] = x; }
-};
-template <>
-struct Vec4<__nv_bfloat16> {
-  using type = BFloat4;
-  __device__ static float get(const BFloat4& q, int e) { return to_float(q.x[e]); }
-  __device__ static void set(BFloat4& q, int e, float x) { q.x[e] = from_float<__nv_bfloat16>(x); }
-};
-template <>
-struct Vec4<__half> {
-  using type = Half4;
-  __device__ static float get(const Half4& q, int e) { return to_float(q.x[e]); }
-  __device__ static void set(Half4& q, int e, float x) { q.x[e] = from_float<__half>(x); }
+// N consecutive values of T, for one 8- or 16-byte load or store.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T x[N];
+  __device__ float get(int e) const { return to_float(x[e]); }
+  __device__ void set(int e, float v) { x[e] = from_float<T>(v); }
 };
 
 // The tanh GELU in fp32 as ATen computes it, each rounding pinned so that the forward kernel and
@@ -69,23 +53,25 @@ __device__ __forceinline__ float gelu_tanh_backward(float x, float dy, float& y)
   return dy * (0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * inner_derivative);
 }
 
-// The rows a slab pass reads: load() issues the loads of one 4-column group, use() adds it to the
-// lane's sums (after whatever else the pass does with it).
-template <typename T>
+// The rows a slab pass reads: load() issues the loads of one lane's N columns of a row, use() adds
+// them to the lane's sums (after whatever else the pass does with them).
+template <typename T, int N>
 struct SumRows {
-  using V = typename Vec4<T>::type;
+  static constexpr int kN = N;
+  using V = Pack<T, N>;
   using Loaded = V;
   const T* in;
   __device__ Loaded load(int64_t i) const { return *reinterpret_cast<const V*>(in + i); }
-  __device__ void use(const Loaded& q, int64_t, float (&acc)[4]) const {
+  __device__ void use(const Loaded& q, int64_t, float (&acc)[N]) const {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[e] += Vec4<T>::get(q, e);
+    for (int e = 0; e < N; ++e) acc[e] += q.get(e);
   }
 };
 
-template <typename T>
+template <typename T, int N>
 struct GeluBackwardRows {
-  using V = typename Vec4<T>::type;
+  static constexpr int kN = N;
+  using V = Pack<T, N>;
   struct Loaded {
     V pre, grad;
   };
@@ -95,45 +81,50 @@ struct GeluBackwardRows {
   __device__ Loaded load(int64_t i) const {
     return {*reinterpret_cast<const V*>(pre + i), *reinterpret_cast<const V*>(grad + i)};
   }
-  __device__ void use(const Loaded& q, int64_t i, float (&acc)[4]) const {
+  __device__ void use(const Loaded& q, int64_t i, float (&acc)[N]) const {
     V a, d;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
+    for (int e = 0; e < N; ++e) {
       float y;
-      Vec4<T>::set(d, e, gelu_tanh_backward(Vec4<T>::get(q.pre, e), Vec4<T>::get(q.grad, e), y));
-      Vec4<T>::set(a, e, y);
-      acc[e] += Vec4<T>::get(d, e);  // the sum of d pre as stored (the GEMMs' operand)
+      d.set(e, gelu_tanh_backward(q.pre.get(e), q.grad.get(e), y));
+      a.set(e, y);
+      acc[e] += d.get(e);  // the sum of d pre as stored (the GEMMs' operand)
     }
     *reinterpret_cast<V*>(act + i) = a;
     *reinterpret_cast<V*>(grad + i) = d;
   }
 };
 
+// N = 16 / sizeof(T) values per thread and step; n need not be a multiple of N.
 template <typename T>
 __global__ void gelu_forward(const T* __restrict__ in, T* __restrict__ out, int64_t n) {
-  using V = typename Vec4<T>::type;
+  constexpr int N = 16 / sizeof(T);
+  using V = Pack<T, N>;
   const int64_t stride = int64_t{gridDim.x} * blockDim.x, first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  const int64_t vectors = n / 4;
+  const int64_t vectors = n / N;
   for (int64_t i = first; i < vectors; i += stride) {
     const V q = reinterpret_cast<const V*>(in)[i];
     V y;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) Vec4<T>::set(y, e, gelu_tanh(Vec4<T>::get(q, e)));
+    for (int e = 0; e < N; ++e) y.set(e, gelu_tanh(q.get(e)));
     reinterpret_cast<V*>(out)[i] = y;
   }
-  const int64_t tail = vectors * 4 + first;
+  const int64_t tail = vectors * N + first;
   if (tail < n) out[tail] = from_float<T>(gelu_tanh(to_float(in[tail])));
 }
 
 template <typename Rows>
 __global__ void __launch_bounds__(kWarps * 32)
     column_sums_slab(const Rows pass, int64_t rows, int64_t cols, float* __restrict__ partials) {
+  constexpr int N = Rows::kN, kColsPerBlock = 32 * N;
   __shared__ float shared[kColsPerBlock];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t col = int64_t{blockIdx.x} * kColsPerBlock + lane * 4;
+  const int64_t col = int64_t{blockIdx.x} * kColsPerBlock + lane * N;
   const int64_t first = int64_t{blockIdx.y} * kRowsPerSlab;
   const int64_t last = first + kRowsPerSlab < rows ? first + kRowsPerSlab : rows;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[N];
+#pragma unroll
+  for (int e = 0; e < N; ++e) acc[e] = 0.f;
   if (col < cols) {
     int64_t row = first + warp;
     for (; row + (kUnroll - 1) * kWarps < last; row += kUnroll * kWarps) {
@@ -149,12 +140,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int w = 0; w < kWarps; ++w) {
     if (warp == w) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) shared[lane * 4 + e] = w == 0 ? acc[e] : shared[lane * 4 + e] + acc[e];
+      for (int e = 0; e < N; ++e) shared[lane * N + e] = w == 0 ? acc[e] : shared[lane * N + e] + acc[e];
     }
     __syncthreads();
   }
-  if (threadIdx.x < kColsPerBlock && int64_t{blockIdx.x} * kColsPerBlock + threadIdx.x < cols)
-    partials[int64_t{blockIdx.y} * cols + int64_t{blockIdx.x} * kColsPerBlock + threadIdx.x] = shared[threadIdx.x];
+  for (int c = threadIdx.x; c < kColsPerBlock; c += kWarps * 32) {
+    if (int64_t{blockIdx.x} * kColsPerBlock + c < cols)
+      partials[int64_t{blockIdx.y} * cols + int64_t{blockIdx.x} * kColsPerBlock + c] = shared[c];
+  }
 }
 
 __global__ void column_sums_total(const float* __restrict__ partials, int64_t slabs, int64_t cols, void* out,
@@ -175,8 +168,9 @@ namespace {
 // The slab pass over `rows`, then (out not null) the slabs' sums into out.
 template <typename Rows>
 cudaError_t column_sum_passes(const Rows& pass, int64_t rows, int64_t cols, float* partials, void* out,
-                             DType out_type, cudaStream_t stream) {
+                              DType out_type, cudaStream_t stream) {
   if (cols == 0) return cudaSuccess;
+  constexpr int kColsPerBlock = 32 * Rows::kN;
   const int64_t slabs = column_sum_slabs(rows, cols);
   const dim3 grid(static_cast<unsigned>((cols + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(slabs));
   column_sums_slab<<<grid, kWarps * 32, 0, stream>>>(pass, rows, cols, partials);
@@ -186,19 +180,52 @@ cudaError_t column_sum_passes(const Rows& pass, int64_t rows, int64_t cols, floa
   return cudaGetLastError();
 }
 
+// 16-byte accesses where every row starts 16-byte aligned (the callers align the base), else 8.
+template <typename T>
+bool wide_rows(int64_t cols) {
+  return cols % (16 / static_cast<int64_t>(sizeof(T))) == 0;
+}
+
+template <typename T>
+cudaError_t sum_columns(const void* in, int64_t rows, int64_t cols, float* partials, void* out, DType out_type,
+                        cudaStream_t stream) {
+  const auto* p = static_cast<const T*>(in);
+  if (wide_rows<T>(cols))
+    return column_sum_passes(SumRows<T, 16 / sizeof(T)>{p}, rows, cols, partials, out, out_type, stream);
+  return column_sum_passes(SumRows<T, 4>{p}, rows, cols, partials, out, out_type, stream);
+}
+
+template <typename T>
+cudaError_t gelu_backward_columns(const void* pre, void* grad, void* act, int64_t rows, int64_t cols, float* partials,
+                                  void* bias_grad, DType bias_type, cudaStream_t stream) {
+  const auto* p = static_cast<const T*>(pre);
+  auto *g = static_cast<T*>(grad), *a = static_cast<T*>(act);
+  if (wide_rows<T>(cols))
+    return column_sum_passes(GeluBackwardRows<T, 16 / sizeof(T)>{p, g, a}, rows, cols, partials, bias_grad,
+                             bias_type, stream);
+  return column_sum_passes(GeluBackwardRows<T, 4>{p, g, a}, rows, cols, partials, bias_grad, bias_type, stream);
+}
+
+template <typename T>
+cudaError_t gelu(const void* in, void* out, int64_t n, cudaStream_t stream) {
+  constexpr int threads = 256;
+  const int64_t wanted = (n / (16 / static_cast<int64_t>(sizeof(T))) + threads - 1) / threads;
+  const unsigned blocks = static_cast<unsigned>(wanted < 1 ? 1 : wanted < 8192 ? wanted : 8192);
+  gelu_forward<<<blocks, threads, 0, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), n);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_column_sums(const void* in, DType in_type, int64_t rows, int64_t cols, float* partials, void* out,
                                DType out_type, cudaStream_t stream) {
   switch (in_type) {
     case DType::f32:
-      return column_sum_passes(SumRows<float>{static_cast<const float*>(in)}, rows, cols, partials, out, out_type, stream);
+      return sum_columns<float>(in, rows, cols, partials, out, out_type, stream);
     case DType::bf16:
-      return column_sum_passes(SumRows<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(in)}, rows, cols, partials,
-                               out, out_type, stream);
+      return sum_columns<__nv_bfloat16>(in, rows, cols, partials, out, out_type, stream);
     case DType::f16:
-      return column_sum_passes(SumRows<__half>{static_cast<const __half*>(in)}, rows, cols, partials, out, out_type,
-                               stream);
+      return sum_columns<__half>(in, rows, cols, partials, out, out_type, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -206,42 +233,27 @@ cudaError_t launch_column_sums(const void* in, DType in_type, int64_t rows, int6
 
 cudaError_t launch_gelu(const void* in, void* out, DType type, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  constexpr int threads = 256;
-  const int64_t wanted = (n / 4 + threads - 1) / threads;
-  const unsigned blocks = static_cast<unsigned>(wanted < 1 ? 1 : wanted < 8192 ? wanted : 8192);
   switch (type) {
     case DType::f32:
-      gelu_forward<<<blocks, threads, 0, stream>>>(static_cast<const float*>(in), static_cast<float*>(out), n);
-      break;
+      return gelu<float>(in, out, n, stream);
     case DType::bf16:
-      gelu_forward<<<blocks, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(in),
-                                                   static_cast<__nv_bfloat16*>(out), n);
-      break;
+      return gelu<__nv_bfloat16>(in, out, n, stream);
     case DType::f16:
-      gelu_forward<<<blocks, threads, 0, stream>>>(static_cast<const __half*>(in), static_cast<__half*>(out), n);
-      break;
+      return gelu<__half>(in, out, n, stream);
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_gelu_backward(const void* pre, void* grad, void* act, DType type, int64_t rows, int64_t cols,
                                  float* partials, void* bias_grad, DType bias_type, cudaStream_t stream) {
   switch (type) {
     case DType::f32:
-      return column_sum_passes(GeluBackwardRows<float>{static_cast<const float*>(pre), static_cast<float*>(grad),
-                                                       static_cast<float*>(act)},
-                               rows, cols, partials, bias_grad, bias_type, stream);
+      return gelu_backward_columns<float>(pre, grad, act, rows, cols, partials, bias_grad, bias_type, stream);
     case DType::bf16:
-      return column_sum_passes(
-          GeluBackwardRows<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(pre), static_cast<__nv_bfloat16*>(grad),
-                                          static_cast<__nv_bfloat16*>(act)},
-          rows, cols, partials, bias_grad, bias_type, stream);
+      return gelu_backward_columns<__nv_bfloat16>(pre, grad, act, rows, cols, partials, bias_grad, bias_type, stream);
     case DType::f16:
-      return column_sum_passes(GeluBackwardRows<__half>{static_cast<const __half*>(pre), static_cast<__half*>(grad),
-                                                        static_cast<__half*>(act)},
-                               rows, cols, partials, bias_grad, bias_type, stream);
+      return gelu_backward_columns<__half>(pre, grad, act, rows, cols, partials, bias_grad, bias_type, stream);
     default:
       return cudaErrorInvalidValue;
   }

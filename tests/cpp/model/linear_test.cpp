@@ -81,7 +81,8 @@ TEST(Linear, WithoutBiasOrInFp64IsATensLinear) {
 TEST(Linear, CudaIsATensLinearWithAnFp32BiasGradient) {
   SCALETRAIN_REQUIRE_CUDA();
   check_linear(at::kCUDA, 8198, 768, 2304, true);   // rows over many slabs, a short last one
-  check_linear(at::kCUDA, 300, 96, 772, true);      // a column tile that is not full
+  check_linear(at::kCUDA, 300, 96, 776, true);      // 16-byte rows, a column tile that is not full
+  check_linear(at::kCUDA, 300, 96, 772, true);      // 8-byte rows, a column tile that is not full
   check_linear(at::kCUDA, 300, 96, 40, false);      // fp32
 }
 
@@ -91,10 +92,12 @@ struct MlpCase {
   at::Tensor x, fc_w, fc_b, proj_w, proj_b, up;  // biases undefined: none; up: fp64 upstream gradient
 };
 
-MlpCase mlp_case(at::Device device, int64_t rows, int64_t in, int64_t hidden, bool bias) {
+// x (batch, rows / batch, in).
+MlpCase mlp_case(at::Device device, int64_t rows, int64_t in, int64_t hidden, bool bias, int64_t batch = 2) {
   const auto on = at::TensorOptions().device(device);
-  MlpCase c{at::randn({2, rows / 2, in}, on), at::randn({hidden, in}, on) / std::sqrt(double(in)), {},
-            at::randn({in, hidden}, on) / std::sqrt(double(hidden)), {}, at::randn({2, rows / 2, in}, on.dtype(at::kDouble))};
+  MlpCase c{at::randn({batch, rows / batch, in}, on), at::randn({hidden, in}, on) / std::sqrt(double(in)), {},
+            at::randn({in, hidden}, on) / std::sqrt(double(hidden)), {},
+            at::randn({batch, rows / batch, in}, on.dtype(at::kDouble))};
   if (bias) c.fc_b = at::randn({hidden}, on) * 0.5, c.proj_b = at::randn({in}, on) * 0.1;
   return c;
 }
@@ -173,7 +176,8 @@ TEST(GeluMlp, Fp64AndMismatchedShapesTakeTheReference) {
 TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
   check_mlp(mlp_case(at::kCUDA, 8198, 128, 512, true), true);  // many slabs, a short last one
-  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), true);    // a column tile that is not full
+  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), true);    // 8-byte rows, a column tile that is not full
+  check_mlp(mlp_case(at::kCUDA, 75, 40, 164, true, 1), true);  // 75 x 164 values: the GELU's scalar tail
   check_mlp(mlp_case(at::kCUDA, 300, 40, 164, false), true);   // no biases
   check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), false);   // fp32
   check_mlp(mlp_case(at::kCUDA, 30, 6, 18, true), true);       // hidden not a multiple of 4: ATen's GELU
@@ -181,15 +185,17 @@ TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
 
 TEST(GeluMlp, CudaFp16WithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
-  const auto c = mlp_case(at::kCUDA, 300, 40, 164, true);
-  const auto ours = run_mlp(fused_mlp, c, false, at::kHalf), aten = run_mlp(unfused_mlp, c, false, at::kHalf);
-  const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
-  EXPECT_NE(ours.grad_fn.find("GeluMlp"), std::string::npos) << ours.grad_fn;
-  EXPECT_LE(max_diff(ours.y, exact.y), 2 * max_diff(aten.y, exact.y) + 1e-3 * max_abs(exact.y));
-  for (size_t i = 0; i < ours.grads.size(); ++i)
-    EXPECT_LE(max_diff(ours.grads[i], exact.grads[i]),
-              2 * max_diff(aten.grads[i], exact.grads[i]) + 1e-3 * max_abs(exact.grads[i]))
-        << "gradient " << i;
+  for (const int64_t hidden : {160, 164}) {  // 16- and 8-byte rows
+    const auto c = mlp_case(at::kCUDA, 300, 40, hidden, true);
+    const auto ours = run_mlp(fused_mlp, c, false, at::kHalf), aten = run_mlp(unfused_mlp, c, false, at::kHalf);
+    const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
+    EXPECT_NE(ours.grad_fn.find("GeluMlp"), std::string::npos) << ours.grad_fn;
+    EXPECT_LE(max_diff(ours.y, exact.y), 2 * max_diff(aten.y, exact.y) + 1e-3 * max_abs(exact.y));
+    for (size_t i = 0; i < ours.grads.size(); ++i)
+      EXPECT_LE(max_diff(ours.grads[i], exact.grads[i]),
+                2 * max_diff(aten.grads[i], exact.grads[i]) + 1e-3 * max_abs(exact.grads[i]))
+          << "gradient " << i << ", hidden " << hidden;
+  }
 }
 
 #ifdef SCALETRAIN_WITH_CUDA
