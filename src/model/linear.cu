@@ -2,10 +2,11 @@
 // the column sums of d out (rows, cols) for the bias gradient, fp32 sums of bf16/fp16/fp32 rows;
 // the MLP's tanh GELU, and its backward fused with those column sums.
 //
-// First pass: a block takes 32 N columns of a slab of rows; each lane reads N columns (16 bytes:
-// N = 4 fp32 or 8 bf16/fp16 values; N = 4, 8 bytes, for 16-bit rows whose width is not a multiple
-// of 8) of a row, the block's 8 warps take every 8th row of the slab, four rows in flight per
-// warp; the warps' sums are added in a fixed order into one row of partials per slab. Second
+// First pass: a block takes 32 N columns of a slab of rows; each lane reads N columns of a row
+// (the sums: 16 bytes, N = 4 fp32 or 8 bf16/fp16 values, or N = 4, 8 bytes, for 16-bit rows whose
+// width is not a multiple of 8; the GELU backward: N = 4), the block's 8 warps take every 8th row
+// of the slab, four rows in flight per warp; the warps' sums are added in a fixed order into one
+// row of partials per slab. Second
 // pass: a thread per column adds the slabs' partials in order. No atomics: deterministic. The
 // GELU backward is the same first pass, whose rows are d pre = d act gelu'(pre), written back
 // over d act together with the recomputed gelu(pre) as it goes.
@@ -195,15 +196,14 @@ cudaError_t sum_columns(const void* in, int64_t rows, int64_t cols, float* parti
   return column_sum_passes(SumRows<T, 4>{p}, rows, cols, partials, out, out_type, stream);
 }
 
+// Four columns a lane for every dtype: with 8 bf16 columns (16 bytes) the GPT-2 124M pass measured
+// 1.48 against 1.43 ms a step on the H200 (3072 columns give 768 blocks of 256 columns x 256 rows,
+// below one wave of 1056; 1536 blocks with four).
 template <typename T>
 cudaError_t gelu_backward_columns(const void* pre, void* grad, void* act, int64_t rows, int64_t cols, float* partials,
                                   void* bias_grad, DType bias_type, cudaStream_t stream) {
-  const auto* p = static_cast<const T*>(pre);
-  auto *g = static_cast<T*>(grad), *a = static_cast<T*>(act);
-  if (wide_rows<T>(cols))
-    return column_sum_passes(GeluBackwardRows<T, 16 / sizeof(T)>{p, g, a}, rows, cols, partials, bias_grad,
-                             bias_type, stream);
-  return column_sum_passes(GeluBackwardRows<T, 4>{p, g, a}, rows, cols, partials, bias_grad, bias_type, stream);
+  return column_sum_passes(GeluBackwardRows<T, 4>{static_cast<const T*>(pre), static_cast<T*>(grad), static_cast<T*>(act)},
+                           rows, cols, partials, bias_grad, bias_type, stream);
 }
 
 template <typename T>

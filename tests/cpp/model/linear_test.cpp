@@ -176,8 +176,8 @@ TEST(GeluMlp, Fp64AndMismatchedShapesTakeTheReference) {
 TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
   check_mlp(mlp_case(at::kCUDA, 8198, 128, 512, true), true);  // many slabs, a short last one
-  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), true);    // 8-byte rows, a column tile that is not full
-  check_mlp(mlp_case(at::kCUDA, 75, 40, 164, true, 1), true);  // 75 x 164 values: the GELU's scalar tail
+  check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), true);    // a column tile that is not full
+  check_mlp(mlp_case(at::kCUDA, 75, 40, 164, true, 1), true);  // 75 x 164 values: the GELU forward's scalar tail
   check_mlp(mlp_case(at::kCUDA, 300, 40, 164, false), true);   // no biases
   check_mlp(mlp_case(at::kCUDA, 300, 40, 164, true), false);   // fp32
   check_mlp(mlp_case(at::kCUDA, 30, 6, 18, true), true);       // hidden not a multiple of 4: ATen's GELU
@@ -185,7 +185,7 @@ TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
 
 TEST(GeluMlp, CudaFp16WithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
-  for (const int64_t hidden : {160, 164}) {  // 16- and 8-byte rows
+  for (const int64_t hidden : {160, 164}) {  // a full and a partial last column tile
     const auto c = mlp_case(at::kCUDA, 300, 40, hidden, true);
     const auto ours = run_mlp(fused_mlp, c, false, at::kHalf), aten = run_mlp(unfused_mlp, c, false, at::kHalf);
     const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
