@@ -149,6 +149,10 @@ class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The GELU's gradient is written in place by a kernel: nothing of it would be recorded.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "gelu_mlp: its backward is differentiable once only (create_graph=True needs "
+                "model.fused_ops: false, or gelu_mlp_reference)");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &fc_weight = saved[1], &proj_weight = saved[2], &pre = saved[3];
     const auto grad = grads[0].contiguous();

@@ -122,7 +122,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 // 1.1 GiB). Casts as autocast would for linear. On CUDA (hidden a multiple of 4) scaletrain's
 // kernels: the GELU in fp32 math, and a backward pass that writes gelu(pre) and d pre and sums
 // d pre's columns for fc's bias gradient (fp32, deterministic, as linear's); elsewhere ATen's
-// gelu and gelu_backward. fp64, or shapes that do not fit: gelu_mlp_reference.
+// gelu and gelu_backward. fp64, or shapes that do not fit: gelu_mlp_reference. Differentiable
+// once: backward refuses create_graph (the reference supports it).
 at::Tensor gelu_mlp(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
                     const at::Tensor& proj_weight, const at::Tensor& proj_bias);
 // The unfused reference: ATen's linear, gelu (tanh) and linear, each saving its own input.

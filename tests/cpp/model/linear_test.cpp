@@ -173,6 +173,17 @@ TEST(GeluMlp, Fp64AndMismatchedShapesTakeTheReference) {
   EXPECT_NE(message.find("shapes cannot be multiplied"), std::string::npos) << message;
 }
 
+TEST(GeluMlp, BackwardRefusesToBeDifferentiatedAgain) {
+  const auto c = mlp_case(at::kCPU, 6, 8, 16, true);
+  auto x = c.x.clone().requires_grad_(true);
+  const auto y = gelu_mlp(x, c.fc_w, c.fc_b, c.proj_w, c.proj_b);
+  const auto message = testing::error_message(
+      [&] { torch::autograd::grad({y.sum()}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true); });
+  EXPECT_NE(message.find("gelu_mlp: its backward is differentiable once only"), std::string::npos) << message;
+  // Once is fine.
+  EXPECT_EQ(torch::autograd::grad({y.sum()}, {x})[0].sizes(), x.sizes());
+}
+
 TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
   check_mlp(mlp_case(at::kCUDA, 8198, 128, 512, true), true);  // many slabs, a short last one
@@ -185,7 +196,7 @@ TEST(GeluMlp, CudaWithinTwiceTheUnfusedErrorOfFp64) {
 
 TEST(GeluMlp, CudaFp16WithinTwiceTheUnfusedErrorOfFp64) {
   SCALETRAIN_REQUIRE_CUDA();
-  for (const int64_t hidden : {160, 164}) {  // a full and a partial last column tile
+  for (const int64_t hidden : {160, 164}) {  // the GELU forward with and without a scalar tail per row pair
     const auto c = mlp_case(at::kCUDA, 300, 40, hidden, true);
     const auto ours = run_mlp(fused_mlp, c, false, at::kHalf), aten = run_mlp(unfused_mlp, c, false, at::kHalf);
     const auto exact = run_mlp(unfused_mlp, c, false, at::kDouble);
