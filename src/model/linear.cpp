@@ -24,13 +24,23 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+#ifdef SCALETRAIN_WITH_CUDA
+// Whether the column kernels (linear.cu) take t: a dense CUDA (rows, cols) tensor of a kernel
+// dtype, cols a multiple of 4, 16-byte aligned.
+bool column_kernels_take(const at::Tensor& t) {
+  return t.is_cuda() && t.dim() == 2 && t.is_contiguous() && core::dtype_of(t) != core::DType::none &&
+         t.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// Whether the kernels write column sums in `type`.
+bool kernel_sum_type(at::ScalarType type) { return type == at::kFloat || type == at::kHalf || type == at::kBFloat16; }
+#endif
+
 // fp32 sums over the rows of d out (rows, cols), in `type`.
 at::Tensor bias_gradient(const at::Tensor& grad, at::ScalarType type) {
 #ifdef SCALETRAIN_WITH_CUDA
-  const int64_t cols = grad.size(1);
-  const bool kernel_out = type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
-  if (grad.is_cuda() && core::dtype_of(grad) != core::DType::none && kernel_out && cols % 4 == 0 &&
-      reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0) {
+  if (column_kernels_take(grad) && kernel_sum_type(type)) {
+    const int64_t cols = grad.size(1);
     const c10::cuda::CUDAGuard guard(grad.device());
     auto out = at::empty({cols}, grad.options().dtype(type));
     auto partials = at::empty({cuda::column_sum_slabs(grad.size(0), cols), cols}, grad.options().dtype(at::kFloat));
@@ -63,18 +73,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
-#ifdef SCALETRAIN_WITH_CUDA
-// Whether the GELU kernels take t: a dense CUDA (rows, cols) tensor of a kernel dtype, cols a
-// multiple of 4, 16-byte aligned.
-bool gelu_kernels_take(const at::Tensor& t) {
-  return t.is_cuda() && t.dim() == 2 && t.is_contiguous() && core::dtype_of(t) != core::DType::none &&
-         t.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-#endif
-
 at::Tensor gelu_forward(const at::Tensor& pre) {
 #ifdef SCALETRAIN_WITH_CUDA
-  if (gelu_kernels_take(pre)) {
+  if (column_kernels_take(pre)) {
     const c10::cuda::CUDAGuard guard(pre.device());
     auto act = at::empty_like(pre);
     const auto status = cuda::launch_gelu(pre.const_data_ptr(), act.data_ptr(), core::dtype_of(pre), pre.numel(),
@@ -93,9 +94,8 @@ struct GeluGradients {
 // gelu(pre) again, d pre from d act (overwritten on CUDA) and d pre's column sums in bias_type.
 GeluGradients gelu_backward(const at::Tensor& pre, at::Tensor grad_act, std::optional<at::ScalarType> bias_type) {
 #ifdef SCALETRAIN_WITH_CUDA
-  if (gelu_kernels_take(pre) && gelu_kernels_take(grad_act) && grad_act.sizes() == pre.sizes() &&
-      grad_act.scalar_type() == pre.scalar_type() &&
-      (!bias_type || *bias_type == at::kFloat || *bias_type == at::kHalf || *bias_type == at::kBFloat16)) {
+  if (column_kernels_take(pre) && column_kernels_take(grad_act) && grad_act.sizes() == pre.sizes() &&
+      grad_act.scalar_type() == pre.scalar_type() && (!bias_type || kernel_sum_type(*bias_type))) {
     const c10::cuda::CUDAGuard guard(pre.device());
     const int64_t rows = pre.size(0), cols = pre.size(1);
     GeluGradients out{at::empty_like(pre), grad_act, {}};
@@ -128,6 +128,24 @@ int64_t bias_type_code(const at::Tensor& bias) { return bias.defined() ? static_
 std::optional<at::ScalarType> bias_type_of(int64_t code) {
   if (code < 0) return std::nullopt;
   return static_cast<at::ScalarType>(code);
+}
+
+// fn(x2d, cast) with autocast excluded, where x2d is x as (rows, features) and cast(t) gives t in
+// the type autocast would give a linear layer of x (differentiable: gradients return in t's
+// dtype); fn's (rows, out_features) result takes x's leading dimensions.
+template <typename Fn>
+at::Tensor below_autocast(const at::Tensor& x, int64_t out_features, const Fn& fn) {
+  const auto type = linear_input_type(x);
+  const auto cast = [type](const at::Tensor& t) { return t.scalar_type() == type ? t : t.to(type); };
+  const auto x2d = cast(x).reshape({-1, x.size(-1)});
+  at::Tensor y;
+  {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    y = fn(x2d, cast);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return y.view(shape);
 }
 
 class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
@@ -171,21 +189,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   if (!bias.defined() || x.dim() < 1 || x.scalar_type() == at::kDouble || weight.dim() != 2 ||
       x.size(-1) != weight.size(1) || bias.dim() != 1 || bias.size(0) != weight.size(0))
     return at::linear(x, weight, defined_or_none(bias));
-  // The casts autocast would make for linear (differentiable: the gradients return in the
-  // parameters' dtype), then the op below autocast.
-  const auto type = linear_input_type(x);
-  const auto cast = [type](const at::Tensor& t) { return t.scalar_type() == type ? t : t.to(type); };
-  const auto xc = cast(x), wc = cast(weight);
-  at::Tensor y;
-  {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    y = LinearFunction::apply(xc.reshape({-1, x.size(-1)}), wc, bias);
-  }
-  auto shape = x.sizes().vec();
-  shape.back() = weight.size(0);
-  return y.view(shape);
+  return below_autocast(x, weight.size(0), [&](const at::Tensor& x2d, const auto& cast) {
+    return LinearFunction::apply(x2d, cast(weight), bias);
+  });
 }
-
 
 at::Tensor gelu_mlp_reference(const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& fc_bias,
                               const at::Tensor& proj_weight, const at::Tensor& proj_bias) {
@@ -203,19 +210,10 @@ at::Tensor gelu_mlp(const at::Tensor& x, const at::Tensor& fc_weight, const at::
       x.size(-1) != fc_weight.size(1) || proj_weight.size(1) != fc_weight.size(0) || !bias_fits(fc_bias, fc_weight) ||
       !bias_fits(proj_bias, proj_weight))
     return gelu_mlp_reference(x, fc_weight, fc_bias, proj_weight, proj_bias);
-  // The casts autocast would make for the two linear layers, then the function below autocast.
-  const auto type = linear_input_type(x);
-  const auto cast = [type](const at::Tensor& t) { return t.scalar_type() == type ? t : t.to(type); };
-  const auto xc = cast(x), fc = cast(fc_weight), proj = cast(proj_weight);
-  at::Tensor y;
-  {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    y = GeluMlpFunction::apply(xc.reshape({-1, x.size(-1)}), fc, defined_or_none(fc_bias), proj,
-                               defined_or_none(proj_bias));
-  }
-  auto shape = x.sizes().vec();
-  shape.back() = proj_weight.size(0);
-  return y.view(shape);
+  return below_autocast(x, proj_weight.size(0), [&](const at::Tensor& x2d, const auto& cast) {
+    return GeluMlpFunction::apply(x2d, cast(fc_weight), defined_or_none(fc_bias), cast(proj_weight),
+                                  defined_or_none(proj_bias));
+  });
 }
 
 }  // namespace scaletrain::model
