@@ -191,6 +191,25 @@ __device__ __forceinline__ void online_add(float& m, float& sum, float x) {
   }
 }
 
+// Adds V values at once: their maximum first, one rescale of the pair, then V exponentials that do
+// not wait on one another (element by element, each exponential waited on the previous rescale and
+// sum, and the kernel ran at half the bytes' speed). Same semantics: -inf adds nothing, NaN
+// propagates (fmaxf skips it, its exponential does not).
+template <int V>
+__device__ __forceinline__ void online_add(float& m, float& sum, const float (&x)[V]) {
+  float top = x[0];
+#pragma unroll
+  for (int e = 1; e < V; ++e) top = fmaxf(top, x[e]);
+  if (top > m) {
+    sum = m == -INFINITY ? sum * 0.f : sum * expf(m - top);
+    m = top;
+  }
+  float part = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) part += x[e] == -INFINITY ? 0.f : expf(x[e] - m);
+  sum += part;
+}
+
 // Merges another thread's pair. A pair that saw only NaN and -inf has max -inf and sum NaN: the
 // products with 0 below keep that NaN (0 * NaN = NaN, 0 * 0 = 0) instead of dropping it.
 __device__ __forceinline__ void online_combine(float& m, float& sum, float m2, float sum2) {
@@ -219,16 +238,26 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const int64_
   // aligned for vector loads or not: the same order, so a row's lse does not depend on its address.
   const int64_t vectors = s.classes / V;
   const bool aligned = aligned16(row);
-  for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
-    float x[V];
+  const auto load_vector = [&](int64_t i, float (&x)[V]) {
     if (aligned) {
       load<T, V>(row + i * V, x);
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) x[e] = to_float(row[i * V + e]);
     }
-#pragma unroll
-    for (int e = 0; e < V; ++e) online_add(m, sum, x[e]);
+  };
+  int64_t i = threadIdx.x;
+  for (; i + blockDim.x < vectors; i += 2 * blockDim.x) {  // two loads in flight
+    float x[V], y[V];
+    load_vector(i, x);
+    load_vector(i + blockDim.x, y);
+    online_add(m, sum, x);
+    online_add(m, sum, y);
+  }
+  if (i < vectors) {
+    float x[V];
+    load_vector(i, x);
+    online_add(m, sum, x);
   }
   for (int64_t c = vectors * V + threadIdx.x; c < s.classes; c += blockDim.x) online_add(m, sum, to_float(row[c]));
 #pragma unroll
