@@ -21,7 +21,9 @@ Each iteration is timed between CUDA events after warm-up; the median of --iters
 cases interleaved three times so drift hits both alike. The two 124M cases are timed twice: as
 called from Python (a host slower than the kernels shows in the time: torch's step launches
 hundreds of kernels), and as device time alone, the launches queued behind a sleep kernel (rows
-named "... device time"; a training loop whose host runs ahead of the GPU pays this). floor_ms:
+named "... device time"; a training loop whose host runs ahead of the GPU pays this). The AMP
+step is timed a third way ("... passes timed apart"): each of torch's three passes timed as its
+own call after an L2 flush and the times summed, against our whole step timed the same way. floor_ms:
 the bytes the step must move at the in-process copy bandwidth (32 per parameter for the AMP step:
 the gradient read twice, once for the norm; 28 for the master-weights step). Before timing, one
 step of ours and of torch from the same state must agree (rtol 1e-5).
@@ -134,6 +136,24 @@ def both_timings(ours, theirs, restore, iters, warmup):
     return result
 
 
+def apart_timing(ours, passes, restore, iters, warmup):
+    """(name suffix, ours ms, theirs ms) with each of torch's passes timed on its own call and the
+    times summed, as a script that times each pass sees them; ours timed as one call. Before each
+    timed call the gradients are restored and a 256 MB buffer is zeroed, so no call finds the
+    previous one's data in L2 (what triton.testing.do_bench does). Interleaved three times, medians."""
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")
+
+    def prepare():
+        restore()
+        flush.zero_()
+
+    times_ours, times_theirs = [], []
+    for _ in range(3):
+        times_ours.append(timed(ours, prepare, iters, warmup))
+        times_theirs.append(sum(timed(fn, prepare, iters, warmup) for fn in passes))
+    return (" passes timed apart", round(statistics.median(times_ours), 4), round(statistics.median(times_theirs), 4))
+
+
 def case_amp_step(iters, warmup, bandwidth):
     torch.manual_seed(0)
     scale, max_norm = 1024.0, 1.0
@@ -163,12 +183,17 @@ def case_amp_step(iters, warmup, bandwidth):
     torch_step()
     agree(ours.params, ps, "amp step")
     n = sum(p.numel() for p in params)
+    timings = both_timings(ours_step, torch_step, restore, iters, warmup)
+    timings.append(apart_timing(ours_step, [
+        lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv),
+        lambda: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True),
+        opt.step], restore, iters, warmup))
     return [{"name": "amp step unscale+check+clip+adamw 124M params fp32 grads" + suffix, "unit": "ms",
              "ours": ours_ms, "baseline": theirs_ms,
              "baseline_name": "torch _amp_foreach_non_finite_check_and_unscale_ + clip_grad_norm_ foreach + "
                               "AdamW(fused=True)",
              "higher_is_better": False, "params": n, "floor_ms": floor_ms(32 * n, bandwidth)}
-            for suffix, ours_ms, theirs_ms in both_timings(ours_step, torch_step, restore, iters, warmup)]
+            for suffix, ours_ms, theirs_ms in timings]
 
 
 def case_master_copy(iters, warmup, bandwidth):
