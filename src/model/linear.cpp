@@ -69,7 +69,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const at::Tensor &x = saved[0], &weight = saved[1];
     const auto grad = grads[0].contiguous();
     const auto bias_type = static_cast<at::ScalarType>(ctx->saved_data["bias_type"].toInt());
-    return {at::mm(grad, weight), at::mm(grad.t(), x), bias_gradient(grad, bias_type)};
+    // Only the gradients autograd asks for (a frozen weight costs no GEMM).
+    const auto needs = [&](size_t i) { return ctx->needs_input_grad(i); };
+    return {needs(0) ? at::mm(grad, weight) : at::Tensor(), needs(1) ? at::mm(grad.t(), x) : at::Tensor(),
+            needs(2) ? bias_gradient(grad, bias_type) : at::Tensor()};
   }
 };
 
@@ -174,12 +177,28 @@ class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &fc_weight = saved[1], &proj_weight = saved[2], &pre = saved[3];
     const auto grad = grads[0].contiguous();
-    auto gelu = gelu_backward(pre, at::mm(grad, proj_weight), bias_type_of(ctx->saved_data["fc_bias_type"].toInt()));
-    const auto proj_weight_grad = at::mm(grad.t(), gelu.act);
-    gelu.act.reset();
+    // Only the gradients autograd asks for: with fc frozen (and x not needing one) there is no
+    // GELU backward, only gelu(pre) for proj's weight gradient; a frozen weight costs no GEMM.
+    const int64_t fc_bias_code = ctx->saved_data["fc_bias_type"].toInt();
     const auto proj_bias_type = bias_type_of(ctx->saved_data["proj_bias_type"].toInt());
-    return {at::mm(gelu.grad_pre, fc_weight), at::mm(gelu.grad_pre.t(), x), gelu.bias_grad, proj_weight_grad,
-            proj_bias_type ? bias_gradient(grad, *proj_bias_type) : at::Tensor()};
+    const auto needs = [&](size_t i) {  // i: the input; needs_input_grad counts the defined ones only
+      if ((i == 2 && fc_bias_code < 0) || (i == 4 && !proj_bias_type)) return false;
+      return ctx->needs_input_grad(i > 2 && fc_bias_code < 0 ? i - 1 : i);
+    };
+    at::Tensor x_grad, fc_weight_grad, fc_bias_grad, proj_weight_grad, proj_bias_grad;
+    if (needs(0) || needs(1) || needs(2)) {
+      const auto fc_bias_type = needs(2) ? bias_type_of(fc_bias_code) : std::nullopt;
+      auto gelu = gelu_backward(pre, at::mm(grad, proj_weight), fc_bias_type);
+      if (needs(3)) proj_weight_grad = at::mm(grad.t(), gelu.act);
+      gelu.act.reset();
+      if (needs(0)) x_grad = at::mm(gelu.grad_pre, fc_weight);
+      if (needs(1)) fc_weight_grad = at::mm(gelu.grad_pre.t(), x);
+      fc_bias_grad = gelu.bias_grad;
+    } else if (needs(3)) {
+      proj_weight_grad = at::mm(grad.t(), gelu_forward(pre));
+    }
+    if (needs(4)) proj_bias_grad = bias_gradient(grad, *proj_bias_type);
+    return {x_grad, fc_weight_grad, fc_bias_grad, proj_weight_grad, proj_bias_grad};
   }
 };
 

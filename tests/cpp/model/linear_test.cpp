@@ -3,10 +3,14 @@
 // least as close as ATen's, and the same bits run to run; on the CPU here and on CUDA where present.
 // model::gelu_mlp: output and all five gradients within twice the error of ATen's unfused MLP
 // against fp64 math; deterministic; on CUDA it holds one (rows, hidden) tensor less after forward.
+// Both run only the GEMMs of the gradients autograd asks for (frozen weights, an input without one).
+#include <atomic>
 #include <cmath>
 #include <string>
+#include <string_view>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -206,6 +210,83 @@ TEST(GeluMlp, CudaFp16WithinTwiceTheUnfusedErrorOfFp64) {
       EXPECT_LE(max_diff(ours.grads[i], exact.grads[i]),
                 2 * max_diff(aten.grads[i], exact.grads[i]) + 1e-3 * max_abs(exact.grads[i]))
           << "gradient " << i << ", hidden " << hidden;
+  }
+}
+
+// ---- frozen inputs: only the gradients autograd asks for ----
+
+// aten::mm calls seen by the dispatcher while `fn` runs (a global RecordFunction callback).
+std::atomic<int> mm_calls{0};
+
+template <typename Fn>
+int count_mm(const Fn& fn) {
+  mm_calls = 0;
+  const auto handle = at::addGlobalCallback(at::RecordFunctionCallback([](const at::RecordFunction& f)
+                                                                           -> std::unique_ptr<at::ObserverContext> {
+    if (std::string_view(f.name()) == "aten::mm") ++mm_calls;
+    return nullptr;
+  }));
+  fn();
+  at::removeCallback(handle);
+  return mm_calls.load();
+}
+
+// With `trainable` naming which of (x, fc_w, fc_b, proj_w, proj_b) require a gradient: the GEMMs
+// of gelu_mlp's backward, and its gradients against ATen's unfused MLP and fp64 math.
+int check_frozen_mlp(const std::string& trainable, int expected_gemms, bool bias = true) {
+  const auto c = mlp_case(at::kCPU, 74, 24, 96, bias);
+  const std::vector<at::Tensor> values{c.x, c.fc_w, c.fc_b, c.proj_w, c.proj_b};
+  const auto run = [&](auto op, at::ScalarType type, int* gemms) {
+    std::vector<at::Tensor> in, wanted;
+    for (size_t i = 0; i < values.size(); ++i) {
+      in.push_back(values[i].defined() ? values[i].to(type).detach().clone().requires_grad_(trainable[i] == '1')
+                                       : at::Tensor());
+      if (trainable[i] == '1') wanted.push_back(in.back());
+    }
+    const auto y = op(in[0], in[1], in[2], in[3], in[4]);
+    const auto loss = (y.to(at::kDouble) * c.up).sum();
+    std::vector<at::Tensor> grads;
+    const int n = count_mm([&] { grads = torch::autograd::grad({loss}, wanted); });
+    if (gemms) *gemms = n;
+    return grads;
+  };
+  int ours_gemms = -1;
+  const auto ours = run(fused_mlp, at::kFloat, &ours_gemms), aten = run(unfused_mlp, at::kFloat, nullptr);
+  const auto exact = run(unfused_mlp, at::kDouble, nullptr);
+  EXPECT_EQ(ours_gemms, expected_gemms) << "trainable " << trainable;
+  for (size_t i = 0; i < ours.size(); ++i)
+    EXPECT_LE(max_diff(ours[i], exact[i]), 2 * max_diff(aten[i], exact[i]) + 1e-6 * max_abs(exact[i]))
+        << "trainable " << trainable << ", gradient " << i;
+  return ours_gemms;
+}
+
+TEST(GeluMlp, FrozenInputsCostNoGemms) {
+  check_frozen_mlp("11111", 4);  // d act, d proj_w, d x, d fc_w
+  check_frozen_mlp("00010", 1);  // proj_w alone: gelu(pre) and one GEMM, no GELU backward
+  check_frozen_mlp("00011", 1);
+  check_frozen_mlp("10000", 2);  // x alone (the weights frozen): d act and d x
+  check_frozen_mlp("01100", 2);  // fc alone: d act and d fc_w
+  check_frozen_mlp("00100", 1);  // fc's bias alone: d act, the bias sum in the GELU backward pass
+  check_frozen_mlp("00010", 1, /*bias=*/false);  // without biases the inputs' indices shift
+  check_frozen_mlp("10000", 2, false);
+  check_frozen_mlp("11010", 4, false);
+}
+
+TEST(Linear, FrozenInputsCostNoGemms) {
+  const auto x0 = at::randn({37, 16}), w0 = at::randn({24, 16}), b0 = at::randn({24});
+  for (const bool x_grad : {true, false}) {
+    for (const bool w_grad : {true, false}) {
+      auto x = x0.clone().requires_grad_(x_grad), w = w0.clone().requires_grad_(w_grad), b = b0.clone().requires_grad_(true);
+      auto xr = x0.clone().requires_grad_(x_grad), wr = w0.clone().requires_grad_(w_grad), br = b0.clone().requires_grad_(true);
+      std::vector<at::Tensor> wanted{b}, wanted_ref{br};
+      if (x_grad) wanted.push_back(x), wanted_ref.push_back(xr);
+      if (w_grad) wanted.push_back(w), wanted_ref.push_back(wr);
+      const auto y = model::linear(x, w, b);
+      std::vector<at::Tensor> grads;
+      EXPECT_EQ(count_mm([&] { grads = torch::autograd::grad({y.square().sum()}, wanted); }), int(x_grad) + int(w_grad));
+      const auto ref = torch::autograd::grad({at::linear(xr, wr, br).square().sum()}, wanted_ref);
+      for (size_t i = 0; i < grads.size(); ++i) EXPECT_TRUE(at::allclose(grads[i], ref[i], 1e-5, 1e-5)) << i;
+    }
   }
 }
 
