@@ -8,7 +8,8 @@ vocabulary of 50257 to 50304 rows.
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --models 124m,355m --out ...
 
 Ours runs with its defaults, which capture the step in a CUDA graph (train.cuda_graph auto); the
-"cuda graph on vs off" row sets train.cuda_graph=off for the other side. --variants adds bf16 rows
+"cuda graph on vs off" row sets train.cuda_graph=off for the other side, and the "4 micro-batches cuda
+graph on vs off" row does the same with gradient accumulation (--accum-steps). --variants adds bf16 rows
 of the trainer with other settings against its defaults, e.g. the output layer and loss in chunks:
 
     python benchmarks/python/bench_train_gpt2.py --build build-gpu --variants model.loss_chunk_rows=4096 --out ...
@@ -58,10 +59,11 @@ def ours(exe, tokens, precision, steps, work, checkpointing=False, model="124m",
     tag = "_".join(x.replace("=", "-").replace(".", "-") for x in extra)
     out = Path(work) / f"ours_{model}_{precision}_{int(checkpointing)}_{tag}"
     n_layer, n_head, n_embd = MODELS[model]
-    sets = [f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}", *extra]
+    sets = [f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}", "train.grad_accum_steps=1",
+            *extra]
     cmd = [str(exe), "train", "--config", str(ROOT / "configs/gpt2_124m.yaml"), *[a for x in sets for a in ("--set", x)],
            "--set", f"data.path={tokens}", "--set", f"amp.precision={precision}",
-           "--set", f"train.max_steps={steps}", "--set", "train.grad_accum_steps=1", "--set", "train.log_every=10",
+           "--set", f"train.max_steps={steps}", "--set", "train.log_every=10",
            "--set", f"train.out_dir={out}", "--set", "train.save_model=false", "--set", "eval.every=0",
            "--set", "eval.loss_batches=1", "--set", f"model.activation_checkpointing={str(checkpointing).lower()}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -126,6 +128,8 @@ def main():
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
     parser.add_argument("--no-checkpointing", action="store_true", help="leave out the activation checkpointing rows")
+    parser.add_argument("--accum-steps", type=int, default=4,
+                        help="micro-batches per step of the bf16 'micro-batches cuda graph on vs off' row (1: no row)")
     parser.add_argument("--models", default="124m", help="comma-separated: 124m, 355m (355m: bf16 rows only)")
     parser.add_argument("--zero-stages", default="",
                         help="comma-separated optim.zero_stage values (1-3), each optionally followed by "
@@ -190,6 +194,14 @@ def main():
                                                 extra=["train.cuda_graph=off"])
                         record(model, "bf16 cuda graph on vs off", "scaletrain with train.cuda_graph=off",
                                our_rate, rate, our_peak, peak)
+                        if args.accum_steps > 1:  # the graph holding several micro-batches
+                            k = f"train.grad_accum_steps={args.accum_steps}"
+                            on = ours(exe, tokens, precision, args.steps, work, model=model, extra=[k])
+                            off = ours(exe, tokens, precision, args.steps, work, model=model,
+                                       extra=[k, "train.cuda_graph=off"])
+                            record(model, f"bf16 {args.accum_steps} micro-batches cuda graph on vs off",
+                                   f"scaletrain with {args.accum_steps} micro-batches and train.cuda_graph=off",
+                                   on[0], off[0], on[1], off[1])
             for item in [s for s in args.zero_stages.split(",") if s]:
                 stage, *options = item.split(":")  # 2:cpu_offload=true:offload_fraction=0.7
                 rate, peak, _, _ = ours(exe, tokens, "bf16", args.steps, work, model=model,

@@ -186,9 +186,6 @@ std::string Trainer::cuda_graph_blocker() const {
     return "optim.zero_stage is " + std::to_string(c.optim.zero_stage()) + " (ZeroAdamW's collectives run from the host)";
   if (!uses_fused_adamw(c.optim.fused(), device_))
     return "optim.fused is off (the captured step needs the fused AdamW, which reads the learning rate on the device)";
-  if (c.train.grad_accum_steps() > 1)
-    return "train.grad_accum_steps is " + std::to_string(c.train.grad_accum_steps()) +
-           " (the captured step holds one micro-batch)";
   if (c.model.dropout() > 0)
     return "model.dropout is " + core::format_number(c.model.dropout()) +
            " (replayed steps do not draw the dropout masks of uncaptured ones)";
@@ -395,33 +392,49 @@ at::Tensor Trainer::forward_backward(const at::Tensor& inputs, const at::Tensor&
   return loss.detach();
 }
 
-at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens) {
+std::vector<data::Batch> Trainer::step_batches(int64_t step, int64_t micro_steps, int64_t& tokens) const {
   // Micro-batch i of step s is batch s * k + i of the dataset: a pure function of the step, and
   // with k = 1 the same batches as without accumulation.
   // With several ranks, rank r takes batch (s * k + i) * ranks + r: the run's batches are those of
   // one process accumulating k * ranks micro-batches.
-  const int64_t k = accumulator.micro_steps(), ranks = group_.size(), rank = group_.rank();
+  const int64_t ranks = group_.size(), rank = group_.rank();
   std::vector<data::Batch> micro;
-  std::vector<int64_t> target_tokens;
-  for (int64_t i = 0; i < k; ++i) {
-    micro.push_back(dataset_->train_batch((step * k + i) * ranks + rank, config_.train.batch_size()));
-    target_tokens.push_back(micro.back().target_tokens);
+  for (int64_t i = 0; i < micro_steps; ++i) {
+    micro.push_back(dataset_->train_batch((step * micro_steps + i) * ranks + rank, config_.train.batch_size()));
     tokens += micro.back().tokens;
   }
+  return micro;
+}
+
+at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens) {
+  const std::vector<data::Batch> micro = step_batches(step, accumulator.micro_steps(), tokens);
   // Through pinned memory, so that the copy is asynchronous: from pageable memory the host would
   // wait for the copy, and with it for the previous step's kernels, every micro-batch.
   const auto to_device = [this](const at::Tensor& t) {
     return device_.is_cuda() ? t.pin_memory().to(device_, /*non_blocking=*/true) : t;
   };
+  std::vector<at::Tensor> inputs, targets;
+  std::vector<int64_t> target_tokens;
+  for (const auto& batch : micro) {
+    inputs.push_back(to_device(batch.inputs));
+    targets.push_back(to_device(batch.targets));
+    target_tokens.push_back(batch.target_tokens);
+  }
+  if (accumulator.micro_steps() > 1) accumulator.begin_step(target_tokens);
+  return micro_steps(inputs, targets, accumulator);
+}
+
+at::Tensor Trainer::micro_steps(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+                                const accum::GradientAccumulator& accumulator) {
   // The mean loss directly: bit-identical to a plain training loop.
+  const int64_t k = accumulator.micro_steps();
   if (zero_) zero_->set_gradient_sync(k == 1);  // ZeroAdamW reduces on the last micro-step only
-  if (k == 1) return forward_backward(to_device(micro[0].inputs), to_device(micro[0].targets));
+  if (k == 1) return forward_backward(inputs[0], targets[0]);
   const amp::AutocastGuard autocast(config_.amp.precision(), device_.type());
-  accumulator.begin_step(target_tokens);
   at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_));
   for (int64_t i = 0; i < k; ++i) {
-    const auto& batch = micro[static_cast<size_t>(i)];
-    auto summed = model_->forward_loss(to_device(batch.inputs), to_device(batch.targets), model::LossReduction::sum);
+    const auto u = static_cast<size_t>(i);
+    auto summed = model_->forward_loss(inputs[u], targets[u], model::LossReduction::sum);
     auto part = accumulator.normalize(summed, i);
     if (zero_ && i + 1 == k) zero_->set_gradient_sync(true);
     backward(part);
@@ -431,26 +444,51 @@ at::Tensor Trainer::accumulate_gradients(int64_t step, accum::GradientAccumulato
 }
 
 at::Tensor Trainer::graphed_step(int64_t step, int64_t done, double lr, StepGraph& graph,
-                                 torch::optim::Optimizer& optimizer, int64_t& tokens, at::Tensor& grad_norm) {
+                                 torch::optim::Optimizer& optimizer, accum::GradientAccumulator& accumulator,
+                                 int64_t& tokens, at::Tensor& grad_norm) {
   // Eager steps first: the optimizer creates its state, cuBLAS and the autograd engine their
   // per-stream workspaces, outside the capture.
   constexpr int64_t kGraphWarmupSteps = 3;
-  const data::Batch batch = dataset_->train_batch(step, config_.train.batch_size());
-  tokens += batch.tokens;
-  if (!graph_inputs_.defined()) {
-    graph_inputs_ = at::empty(batch.inputs.sizes(), batch.inputs.options().device(device_));
-    graph_targets_ = at::empty(batch.targets.sizes(), batch.targets.options().device(device_));
+  const int64_t k = accumulator.micro_steps();
+  const std::vector<data::Batch> micro = step_batches(step, k, tokens);
+  std::vector<at::Tensor> inputs, targets;
+  std::vector<int64_t> target_tokens;
+  for (const auto& batch : micro) {
+    inputs.push_back(batch.inputs);
+    targets.push_back(batch.targets);
+    target_tokens.push_back(batch.target_tokens);
   }
-  if (batch.inputs.sizes() != graph_inputs_.sizes() || batch.targets.sizes() != graph_targets_.sizes())
+  // The step's micro-batches side by side, (k, batch, seq): one copy to the device per step.
+  const at::Tensor host_inputs = at::stack(inputs), host_targets = at::stack(targets);
+  if (!graph_inputs_.defined()) {
+    graph_inputs_ = at::empty(host_inputs.sizes(), host_inputs.options().device(device_));
+    graph_targets_ = at::empty(host_targets.sizes(), host_targets.options().device(device_));
+  }
+  if (host_inputs.sizes() != graph_inputs_.sizes() || host_targets.sizes() != graph_targets_.sizes())
     throw std::logic_error("cuda graph: the batch of step " + std::to_string(step + 1) +
                            " has another shape than the captured one");
-  graph_inputs_.copy_(batch.inputs.pin_memory(), /*non_blocking=*/true);
-  graph_targets_.copy_(batch.targets.pin_memory(), /*non_blocking=*/true);
+  // The loss is normalised by the step's target tokens, a constant of the capture: the datasets
+  // that allow one count every target (Dataset::fixed_batch_shape).
+  if (k > 1) {
+    const int64_t before = accumulator.step_tokens();
+    accumulator.begin_step(target_tokens);
+    if (graph.captured() && accumulator.step_tokens() != before)
+      throw std::logic_error("cuda graph: step " + std::to_string(step + 1) + " has another number of target tokens (" +
+                             std::to_string(accumulator.step_tokens()) + ") than the captured one (" +
+                             std::to_string(before) + ")");
+  }
+  graph_inputs_.copy_(host_inputs.pin_memory(), /*non_blocking=*/true);
+  graph_targets_.copy_(host_targets.pin_memory(), /*non_blocking=*/true);
   lr_on_device_.fill_(lr);
   if (!graph.captured()) {
     clear_gradients(optimizer);  // created by the step (in the graph's pool once captured)
     const auto eager = [&] {
-      graph_loss_ = forward_backward(graph_inputs_, graph_targets_);
+      std::vector<at::Tensor> device_inputs, device_targets;  // views at fixed addresses
+      for (int64_t i = 0; i < k; ++i) {
+        device_inputs.push_back(graph_inputs_[i]);
+        device_targets.push_back(graph_targets_[i]);
+      }
+      graph_loss_ = micro_steps(device_inputs, device_targets, accumulator);
       graph_norm_ = clip_and_step(optimizer);
     };
     if (done < kGraphWarmupSteps) {
@@ -660,7 +698,7 @@ TrainSummary Trainer::fit(const std::optional<Checkpoint>& resume) {
     int64_t step_input_tokens = 0;
     at::Tensor loss;
     if (graph) {
-      loss = graphed_step(step, step - from.step, lr, *graph, optimizer, step_input_tokens, step_grad_norm);
+      loss = graphed_step(step, step - from.step, lr, *graph, optimizer, accumulator, step_input_tokens, step_grad_norm);
     } else {
       clear_gradients(optimizer);
       loss = accumulate_gradients(step, accumulator, step_input_tokens);

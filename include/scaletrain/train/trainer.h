@@ -86,14 +86,21 @@ class Trainer {
   // Forward and backward over the micro-batches of optimizer step `step`; returns the step's
   // mean token loss (detached) and adds the step's non-padding input tokens to `tokens`.
   at::Tensor accumulate_gradients(int64_t step, accum::GradientAccumulator& accumulator, int64_t& tokens);
+  // The dataset's micro-batches of optimizer step `step` (this rank's); adds their non-padding
+  // input tokens to `tokens`.
+  std::vector<data::Batch> step_batches(int64_t step, int64_t micro_steps, int64_t& tokens) const;
+  // Forward and backward over a step's micro-batches already on the device (the accumulator's
+  // begin_step done when there are several); returns the step's mean token loss (detached).
+  at::Tensor micro_steps(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+                         const accum::GradientAccumulator& accumulator);
   // Forward and backward of one micro-batch already on the device, with its mean token loss.
   at::Tensor forward_backward(const at::Tensor& inputs, const at::Tensor& targets);
-  // Step `step` through `graph`: its batch copied into the tensors the capture reads, the
+  // Step `step` through `graph`: its micro-batches copied into the tensors the capture reads, the
   // learning rate into device memory; eager for the first kGraphWarmupSteps steps of the run
-  // (`done` counts them), then captured once and replayed. Returns the loss (device) and sets
-  // `grad_norm` and adds the batch's tokens to `tokens`.
+  // (`done` counts them), then captured once (all micro-batches and the optimizer step) and
+  // replayed. Returns the loss (device) and sets `grad_norm` and adds the batches' tokens to `tokens`.
   at::Tensor graphed_step(int64_t step, int64_t done, double lr, StepGraph& graph, torch::optim::Optimizer& optimizer,
-                          int64_t& tokens, at::Tensor& grad_norm);
+                          accum::GradientAccumulator& accumulator, int64_t& tokens, at::Tensor& grad_norm);
   // Backward of one micro-batch's loss: scaled when there is a loss scaler, then gradients moved
   // into fp32 master gradients when accumulating in fp32.
   void backward(const at::Tensor& loss);
