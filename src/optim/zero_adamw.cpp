@@ -516,13 +516,15 @@ struct ZeroAdamW::Impl {
       output = grad_chunk(b);
     }
     works[b] = group.reduce_scatter(output, input);
-    // Stage 2: the collective keeps its input alive (Gloo's work holds it, NCCL records it on its
-    // stream); this rank lets go, so only the buckets in flight hold memory.
+    // Stage 2: the collective keeps its input alive until it is waited for (Gloo's work holds it;
+    // NCCL's until wait(), on the compute stream in finish_reduction or on the copy stream, which
+    // then records it, in land_on_copy_stream); this rank lets go, so only the buckets in flight
+    // hold memory.
     bucket_grad[b] = at::Tensor();
     if (offload) {
 #ifdef SCALETRAIN_WITH_CUDA
       if (copy_stream) {
-        land_on_copy_stream(b, output);
+        land_on_copy_stream(b, input, output);
         return;
       }
 #endif
@@ -539,13 +541,17 @@ struct ZeroAdamW::Impl {
   // Offload of a CUDA model, as bucket b is launched: queues on the copy stream, behind the
   // reduction, the sum of squares of this rank's chunk (on the device) and its copy to the host.
   // Nothing waits here; step() synchronises once.
-  void land_on_copy_stream(size_t b, const at::Tensor& output) {
+  void land_on_copy_stream(size_t b, const at::Tensor& input, const at::Tensor& output) {
     RECORD_FUNCTION("ZeroAdamW::land", std::vector<c10::IValue>());
     at::cuda::CUDAEvent queued;  // a group of one reduces by a copy on the compute stream
     queued.record(c10::cuda::getCurrentCUDAStream(device.index()));
     queued.block(*copy_stream);
     c10::cuda::CUDAStreamGuard on_copy_stream(*copy_stream);
     works[b].wait();  // NCCL: the copy stream waits for the reduction
+    // ProcessGroupNCCL lets go of the collective's tensors at wait(), trusting the stream that
+    // waited (this one); stage 2's input was allocated on the compute stream, which must not
+    // reuse it before the reduction has read it.
+    if (options.stage() >= 2) input.record_stream(*copy_stream);
     device_squares[b] = at::linalg_vector_norm(output, 2, std::nullopt, false, at::kFloat).square();
     if (!on_host[b]) return;  // stepped on the device
     shard_chunk(host_grad, b).copy_(output, /*non_blocking=*/true);

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -45,10 +46,8 @@ std::string read_file(const std::string& path) {
   return text.str();
 }
 
-}  // namespace
-
-std::vector<RankResult> run_ranks(int world, const std::vector<std::string>& args, double timeout_s) {
-  const int port = free_port();
+// One launch of `world` ranks whose store listens on `port`.
+std::vector<RankResult> launch_ranks(int world, const std::vector<std::string>& args, double timeout_s, int port) {
   std::vector<pid_t> pids(static_cast<size_t>(world));
   std::vector<std::string> logs;
   std::vector<std::string> base_env;
@@ -121,6 +120,21 @@ std::vector<RankResult> run_ranks(int world, const std::vector<std::string>& arg
     std::remove(logs[static_cast<size_t>(rank)].c_str());
   }
   return results;
+}
+
+}  // namespace
+
+std::vector<RankResult> run_ranks(int world, const std::vector<std::string>& args, double timeout_s) {
+  // The port was free when free_port() asked, but another test running beside this one may take
+  // it before rank 0 listens: then launch again on another port.
+  constexpr int kAttempts = 3;
+  for (int attempt = 1;; ++attempt) {
+    std::vector<RankResult> results = launch_ranks(world, args, timeout_s, free_port());
+    const bool port_taken = std::any_of(results.begin(), results.end(), [](const RankResult& r) {
+      return r.exit_code != 0 && r.output.find("EADDRINUSE") != std::string::npos;
+    });
+    if (!port_taken || attempt == kAttempts) return results;
+  }
 }
 
 std::string outputs(const std::vector<RankResult>& results) {
