@@ -165,11 +165,11 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
 
 }  // namespace
 
-at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input) {
+at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input, bool preserve_rng) {
   if (!torch::GradMode::is_enabled()) return function(input);
   auto state = c10::make_intrusive<RecomputeState>();
   state->device = input.device();
-  state->rng = RngStates::capture(generators_for(input.device()));
+  if (preserve_rng) state->rng = RngStates::capture(generators_for(input.device()));  // else none to restore
   state->autocast = AutocastState::capture(input.device().type());
   state->input_requires_grad = input.requires_grad();
   state->function = std::move(function);
