@@ -165,11 +165,11 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
 
 }  // namespace
 
-at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input, bool preserve_rng) {
+at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input) {
   if (!torch::GradMode::is_enabled()) return function(input);
   auto state = c10::make_intrusive<RecomputeState>();
   state->device = input.device();
-  if (preserve_rng) state->rng = RngStates::capture(generators_for(input.device()));  // else none to restore
+  state->rng = RngStates::capture(generators_for(input.device()));
   state->autocast = AutocastState::capture(input.device().type());
   state->input_requires_grad = input.requires_grad();
   state->function = std::move(function);

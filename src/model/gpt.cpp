@@ -212,12 +212,10 @@ at::Tensor GPTImpl::run_model(const at::Tensor& tokens, const ForwardContext& co
     }
     x = run_unit(unit, [&] {
       if (recompute) {
-        // Captured by value: the recomputation runs in backward, after this frame is gone. Without
-        // dropout the block draws no random numbers: the generators are left alone (what a step
-        // captured in a CUDA graph needs).
+        // Captured by value: the recomputation runs in backward, after this frame is gone.
         return checkpoint([block, cos, sin, context, layer](const at::Tensor& input) {
           return block->forward(input, cos, sin, context, layer);
-        }, x, /*preserve_rng=*/options_.dropout() > 0);
+        }, x);
       }
       return block->forward(x, cos, sin, context, layer);
     });

@@ -189,6 +189,8 @@ std::string Trainer::cuda_graph_blocker() const {
   if (c.model.dropout() > 0)
     return "model.dropout is " + core::format_number(c.model.dropout()) +
            " (replayed steps do not draw the dropout masks of uncaptured ones)";
+  if (c.model.activation_checkpointing())
+    return "model.activation_checkpointing is on (its recomputation sets the CUDA generator's state)";
   if (!dataset_->fixed_batch_shape())
     return std::string("data.source ") + core::enum_name(c.data.source()) + " gives batches of varying length";
   return "";

@@ -12,10 +12,7 @@
 // generator (and the generator of the input's device, e.g. CUDA) are saved before the forward, set
 // again for the recomputation and put back afterwards, so dropout masks match and the random stream
 // after backward is the one an uncheckpointed run would have. Autocast (enabled flag and dtype, for
-// the CPU and the input's device type) is re-entered as it was. A function that draws no random
-// numbers (a model without dropout) may pass preserve_rng = false, as torch.utils.checkpoint's
-// preserve_rng_state: the generators are then left alone, which is what a step captured in a CUDA
-// graph needs (a generator's state cannot be read or set during a capture).
+// the CPU and the input's device type) is re-entered as it was.
 //
 // Limits, as with PyTorch's reentrant checkpoint:
 // - `function` must be deterministic given the RNG state and must not change state that its
@@ -36,6 +33,6 @@ using CheckpointedFunction = std::function<at::Tensor(const at::Tensor& input)>;
 // With grad mode off this is function(input). Gradients flow to `input` when it requires grad, and
 // to parameters used inside `function` even when `input` does not (the output then requires grad
 // whatever `function` uses, and backward recomputes it even if nothing inside needs a gradient).
-at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input, bool preserve_rng = true);
+at::Tensor checkpoint(CheckpointedFunction function, const at::Tensor& input);
 
 }  // namespace scaletrain::model
