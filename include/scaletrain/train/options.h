@@ -19,8 +19,8 @@ enum class DeviceChoice { automatic, cpu, cuda };
 enum class FusedChoice { automatic, on, off };
 // Whether the training step is captured once in a CUDA graph and replayed (step_graph.h). auto:
 // when the run allows it (CUDA, fused AdamW, no dropout, no activation checkpointing, batches of
-// one shape; with gradient accumulation the graph holds all of a step's micro-batches); on: the same, and an error naming what stands in the way;
-// off: every step launched from the host.
+// one shape; with gradient accumulation the graph holds all of a step's micro-batches); on: the
+// same, and an error naming what stands in the way; off: every step launched from the host.
 enum class GraphChoice { automatic, on, off };
 
 // AdamW with linear warmup and cosine decay to min_lr, and global gradient-norm clipping.
